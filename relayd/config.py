@@ -1,0 +1,373 @@
+"""TOML config -> typed, validated, frozen objects.
+
+Why pydantic: it reports *every* problem at once with its location, which we turn into
+``FILE: key.path: problem`` lines (the contract of ``relayd check-config``). Unknown keys are errors, because
+a misspelt key that is silently ignored is the classic way to run a mail server with a policy you did not
+mean. The config is loaded once and passed in; nothing reads it from a global.
+
+Relative paths are taken relative to the working directory the daemon runs in (systemd sets it to the state
+directory), so the example config runs as-is from the repository root with its state under ``var/``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from relayd.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_duration(value: object) -> float:
+    """``"30s"``, ``"15m"``, ``"5d"`` -> seconds. A bare number is seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '30s', '15m' or '5d'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("duration must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration like '30s', '15m' or '5d', got {value!r}")
+
+
+def parse_size(value: object) -> int:
+    """``"25MB"`` -> bytes. A bare integer is bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like '25MB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    raise ValueError(f"expected a size like '25MB' or '512KB', got {value!r}")
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``"127.0.0.1:2525"``, ``"[::1]:2525"``, ``"mx.example.test"`` -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unclosed '[' in {value!r}")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port_s = value.split(":")
+    elif value.count(":") > 1:
+        raise ValueError(f"IPv6 addresses need brackets: '[{value}]:port'")
+    else:
+        host, port_s = value, ""
+    if not host:
+        raise ValueError(f"no host in {value!r}")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port_s)
+
+
+def _check_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+HostPort = Annotated[str, BeforeValidator(_check_hostport)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    secret_file: Path = Path("var/secret.key")
+
+
+class SubmissionConfig(_Model):
+    listen: list[HostPort] = ["127.0.0.1:2525"]
+    max_message_size: Size = 25_000_000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_required: bool = True
+    plaintext_auth: Literal["loopback", "never"] = "loopback"
+    max_recipients: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=100, ge=1)
+    max_sessions_per_account: int = Field(default=200, ge=1)
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SubmissionConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+
+class InboundConfig(_Model):
+    listen: list[HostPort] = ["127.0.0.1:2526"]
+    domains: list[str] = ["bounces.example.test"]
+    max_message_size: Size = 10_000_000
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one inbound domain is needed (it is the VERP return-path domain)")
+        return [d.lower().rstrip(".") for d in v]
+
+
+class HttpConfig(_Model):
+    listen: HostPort = "127.0.0.1:8025"
+    public_url: str = "http://127.0.0.1:8025"
+
+
+class StoreConfig(_Model):
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    path: Path = Path("var/relayd.db")
+    dsn: str | None = None
+
+    @model_validator(mode="after")
+    def _dsn_for_pg(self) -> StoreConfig:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ValueError("backend 'postgresql' needs dsn = 'postgresql://...'")
+        return self
+
+
+class QueueConfig(_Model):
+    path: Path = Path("var/queue")
+    retry_schedule: list[Duration] = Field(default=[60.0, 300.0, 900.0, 3600.0, 14400.0], min_length=1)
+    max_age: Duration = 5 * 86400.0
+    keep_finished: Duration = 86400.0
+    active_limit: int = Field(default=2000, ge=1)
+    scan_interval: Duration = 1.0
+
+
+class DeliveryConfig(_Model):
+    mode: Literal["mx", "smarthost", "routes"] = "mx"
+    smarthost: HostPort | None = None
+    routes: dict[str, HostPort] = {}
+    port: int = Field(default=25, ge=1, le=65535)
+    concurrency: int = Field(default=200, ge=1)
+    connections_per_destination: int = Field(default=20, ge=1)
+    messages_per_connection: int = Field(default=100, ge=1)
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0
+    tls: Literal["may", "none"] = "may"
+    helo: str | None = None
+    nameservers: list[HostPort] = []
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> DeliveryConfig:
+        if self.mode == "smarthost" and not self.smarthost:
+            raise ValueError("mode 'smarthost' needs smarthost = 'host:port'")
+        if self.mode == "routes" and not self.routes:
+            raise ValueError("mode 'routes' needs at least one entry in routes")
+        return self
+
+
+class ThresholdsConfig(_Model):
+    window: Duration = 30 * 86400.0
+    minimum_sent: int = Field(default=1000, ge=0)
+    complaint_warn: float = Field(default=0.001, ge=0, le=1)
+    complaint_suspend: float = Field(default=0.002, ge=0, le=1)
+    hard_bounce_suspend: float = Field(default=0.05, ge=0, le=1)
+    spamtrap_suspend: int = Field(default=1, ge=0)
+
+
+class PolicyConfig(_Model):
+    discard_patterns: list[str] = []
+    spamtraps: list[str] = []
+    soft_bounce_limit: int = Field(default=3, ge=1)
+    soft_bounce_window: Duration = 30 * 86400.0
+    thresholds: ThresholdsConfig = ThresholdsConfig()
+
+
+class DkimConfig(_Model):
+    domain: str
+    selector: str
+    key_file: Path
+    algorithm: Literal["rsa", "ed25519"] = "rsa"
+
+
+class CapsConfig(_Model):
+    day: int | None = Field(default=None, ge=0)
+    week: int | None = Field(default=None, ge=0)
+    month: int | None = Field(default=None, ge=0)
+
+
+class ListConfig(_Model):
+    caps: CapsConfig = CapsConfig()
+    require_consent: bool = False
+
+
+def _network(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"not an IP network: {value!r}") from exc
+    return value
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+
+
+class AccountConfig(_Model):
+    password_hash: str | None = None
+    password_file: Path | None = None
+    domains: list[str] = Field(min_length=1)
+    imprint: str = ""
+    networks: list[Network] = []
+    signing_domain: str | None = None
+    pool: str | None = None
+    lists: dict[str, ListConfig] = {}
+    discard_patterns: list[str] = []
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [d.lower().rstrip(".") for d in v]
+
+    @model_validator(mode="after")
+    def _credentials(self) -> AccountConfig:
+        if self.password_hash and self.password_file:
+            raise ValueError("set password_hash or password_file, not both")
+        if not (self.password_hash or self.password_file or self.networks):
+            raise ValueError("an account needs password_hash, password_file or networks")
+        return self
+
+
+class PoolConfig(_Model):
+    addresses: list[str] = Field(min_length=1)
+    helo: str | None = None
+
+
+class ShapingConfig(_Model):
+    mx: list[str] = []
+    domains: list[str] = []
+    connections: int | None = Field(default=None, ge=1)
+    messages_per_connection: int | None = Field(default=None, ge=1)
+    rate: str | None = None
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    submission: SubmissionConfig = SubmissionConfig()
+    inbound: InboundConfig = InboundConfig()
+    http: HttpConfig = HttpConfig()
+    store: StoreConfig = StoreConfig()
+    queue: QueueConfig = QueueConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    policy: PolicyConfig = PolicyConfig()
+    dkim: list[DkimConfig] = []
+    accounts: dict[str, AccountConfig] = {}
+    pools: dict[str, PoolConfig] = {}
+    shaping: dict[str, ShapingConfig] = {}
+
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _pools_exist(self) -> Config:
+        for name, acct in self.accounts.items():
+            if acct.pool and acct.pool not in self.pools:
+                raise ValueError(f"accounts.{name}.pool: no [pools.{acct.pool}] section")
+        return self
+
+    def account_for_network(self, ip: str) -> str | None:
+        """The account whose ``networks`` contain ``ip`` (first in file order), if any."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for name, acct in self.accounts.items():
+            if any(addr in net for net in acct.networks):
+                return name
+        return None
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _problems(path: Path, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{path}: {_format_loc(loc)}: {msg}")
+    return lines
+
+
+def _file_checks(path: Path, cfg: Config) -> list[str]:
+    """Checks that need the filesystem; run after the structural validation succeeded."""
+    problems = []
+    for i, d in enumerate(cfg.dkim):
+        if not d.key_file.is_file():
+            problems.append(f"{path}: dkim[{i}].key_file: no such file: {d.key_file}")
+    for name, acct in cfg.accounts.items():
+        if acct.password_file is not None and not acct.password_file.is_file():
+            problems.append(f"{path}: accounts.{name}.password_file: no such file: {acct.password_file}")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(cfg.submission, key)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"{path}: submission.{key}: no such file: {value}")
+    return problems
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem found."""
+    path = Path(path)
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: (syntax): {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: (file): not UTF-8: {exc}"]) from exc
+    try:
+        cfg = Config.model_validate({**raw, "source": path})
+    except ValidationError as exc:
+        raise ConfigError(_problems(path, exc)) from exc
+    problems = _file_checks(path, cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

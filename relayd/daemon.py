@@ -1,0 +1,71 @@
+"""``relayd serve``: the submission listener and the delivery workers in one process.
+
+Start-up order: config (already validated) -> secret -> queue (recovery is implicit: every recipient still
+``queued`` on disk is due) -> scheduler -> listeners -> READY=1 to systemd. Shutdown on SIGTERM/SIGINT runs it
+backwards: stop accepting, let open SMTP sessions finish for ``_GRACE`` seconds (a session cut in DATA got no
+``250``, so the client still owns its message), stop delivery attempts (their recipients are still ``queued``
+on disk and are retried after restart), flush the queue writer, close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+
+from relayd.config import Config
+from relayd.queue.scheduler import Scheduler
+from relayd.queue.store import QueueStore
+from relayd.secret import load_or_create
+from relayd.smtp.protocol import ConnectionLimits
+from relayd.smtp.submission import SubmissionHandler, start_submission
+
+log = logging.getLogger(__name__)
+
+_GRACE = 10.0
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), addr)
+
+
+async def serve(cfg: Config) -> None:
+    secret = load_or_create(cfg.server.secret_file)
+    queue = QueueStore(cfg.queue.path / "queue.db")
+    await queue.open()
+    scheduler = Scheduler(cfg, queue, secret)
+    scheduler.start()
+    handler = SubmissionHandler(cfg, queue, scheduler)
+    limits = ConnectionLimits(cfg.submission.max_connections, cfg.submission.max_connections_per_ip)
+    servers = await start_submission(cfg, handler, limits)
+    for srv in servers:
+        for sock in srv.sockets:
+            log.info("submission listening on %s", sock.getsockname()[:2])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sd_notify("READY=1")
+    log.info("relayd ready")
+    await stop.wait()
+
+    sd_notify("STOPPING=1")
+    log.info("shutting down: no new connections")
+    for srv in servers:
+        srv.close()
+    deadline = loop.time() + _GRACE
+    while limits.open and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await scheduler.stop()
+    await queue.close()
+    log.info("relayd stopped")

@@ -1,0 +1,223 @@
+"""Moves queued recipients to delivery attempts and records what happened.
+
+Shape after Postfix's qmgr: fresh mail is handed straight to delivery when there is room in the bounded
+*active window*; everything else (backlog, deferred mail, mail recovered after a restart) is found by a
+periodic scan of the due index, a bounded number of rows at a time, so a queue of any length never has to
+fit in memory and a deferred backlog never slows fresh mail.
+
+Outcomes (one transition each, written through the queue's group commit):
+  250            -> delivered
+  5xx, null MX   -> failed (permanent; recorded per recipient)
+  4xx, timeouts  -> deferred to the next slot of ``retry_schedule``, or expired once older than ``max_age``
+  our own bug    -> deferred, logged with the queue id (a crash in a worker never drops mail)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from relayd.config import Config
+from relayd.errors import PermanentFailure, StorageError, TemporaryFailure
+from relayd.queue.client import Transport
+from relayd.queue.routing import Router
+from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State
+from relayd.tokens import verp_address
+
+log = logging.getLogger(__name__)
+
+_CACHE_BYTES = 64 * 1024 * 1024
+_PURGE_EVERY = 60.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: Config,
+        store: QueueStore,
+        secret: bytes,
+        *,
+        router: Router | None = None,
+        transport: Transport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._secret = secret
+        self._router = router or Router(cfg.delivery)
+        self._transport = transport or Transport(
+            helo=cfg.delivery.helo or cfg.server.hostname,
+            tls=cfg.delivery.tls,
+            connect_timeout=cfg.delivery.connect_timeout,
+            command_timeout=cfg.delivery.command_timeout,
+            messages_per_connection=cfg.delivery.messages_per_connection,
+        )
+        self._clock = clock
+        self._verp_domain = cfg.inbound.domains[0]
+        self._inflight: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sockets = asyncio.Semaphore(cfg.delivery.concurrency)
+        self._per_dest: dict[str, asyncio.Semaphore] = {}
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    # --- entry points -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="queue-scheduler")
+
+    async def stop(self) -> None:
+        """Abandon in-flight attempts safely: their recipients are still 'queued' on disk and will be retried."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._transport.close()
+
+    def submitted(self, msg: NewMessage, created_at: float) -> None:
+        """A message was just committed: start its deliveries now if the active window has room."""
+        self._remember(msg.queue_id, msg.data)
+        for i, rcpt in enumerate(msg.recipients):
+            if len(self._inflight) >= self._cfg.queue.active_limit:
+                self._wake.set()  # the scanner will pick the rest up as room frees
+                return
+            self._dispatch(DueRecipient(msg.queue_id, i, rcpt, 0, msg.account, msg.mail_from, created_at))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # --- the scan loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_purge = 0.0
+        while True:
+            try:
+                await self._scan()
+                now = self._clock()
+                if now - last_purge > _PURGE_EVERY:
+                    last_purge = now
+                    await self._store.purge(now - self._cfg.queue.keep_finished)
+            except StorageError as exc:
+                log.error("queue scan failed, retrying: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._cfg.queue.scan_interval)
+            self._wake.clear()
+
+    async def _scan(self) -> None:
+        room = self._cfg.queue.active_limit - len(self._inflight)
+        if room <= 0:
+            return
+        # in-flight recipients are still 'queued' on disk and may come back first: ask for enough rows
+        for item in await self._store.due(self._clock(), room + len(self._inflight)):
+            if room <= 0:
+                break
+            if (item.queue_id, item.index) not in self._inflight:
+                self._dispatch(item)
+                room -= 1
+
+    def _dispatch(self, item: DueRecipient) -> None:
+        key = (item.queue_id, item.index)
+        self._inflight.add(key)
+        task = asyncio.create_task(self._attempt(item))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- one attempt ---------------------------------------------------------------------------------------
+
+    def _remember(self, queue_id: str, data: bytes) -> None:
+        self._cache[queue_id] = data
+        self._cache_bytes += len(data)
+        while self._cache_bytes > _CACHE_BYTES and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
+
+    async def _data(self, queue_id: str) -> bytes | None:
+        data = self._cache.get(queue_id)
+        if data is None:
+            data = await self._store.message_data(queue_id)
+            if data is not None:
+                self._remember(queue_id, data)
+        return data
+
+    def _dest_limit(self, nexthop: str) -> asyncio.Semaphore:
+        sem = self._per_dest.get(nexthop)
+        if sem is None:
+            sem = self._per_dest[nexthop] = asyncio.Semaphore(self._cfg.delivery.connections_per_destination)
+        return sem
+
+    async def _attempt(self, item: DueRecipient) -> None:
+        key = (item.queue_id, item.index)
+        try:
+            await self._attempt_inner(item)
+        except StorageError as exc:
+            # the outcome could not be written: the recipient stays 'queued' and is tried again later
+            log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
+        finally:
+            self._inflight.discard(key)
+            if len(self._inflight) < self._cfg.queue.active_limit // 2:
+                self._wake.set()
+
+    async def _attempt_inner(self, item: DueRecipient) -> None:
+        data = await self._data(item.queue_id)
+        if data is None:
+            log.warning("%s: message data missing; recipient %d left as is", item.queue_id, item.index)
+            return
+        attempts = item.attempts + 1
+        domain = item.address.rpartition("@")[2]
+        started = time.monotonic()
+        try:
+            route = await self._router.route(domain)
+            async with self._sockets, self._dest_limit(route.nexthop):
+                sender = verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
+                reply = await self._transport.send(route.hosts, sender, item.address, data)
+        except PermanentFailure as exc:
+            await self._store.finish(item.queue_id, item.index, State.FAILED, str(exc), attempts)
+            log.info("%s: to=<%s> account=%s status=bounced reply=%s", item.queue_id, item.address, item.account, exc)
+            return
+        except TemporaryFailure as exc:
+            await self._temporary(item, attempts, str(exc))
+            return
+        except Exception as exc:  # a bug of ours must not lose the message: defer it and say so loudly
+            log.exception("%s: delivery to <%s> crashed; deferring", item.queue_id, item.address)
+            await self._temporary(item, attempts, f"internal error: {type(exc).__name__}")
+            return
+        await self._store.finish(item.queue_id, item.index, State.DELIVERED, reply, attempts)
+        log.info(
+            "%s: to=<%s> account=%s status=delivered delay=%.3fs reply=%s",
+            item.queue_id,
+            item.address,
+            item.account,
+            time.monotonic() - started,
+            reply,
+        )
+
+    async def _temporary(self, item: DueRecipient, attempts: int, reply: str) -> None:
+        now = self._clock()
+        deadline = item.created_at + self._cfg.queue.max_age
+        if now >= deadline:
+            await self._store.finish(item.queue_id, item.index, State.EXPIRED, reply, attempts)
+            log.info("%s: to=<%s> account=%s status=expired reply=%s", item.queue_id, item.address, item.account, reply)
+            return
+        schedule = self._cfg.queue.retry_schedule
+        delay = schedule[min(attempts - 1, len(schedule) - 1)]
+        next_attempt = min(now + delay, deadline)
+        await self._store.defer(item.queue_id, item.index, next_attempt, reply, attempts)
+        log.info(
+            "%s: to=<%s> account=%s status=deferred retry_in=%.0fs reply=%s",
+            item.queue_id,
+            item.address,
+            item.account,
+            next_attempt - now,
+            reply,
+        )

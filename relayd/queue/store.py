@@ -1,0 +1,379 @@
+"""The durable queue: one SQLite database in WAL mode with ``synchronous=FULL``.
+
+Why SQLite and not a file per message (Postfix, Mailman): one transaction stores the message and all its
+recipients atomically, so a crash leaves either the whole message or nothing, and many sessions can share
+one fsync (group commit): the writer task takes every write that is waiting, runs them in one transaction and
+commits once. A session gets its ``250`` only after the commit that holds its message has returned.
+
+States of a recipient (the only transitions are in :meth:`QueueStore.finish` and :meth:`QueueStore.defer`)::
+
+    queued ──250──> delivered          queued ──5xx──> failed
+       │ └─4xx──> queued (next_attempt = later)   └─age > max_age──> expired
+       └─ relayd queue drop ──> dropped    held <──> queued (account suspension)
+
+"In flight" is not a state on disk: a recipient being delivered is still ``queued``, so a crash at any moment
+leaves it to be delivered again on restart (at-least-once, never lost).
+
+Failure: every sqlite3/OS error is raised as :class:`relayd.errors.StorageError`; the submission listener
+answers 451 and the client keeps its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relayd.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id          TEXT PRIMARY KEY,
+    account     TEXT NOT NULL,
+    mail_from   TEXT NOT NULL,
+    list_name   TEXT,
+    created_at  REAL NOT NULL,
+    size        INTEGER NOT NULL,
+    data        BLOB
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    msg_id       TEXT NOT NULL,
+    idx          INTEGER NOT NULL,
+    address      TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    last_reply   TEXT,
+    PRIMARY KEY (msg_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients (next_attempt) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS recipients_done ON recipients (updated_at) WHERE state NOT IN ('queued', 'held');
+"""
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    HELD = "held"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    DROPPED = "dropped"
+
+
+FINAL_STATES = (State.DELIVERED, State.FAILED, State.EXPIRED, State.DROPPED)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What the submission listener hands to the queue: one message, its recipients, who sent it."""
+
+    queue_id: str
+    account: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    list_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DueRecipient:
+    """One recipient ready for a delivery attempt (the message bytes are loaded separately)."""
+
+    queue_id: str
+    index: int
+    address: str
+    attempts: int
+    account: str
+    mail_from: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRow:
+    queue_id: str
+    index: int
+    address: str
+    state: str
+    attempts: int
+    next_attempt: float
+    updated_at: float
+    last_reply: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    queue_id: str
+    account: str
+    mail_from: str
+    list_name: str | None
+    created_at: float
+    size: int
+    recipients: tuple[RecipientRow, ...]
+
+
+@dataclass(slots=True)
+class _Op:
+    sql: str
+    params: Sequence[Any] | Sequence[Sequence[Any]]
+    many: bool
+    done: asyncio.Future[None]
+    touched: str | None = None  # message id whose data may be freed after this op
+
+
+_FREE_DATA = (
+    "UPDATE messages SET data = NULL WHERE id = ? AND data IS NOT NULL AND NOT EXISTS "
+    "(SELECT 1 FROM recipients WHERE msg_id = ? AND state IN ('queued', 'held'))"
+)
+
+
+class QueueStore:
+    """Async access to the queue database: a group-committing writer plus a reader connection."""
+
+    def __init__(self, path: Path, *, batch_limit: int = 512) -> None:
+        self.path = path
+        self._batch_limit = batch_limit
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._ops: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._writer.execute("PRAGMA synchronous=FULL")
+            await self._writer.execute("PRAGMA busy_timeout=5000")
+            await self._writer.executescript(SCHEMA)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout=5000")
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open queue {self.path}: {exc}") from exc
+        self._writer_task = asyncio.create_task(self._write_loop(), name="queue-writer")
+
+    async def close(self) -> None:
+        """Finish every write already requested, then close (nothing half-written: each batch is a transaction)."""
+        if self._writer_task is not None:
+            await self._ops.put(None)
+            await self._writer_task
+            self._writer_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    # --- writes (group commit) -------------------------------------------------------------------------
+
+    async def _submit(self, ops: list[_Op]) -> None:
+        if self._writer_task is None or self._writer_task.done():
+            raise StorageError("queue writer is not running")
+        for op in ops:
+            self._ops.put_nowait(op)
+        await asyncio.gather(*(op.done for op in ops))
+
+    def _op(self, sql: str, params: Sequence[Any], *, many: bool = False, touched: str | None = None) -> _Op:
+        return _Op(sql, params, many, asyncio.get_running_loop().create_future(), touched)
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        stop = False
+        while not stop:
+            first = await self._ops.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._batch_limit and not self._ops.empty():
+                op = self._ops.get_nowait()
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        assert self._writer is not None
+        db = self._writer
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            touched: set[str] = set()
+            for op in batch:
+                if op.many:
+                    await db.executemany(op.sql, op.params)  # type: ignore[arg-type]
+                else:
+                    await db.execute(op.sql, op.params)
+                if op.touched:
+                    touched.add(op.touched)
+            if touched:
+                await db.executemany(_FREE_DATA, [(t, t) for t in touched])
+            await db.execute("COMMIT")
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            log.error("queue write of %d operations failed: %s", len(batch), exc)
+            try:
+                await db.execute("ROLLBACK")
+            except (sqlite3.Error, OSError, ValueError):
+                pass
+            err = StorageError(f"queue write failed: {exc}")
+            for op in batch:
+                if not op.done.done():
+                    op.done.set_exception(err)
+            return
+        for op in batch:
+            if not op.done.done():
+                op.done.set_result(None)
+
+    async def enqueue(self, msg: NewMessage, *, held: bool = False) -> None:
+        """Store ``msg`` durably; returns once committed. Raises StorageError."""
+        now = time.time()
+        state = State.HELD if held else State.QUEUED
+        await self._submit(
+            [
+                self._op(
+                    "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (msg.queue_id, msg.account, msg.mail_from, msg.list_name, now, len(msg.data), msg.data),
+                ),
+                self._op(
+                    "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, updated_at) "
+                    "VALUES (?, ?, ?, ?, 0, ?, ?)",
+                    [(msg.queue_id, i, rcpt, state, now, now) for i, rcpt in enumerate(msg.recipients)],
+                    many=True,
+                ),
+            ]
+        )
+
+    async def finish(self, queue_id: str, index: int, state: State, reply: str, attempts: int) -> None:
+        """Move a recipient to a final state (delivered, failed, expired)."""
+        assert state in FINAL_STATES
+        await self._submit(
+            [
+                self._op(
+                    "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ? "
+                    "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
+                    (state, reply, attempts, time.time(), queue_id, index),
+                    touched=queue_id,
+                )
+            ]
+        )
+
+    async def defer(self, queue_id: str, index: int, next_attempt: float, reply: str, attempts: int) -> None:
+        await self._submit(
+            [
+                self._op(
+                    "UPDATE recipients SET next_attempt = ?, last_reply = ?, attempts = ?, updated_at = ? "
+                    "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
+                    (next_attempt, reply, attempts, time.time(), queue_id, index),
+                )
+            ]
+        )
+
+    async def retry_now(self, queue_id: str | None = None) -> int:
+        """Make deferred recipients due now (all, or of one message). Returns how many."""
+        return await self._update_count(
+            "UPDATE recipients SET next_attempt = ? WHERE state = 'queued'"
+            + (" AND msg_id = ?" if queue_id else ""),
+            (time.time(), queue_id) if queue_id else (time.time(),),
+        )
+
+    async def drop(self, queue_id: str) -> int:
+        """Drop every unfinished recipient of a message (the operator's decision; recorded as 'dropped')."""
+        return await self._update_count(
+            "UPDATE recipients SET state = 'dropped', last_reply = 'dropped by operator', updated_at = ? "
+            "WHERE msg_id = ? AND state IN ('queued', 'held')",
+            (time.time(), queue_id),
+            touched=queue_id,
+        )
+
+    async def _update_count(self, sql: str, params: Sequence[Any], touched: str | None = None) -> int:
+        before = await self._changes()
+        await self._submit([self._op(sql, params, touched=touched)])
+        return await self._changes() - before
+
+    async def _changes(self) -> int:
+        assert self._writer is not None
+        return int(self._writer.total_changes)
+
+    async def purge(self, older_than: float) -> None:
+        """Forget finished recipients and their messages after ``keep_finished``."""
+        await self._submit(
+            [
+                self._op(
+                    "DELETE FROM recipients WHERE state NOT IN ('queued', 'held') AND updated_at < ?",
+                    (older_than,),
+                ),
+                self._op(
+                    "DELETE FROM messages WHERE data IS NULL AND created_at < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM recipients WHERE msg_id = messages.id)",
+                    (older_than,),
+                ),
+            ]
+        )
+
+    # --- reads -------------------------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        if self._reader is None:
+            raise StorageError("queue is closed")
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"queue read failed: {exc}") from exc
+
+    async def due(self, now: float, limit: int) -> list[DueRecipient]:
+        """The recipients whose next attempt is due, oldest first; only ids and envelope, never bodies."""
+        rows = await self._fetch(
+            "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at "
+            "FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "WHERE r.state = 'queued' AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?",
+            (now, limit),
+        )
+        return [DueRecipient(*row) for row in rows]
+
+    async def next_due_time(self) -> float | None:
+        rows = await self._fetch("SELECT MIN(next_attempt) FROM recipients WHERE state = 'queued'", ())
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def message_data(self, queue_id: str) -> bytes | None:
+        rows = await self._fetch("SELECT data FROM messages WHERE id = ?", (queue_id,))
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def show(self, queue_id: str) -> MessageRow | None:
+        msgs = await self._fetch(
+            "SELECT id, account, mail_from, list_name, created_at, size FROM messages WHERE id = ?", (queue_id,)
+        )
+        if not msgs:
+            return None
+        rcpts = await self._fetch(
+            "SELECT msg_id, idx, address, state, attempts, next_attempt, updated_at, last_reply "
+            "FROM recipients WHERE msg_id = ? ORDER BY idx",
+            (queue_id,),
+        )
+        return MessageRow(*msgs[0], recipients=tuple(RecipientRow(*r) for r in rcpts))
+
+    async def list_messages(self, *, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
+        where = "WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.state = ?)" if state else ""
+        ids = await self._fetch(
+            f"SELECT m.id FROM messages m {where} ORDER BY m.created_at LIMIT ?",
+            (state, limit) if state else (limit,),
+        )
+        out = []
+        for (qid,) in ids:
+            row = await self.show(qid)
+            if row is not None:
+                out.append(row)
+        return out
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT state, COUNT(*) FROM recipients GROUP BY state", ())
+        return {state: n for state, n in rows}

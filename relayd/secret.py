@@ -1,0 +1,38 @@
+"""The server secret: the HMAC key behind VERP, unsubscribe and trace tokens.
+
+Generated on first start (32 random bytes, mode 0600) so a fresh install needs no manual step; refused when
+group- or world-readable, because anyone who can read it can forge unsubscribes and bounces.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from relayd.errors import ConfigError
+
+
+def load_or_create(path: Path) -> bytes:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.hex().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return key
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError([f"{path}: server.secret_file: readable by group or others; chmod 600 it"])
+    text = path.read_bytes().strip()
+    try:
+        key = bytes.fromhex(text.decode())
+    except ValueError:
+        key = text
+    if len(key) < 16:
+        raise ConfigError([f"{path}: server.secret_file: secret shorter than 16 bytes"])
+    return key

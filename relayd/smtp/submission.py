@@ -1,0 +1,239 @@
+"""The submission listener: applications hand us mail here.
+
+Relay control comes first and stands apart from policy (Postfix's ``smtpd_relay_restrictions``): a client
+that is neither authenticated nor inside an account's ``networks`` can do nothing but AUTH (``530 5.7.0``),
+and an account may only use its own sending domains in MAIL FROM (``553 5.7.1``). Nothing here can make
+relayd an open relay, whatever the policy rules later say.
+
+The ``250`` after DATA is sent only when the queue's commit holding the message has returned; a storage
+error answers ``451 4.3.0`` and the client keeps the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import ssl
+import time
+from typing import Any
+
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
+
+from relayd.config import Config, parse_hostport
+from relayd.errors import StorageError
+from relayd.passwords import check_plain, verify_password
+from relayd.queue.scheduler import Scheduler
+from relayd.queue.store import NewMessage, QueueStore
+from relayd.smtp.protocol import ConnectionLimits, RelaySession, StrictSMTP
+from relayd.tokens import new_queue_id
+
+log = logging.getLogger(__name__)
+
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+
+
+def _valid_address(address: str) -> bool:
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(address) > 254 or len(local) > 64:
+        return False
+    if domain.startswith("[") and domain.endswith("]"):
+        return True
+    labels = domain.rstrip(".").split(".")
+    return len(labels) >= 2 and all(0 < len(lbl) <= 63 for lbl in labels)
+
+
+class SubmissionHandler:
+    """aiosmtpd hooks for the submission listener (one instance shared by all connections)."""
+
+    def __init__(self, cfg: Config, queue: QueueStore, scheduler: Scheduler) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.scheduler = scheduler
+        self._passwords: dict[str, str] = {}
+        for name, acct in cfg.accounts.items():
+            if acct.password_file is not None:
+                self._passwords[name] = acct.password_file.read_text(encoding="utf-8").strip()
+        self._sessions: dict[str, set[int]] = {}
+
+    # --- identity ------------------------------------------------------------------------------------------
+
+    def _claim_session(self, server: StrictSMTP, account: str) -> bool:
+        members = self._sessions.setdefault(account, set())
+        if id(server) not in members and len(members) >= self.cfg.submission.max_sessions_per_account:
+            return False
+        members.add(id(server))
+        return True
+
+    def connection_closed(self, server: StrictSMTP) -> None:
+        session = server.session
+        account = getattr(session, "account", None)
+        if account is not None and account in self._sessions:
+            self._sessions[account].discard(id(server))
+
+    def authenticate(
+        self, server: StrictSMTP, session: RelaySession, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        acct = self.cfg.accounts.get(login)
+        ok = False
+        if acct is not None:
+            if acct.password_hash:
+                ok = verify_password(password, acct.password_hash)
+            elif login in self._passwords:
+                ok = check_plain(password, self._passwords[login])
+        else:
+            verify_password(password, "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAA")  # same cost either way
+        if not ok:
+            log.warning("%s: AUTH %s failed for %r", server.peer_ip, mechanism, login)
+            return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+        if not self._claim_session(server, login):
+            return AuthResult(
+                success=False, handled=False, message="454 4.7.0 Too many sessions for this account, try again later"
+            )
+        session.account = login
+        log.info("%s: authenticated as %s", server.peer_ip, login)
+        return AuthResult(success=True, auth_data=auth_data)
+
+    # --- SMTP hooks ----------------------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if session.account is None:
+            account = self.cfg.account_for_network(server.peer_ip)
+            if account is None:
+                return AUTH_REQUIRED
+            if not self._claim_session(server, account):
+                return "451 4.7.0 Too many sessions for this account, try again later"
+            session.account = account
+        acct = self.cfg.accounts[session.account]
+        if not address:
+            return "553 5.7.1 <>: null sender not allowed on submission"
+        if not _valid_address(address):
+            return f"501 5.1.7 <{address}>: bad sender address syntax"
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        if domain not in acct.domains:
+            return f"553 5.7.1 <{address}>: sender domain not owned by account {session.account}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if session.account is None:
+            return AUTH_REQUIRED
+        if len(envelope.rcpt_tos) >= self.cfg.submission.max_recipients:
+            return "452 4.5.3 Error: too many recipients"
+        if not _valid_address(address):
+            return f"501 5.1.3 <{address}>: bad recipient address syntax"
+        local, _, domain = address.rpartition("@")
+        envelope.rcpt_tos.append(f"{local}@{domain.lower().rstrip('.')}")
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: Envelope) -> str:
+        assert session.account is not None and envelope.mail_from is not None
+        content = envelope.content
+        assert isinstance(content, bytes)
+        queue_id = new_queue_id()
+        data = self._received(server, session, queue_id) + content
+        msg = NewMessage(
+            queue_id=queue_id,
+            account=session.account,
+            mail_from=envelope.mail_from,
+            recipients=tuple(envelope.rcpt_tos),
+            data=data,
+        )
+        try:
+            await self.queue.enqueue(msg)
+        except StorageError as exc:
+            log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
+            return "451 4.3.0 Temporary storage failure, try again later"
+        log.info(
+            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d",
+            queue_id,
+            session.account,
+            envelope.mail_from,
+            len(msg.recipients),
+            len(data),
+        )
+        self.scheduler.submitted(msg, time.time())
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("submission session failed")
+        return "451 4.3.0 Internal error, try again later"
+
+    def _received(self, server: StrictSMTP, session: RelaySession, queue_id: str) -> bytes:
+        """The one trace header we add (RFC 5321 §4.4), folded to stay well under 78 columns."""
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
+        return (
+            f"Received: from {helo} ([{server.peer_ip}])\r\n"
+            f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
+            f"\t{email.utils.formatdate(localtime=False)}\r\n"
+        ).encode("ascii", "replace")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    sub = cfg.submission
+    if sub.tls_cert is None or sub.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(sub.tls_cert, sub.tls_key)
+    return ctx
+
+
+async def start_submission(
+    cfg: Config, handler: SubmissionHandler, limits: ConnectionLimits
+) -> list[asyncio.Server]:
+    """Bind every ``[submission] listen`` address; return the servers (closing them stops accepting)."""
+    loop = asyncio.get_running_loop()
+    sub = cfg.submission
+    ctx = tls_context(cfg)
+    servers = []
+    for spec in sub.listen:
+        host, port = parse_hostport(spec)
+        plaintext_ok = sub.plaintext_auth == "loopback" and _is_loopback(host)
+
+        def factory(plaintext_ok: bool = plaintext_ok) -> StrictSMTP:
+            return StrictSMTP(
+                handler,
+                limits=limits,
+                data_timeout=sub.data_timeout,
+                on_close=handler.connection_closed,
+                hostname=cfg.server.hostname,
+                ident="relayd",
+                data_size_limit=sub.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                tls_context=ctx,
+                require_starttls=False,
+                timeout=sub.command_timeout,
+                auth_required=False,
+                auth_require_tls=not plaintext_ok,
+                authenticator=handler.authenticate,
+                auth_exclude_mechanism=[] if sub.auth_required else ["LOGIN", "PLAIN"],
+            )
+
+        servers.append(await loop.create_server(factory, host=host, port=port, reuse_address=True))
+    return servers
+

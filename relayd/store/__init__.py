@@ -1,0 +1,78 @@
+"""Policy state store: suppression, send counters, account state and events behind one interface.
+
+Callers type against the Protocols in :mod:`relayd.store.base` (re-exported here) and get a backend from
+:func:`open_store`, which reads the ``[store]`` config values::
+
+    store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
+    try:
+        hits = await store.check(["a@example.test"], account="acme", list_name="news")
+    finally:
+        await store.close()
+
+Backends: ``sqlite`` (:class:`relayd.store.sqlite.SqliteStore`, aiosqlite + WAL) now; ``postgresql``
+(asyncpg) later, behind the same contract tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    SCOPE_PRECEDENCE,
+    AccountState,
+    AccountStateStore,
+    Event,
+    EventStore,
+    Reason,
+    SchemaTooNewError,
+    Scope,
+    SendCounterStore,
+    Store,
+    StoreError,
+    SuppressionEntry,
+    SuppressionStore,
+    SuspendReason,
+    as_utc,
+    utcnow,
+)
+from .sqlite import SqliteStore
+
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "SCOPE_PRECEDENCE",
+    "AccountState",
+    "AccountStateStore",
+    "Event",
+    "EventStore",
+    "Reason",
+    "SchemaTooNewError",
+    "Scope",
+    "SendCounterStore",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "SuppressionEntry",
+    "SuppressionStore",
+    "SuspendReason",
+    "as_utc",
+    "open_store",
+    "utcnow",
+]
+
+#: ``[store] path`` when the config does not set it (DESIGN.md).
+DEFAULT_SQLITE_PATH = Path("var/relayd.db")
+
+
+async def open_store(backend: str, path: Path | None = None, dsn: str | None = None) -> Store:
+    """Build the configured backend and open it (which migrates the schema).
+
+    Raises ``ValueError`` for an unknown backend, ``NotImplementedError`` for ``postgresql`` (not yet
+    written), :class:`StoreError` when the database cannot be opened or migrated.
+    """
+    if backend == "sqlite":
+        store = SqliteStore(path if path is not None else DEFAULT_SQLITE_PATH)
+        await store.open()
+        return store
+    if backend == "postgresql":
+        raise NotImplementedError("the postgresql store backend is not written yet; use backend = 'sqlite'")
+    raise ValueError(f"unknown store backend {backend!r}; expected 'sqlite' or 'postgresql'")

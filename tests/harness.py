@@ -1,0 +1,311 @@
+"""Real peers for end-to-end tests: the relayd daemon as a subprocess, and receiving SMTP servers.
+
+Everything listens on 127.0.0.1 with ports chosen by the kernel. The receiving sink is a real aiosmtpd server
+in a thread whose replies can be scripted per recipient; Postfix's ``smtp-sink`` is started as a process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from relayd.passwords import hash_password
+
+PASSWORD = "s3cret-Passw0rd"
+# hash once per test session: scrypt is slow on purpose
+PASSWORD_HASH = hash_password(PASSWORD, n=2**12)
+RELAYD = [sys.executable, "-m", "relayd"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+# --- receiving side -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    peer: str
+
+
+@dataclass
+class SinkHandler:
+    """Accepts everything unless a reply is scripted: ``script[address]`` is a list of replies used in order
+    (the last one repeats), given at RCPT for that recipient."""
+
+    script: dict[str, list[str]] = field(default_factory=dict)
+    messages: list[Received] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(
+        self, server: AioSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        with self.lock:
+            n = self.attempts.get(address, 0)
+            self.attempts[address] = n + 1
+            replies = self.script.get(address)
+        if replies:
+            reply = replies[min(n, len(replies) - 1)]
+            if not reply.startswith("250"):
+                return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope.original_content, bytes)
+        with self.lock:
+            self.messages.append(
+                Received(str(envelope.mail_from), list(envelope.rcpt_tos), envelope.original_content, session.peer[0])
+            )
+        return "250 2.0.0 OK: stored"
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
+
+class Sink:
+    """An aiosmtpd receiving server on 127.0.0.1 in a thread."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.handler = SinkHandler()
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname=host, port=self.port, decode_data=False)
+
+    def __enter__(self) -> Sink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+    @property
+    def messages(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.messages)
+
+
+class PostfixSink:
+    """Postfix's ``smtp-sink``, dumping every message to a file of its own."""
+
+    def __init__(self) -> None:
+        # smtp-sink drops to user nobody when run as root, so the dump dir can't live under pytest's 0700 tmp
+        self.dir = Path(tempfile.mkdtemp(prefix="relayd-smtp-sink-"))
+        os.chmod(self.dir, 0o777)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PostfixSink:
+        exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        cmd = [exe, "-d", f"{self.dir}/%M.", f"127.0.0.1:{self.port}", "100"]
+        if os.geteuid() == 0:
+            cmd[1:1] = ["-u", "nobody"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def dumps(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.dir.iterdir()) if p.is_file()]
+
+
+# --- relayd -------------------------------------------------------------------------------------------------
+
+
+def config_text(
+    tmp: Path,
+    *,
+    port: int,
+    routes: dict[str, int] | None = None,
+    extra: str = "",
+    submission_extra: str = "",
+    queue_extra: str = "",
+    accounts: str | None = None,
+) -> str:
+    routes = routes or {}
+    route_items = ", ".join(f'"{dom}" = "127.0.0.1:{p}"' for dom, p in routes.items())
+    if accounts is None:
+        accounts = f"""
+[accounts.acme]
+password_hash = "{PASSWORD_HASH}"
+domains = ["acme.example.test"]
+
+[accounts.other]
+password_hash = "{PASSWORD_HASH}"
+domains = ["other.example.test"]
+"""
+    return f"""
+[server]
+hostname = "relayd.test"
+secret_file = "{tmp}/secret.key"
+
+[submission]
+listen = ["127.0.0.1:{port}"]
+{submission_extra}
+
+[inbound]
+domains = ["bounces.example.test"]
+
+[store]
+path = "{tmp}/relayd.db"
+
+[queue]
+path = "{tmp}/queue"
+retry_schedule = ["1s"]
+scan_interval = "0.2s"
+{queue_extra}
+
+[delivery]
+mode = "routes"
+routes = {{ {route_items} }}
+connect_timeout = "5s"
+command_timeout = "30s"
+{extra}
+{accounts}
+"""
+
+
+class Relayd:
+    """``relayd serve`` as a real process, with a config written to a temp dir."""
+
+    def __init__(self, tmp: Path, **config: Any) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.config = tmp / "relayd.toml"
+        self.config.write_text(config_text(tmp, port=self.port, **config))
+        self.log = tmp / "relayd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Relayd:
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [*RELAYD, "serve", "--config", str(self.config)], stdout=logf, stderr=logf, cwd=self.tmp
+        )
+        logf.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def kill(self) -> None:
+        """``kill -9``: no clean-up of any kind."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.proc = None
+
+    def __enter__(self) -> Relayd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.kill()
+
+    def smtp(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+
+    def submit(
+        self, msg: bytes, *, to: list[str], sender: str = "app@acme.example.test", user: str = "acme"
+    ) -> tuple[int, bytes]:
+        """AUTH + one transaction; returns the final reply to DATA (or the first refusal)."""
+        with self.smtp() as s:
+            s.login(user, PASSWORD)
+            code, resp = s.mail(sender)
+            if code != 250:
+                return code, resp
+            for rcpt in to:
+                code, resp = s.rcpt(rcpt)
+                if code != 250:
+                    return code, resp
+            return s.data(msg)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*RELAYD, *args, "--config", str(self.config)], capture_output=True, text=True, cwd=self.tmp, timeout=60
+        )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def message(subject: str = "hello", body: str = "Hello there.\r\n", *, msgid: str | None = None) -> bytes:
+    msgid = msgid or f"<{time.time_ns()}.{os.getpid()}@acme.example.test>"
+    return (
+        f"From: App <app@acme.example.test>\r\nTo: Bob <bob@example.test>\r\nSubject: {subject}\r\n"
+        f"Message-ID: {msgid}\r\nDate: Mon, 23 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n\r\n{body}"
+    ).encode()
+
+
+def strip_trace(data: bytes) -> bytes:
+    """Remove the Received header relayd adds (the first header, with its folded continuation lines)."""
+    assert data.startswith(b"Received: "), data[:80]
+    lines = data.split(b"\r\n")
+    i = 1
+    while lines[i][:1] in (b" ", b"\t"):
+        i += 1
+    return b"\r\n".join(lines[i:])
+
+
+@contextlib.contextmanager
+def running(*things: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for t in things:
+            stack.enter_context(t)
+        yield
