@@ -169,6 +169,7 @@ def config_text(
     extra: str = "",
     submission_extra: str = "",
     queue_extra: str = "",
+    retry_schedule: str = '["1s"]',
     accounts: str | None = None,
 ) -> str:
     routes = routes or {}
@@ -200,7 +201,7 @@ path = "{tmp}/relayd.db"
 
 [queue]
 path = "{tmp}/queue"
-retry_schedule = ["1s"]
+retry_schedule = {retry_schedule}
 scan_interval = "0.2s"
 {queue_extra}
 

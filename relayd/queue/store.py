@@ -129,6 +129,7 @@ class _Op:
     many: bool
     done: asyncio.Future[None]
     touched: str | None = None  # message id whose data may be freed after this op
+    rowcount: int = 0
 
 
 _FREE_DATA = (
@@ -209,9 +210,10 @@ class QueueStore:
             touched: set[str] = set()
             for op in batch:
                 if op.many:
-                    await db.executemany(op.sql, op.params)  # type: ignore[arg-type]
+                    cur = await db.executemany(op.sql, op.params)  # type: ignore[arg-type]
                 else:
-                    await db.execute(op.sql, op.params)
+                    cur = await db.execute(op.sql, op.params)
+                op.rowcount = cur.rowcount
                 if op.touched:
                     touched.add(op.touched)
             if touched:
@@ -295,13 +297,9 @@ class QueueStore:
         )
 
     async def _update_count(self, sql: str, params: Sequence[Any], touched: str | None = None) -> int:
-        before = await self._changes()
-        await self._submit([self._op(sql, params, touched=touched)])
-        return await self._changes() - before
-
-    async def _changes(self) -> int:
-        assert self._writer is not None
-        return int(self._writer.total_changes)
+        op = self._op(sql, params, touched=touched)
+        await self._submit([op])
+        return op.rowcount
 
     async def purge(self, older_than: float) -> None:
         """Forget finished recipients and their messages after ``keep_finished``."""

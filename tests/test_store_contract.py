@@ -1,0 +1,429 @@
+"""Contract of the policy store, written against the Protocols so every backend runs the same suite.
+
+Add a backend by adding its name to ``BACKENDS`` and a branch in ``_make_store`` (PostgreSQL: skip when no
+server is reachable). Only the tests at the bottom marked "sqlite-specific" know about the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from relayd.store import (
+    Event,
+    Reason,
+    SchemaTooNewError,
+    Scope,
+    SqliteStore,
+    Store,
+    StoreError,
+    SuppressionEntry,
+    SuspendReason,
+    open_store,
+)
+
+BACKENDS = ["sqlite"]
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+DAY = 86_400
+WEEK = 7 * DAY
+MONTH = 30 * DAY
+
+
+def _make_store(backend: str, tmp_path: Path) -> Store:
+    if backend == "sqlite":
+        return SqliteStore(tmp_path / "relayd.db")
+    raise AssertionError(backend)  # pragma: no cover
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = _make_store(request.param, tmp_path)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def entry(
+    address: str,
+    scope: Scope = Scope.GLOBAL,
+    account: str | None = None,
+    list_name: str | None = None,
+    reason: Reason = Reason.HARD_BOUNCE,
+    created_at: datetime = T0,
+    expires_at: datetime | None = None,
+    source: str = "test",
+) -> SuppressionEntry:
+    return SuppressionEntry(address, scope, account, list_name, reason, source, created_at, expires_at)
+
+
+# -- suppression: scopes -----------------------------------------------------------------------------
+
+
+async def test_global_blocks_every_account_and_list(store: Store) -> None:
+    await store.add([entry("g@example.test")])
+    for account, list_name in [("acme", None), ("acme", "news"), ("other", "promo"), ("other", None)]:
+        hits = await store.check(["g@example.test"], account, list_name, now=T0)
+        assert set(hits) == {"g@example.test"}, (account, list_name)
+        assert hits["g@example.test"].scope is Scope.GLOBAL
+
+
+async def test_account_scope_blocks_only_that_account(store: Store) -> None:
+    await store.add([entry("a@example.test", Scope.ACCOUNT, "acme", reason=Reason.COMPLAINT)])
+    assert set(await store.check(["a@example.test"], "acme", None, now=T0)) == {"a@example.test"}
+    assert set(await store.check(["a@example.test"], "acme", "news", now=T0)) == {"a@example.test"}
+    assert await store.check(["a@example.test"], "other", None, now=T0) == {}
+    assert await store.check(["a@example.test"], "other", "news", now=T0) == {}
+
+
+async def test_list_scope_blocks_only_that_list_of_that_account(store: Store) -> None:
+    await store.add([entry("l@example.test", Scope.LIST, "acme", "news", reason=Reason.UNSUBSCRIBE)])
+    hits = await store.check(["l@example.test"], "acme", "news", now=T0)
+    assert hits["l@example.test"].reason is Reason.UNSUBSCRIBE
+    assert await store.check(["l@example.test"], "acme", "promo", now=T0) == {}
+    assert await store.check(["l@example.test"], "acme", None, now=T0) == {}
+    assert await store.check(["l@example.test"], "other", "news", now=T0) == {}
+
+
+async def test_check_batch_returns_only_suppressed_and_broadest_scope_wins(store: Store) -> None:
+    await store.add(
+        [
+            entry("all@example.test", Scope.LIST, "acme", "news", Reason.UNSUBSCRIBE),
+            entry("all@example.test", Scope.ACCOUNT, "acme", reason=Reason.COMPLAINT),
+            entry("all@example.test", Scope.GLOBAL, reason=Reason.SPAMTRAP),
+            entry("two@example.test", Scope.LIST, "acme", "news", Reason.UNSUBSCRIBE),
+            entry("two@example.test", Scope.ACCOUNT, "acme", reason=Reason.COMPLAINT),
+        ]
+    )
+    hits = await store.check(
+        ["all@example.test", "two@example.test", "free@example.test", "all@example.test"], "acme", "news", now=T0
+    )
+    assert set(hits) == {"all@example.test", "two@example.test"}
+    assert hits["all@example.test"].reason is Reason.SPAMTRAP
+    assert hits["two@example.test"].scope is Scope.ACCOUNT
+    assert await store.check([], "acme", "news", now=T0) == {}
+
+
+async def test_check_large_batch(store: Store) -> None:
+    addresses = [f"r{i:04d}@example.test" for i in range(1500)]
+    await store.add([entry(a) for a in addresses[::7]])
+    hits = await store.check([*addresses, *addresses[:10]], "acme", "news", now=T0)
+    assert set(hits) == set(addresses[::7])
+
+
+async def test_entry_round_trips(store: Store) -> None:
+    e = entry(
+        '"john doe"@example.test',
+        Scope.LIST,
+        "acme",
+        "news",
+        Reason.UNSUBSCRIBE,
+        created_at=T0.replace(microsecond=123456),
+        expires_at=T0 + timedelta(days=30, microseconds=7),
+        source="http:one-click",
+    )
+    await store.add([e])
+    assert await store.list(address=e.address, now=T0) == [e]
+    assert (await store.check([e.address], "acme", "news", now=T0))[e.address] == e
+
+
+# -- suppression: expiry, upsert, remove, list ---------------------------------------------------------
+
+
+async def test_expired_entries_never_block(store: Store) -> None:
+    await store.add(
+        [
+            entry("past@example.test", expires_at=T0 - timedelta(seconds=1)),
+            entry("edge@example.test", expires_at=T0),
+            entry("future@example.test", expires_at=T0 + timedelta(days=1)),
+        ]
+    )
+    assert set(await store.check(["past@example.test", "edge@example.test", "future@example.test"], "a", None, now=T0)) == {
+        "future@example.test"
+    }
+    later = T0 + timedelta(days=1, seconds=1)
+    assert await store.check(["future@example.test"], "a", None, now=later) == {}
+    # Expired entries are still listed on request, and purged on request.
+    assert len(await store.list(include_expired=True)) == 3
+    assert [e.address for e in await store.list(now=T0)] == ["future@example.test"]
+    assert await store.purge_expired(now=T0) == 2
+    assert await store.count() == 1
+
+
+async def test_add_upserts_on_same_key(store: Store) -> None:
+    await store.add([entry("u@example.test", Scope.ACCOUNT, "acme", reason=Reason.COMPLAINT)])
+    await store.add(
+        [entry("u@example.test", Scope.ACCOUNT, "acme", reason=Reason.MANUAL, expires_at=T0 + timedelta(days=1))]
+    )
+    await store.add([entry("u@example.test", Scope.ACCOUNT, "other", reason=Reason.COMPLAINT)])
+    assert await store.count() == 2
+    [acme] = await store.list(address="u@example.test", account="acme", now=T0)
+    assert acme.reason is Reason.MANUAL
+    assert acme.expires_at == T0 + timedelta(days=1)
+    # An upsert can also lift an expiry.
+    await store.add([entry("u@example.test", Scope.ACCOUNT, "acme", reason=Reason.MANUAL)])
+    [acme] = await store.list(address="u@example.test", account="acme", now=T0)
+    assert acme.expires_at is None
+    assert await store.add([]) == 0
+
+
+async def test_remove(store: Store) -> None:
+    await store.add(
+        [
+            entry("r@example.test"),
+            entry("r@example.test", Scope.ACCOUNT, "acme"),
+            entry("r@example.test", Scope.LIST, "acme", "news"),
+            entry("r@example.test", Scope.LIST, "acme", "promo"),
+            entry("keep@example.test"),
+        ]
+    )
+    assert await store.remove("r@example.test", Scope.LIST, "acme", "news") == 1
+    assert await store.remove("r@example.test", Scope.LIST, "acme", "news") == 0
+    assert await store.check(["r@example.test"], "acme", "news", now=T0) != {}  # global still there
+    assert await store.remove("r@example.test", Scope.GLOBAL) == 1
+    assert await store.remove("r@example.test", account="acme") == 2
+    assert await store.check(["r@example.test"], "acme", "promo", now=T0) == {}
+    assert await store.count() == 1
+
+
+async def test_list_filters_limit_and_count(store: Store) -> None:
+    await store.add(
+        [entry(f"g{i}@example.test") for i in range(5)]
+        + [entry(f"a{i}@example.test", Scope.ACCOUNT, "acme", reason=Reason.COMPLAINT) for i in range(3)]
+        + [entry("l@example.test", Scope.LIST, "acme", "news", Reason.UNSUBSCRIBE)]
+        + [entry("o@example.test", Scope.LIST, "other", "news", Reason.UNSUBSCRIBE)]
+    )
+    assert await store.count() == 10
+    assert await store.count(scope=Scope.GLOBAL) == 5
+    assert len(await store.list(now=T0, limit=4)) == 4
+    page2 = await store.list(now=T0, limit=4, offset=8)
+    assert len(page2) == 2
+    assert {e.address for e in await store.list(account="acme", now=T0)} == {
+        "a0@example.test",
+        "a1@example.test",
+        "a2@example.test",
+        "l@example.test",
+    }
+    assert [e.address for e in await store.list(list_name="news", account="other", now=T0)] == ["o@example.test"]
+    assert len(await store.list(reason=Reason.UNSUBSCRIBE, now=T0)) == 2
+    assert len(await store.list(scope=Scope.ACCOUNT, now=T0)) == 3
+
+
+async def test_scan_yields_everything_in_batches(store: Store) -> None:
+    await store.add([entry(f"s{i:03d}@example.test") for i in range(25)])
+    await store.add([entry("s000@example.test", Scope.ACCOUNT, "acme", expires_at=T0)])
+    batches = [batch async for batch in store.scan(batch_size=10)]
+    assert [len(b) for b in batches] == [10, 10, 6]
+    flat = [e for b in batches for e in b]
+    assert len({(e.address, e.scope, e.account, e.list) for e in flat}) == 26
+
+
+def test_entry_validates_scope_fields() -> None:
+    with pytest.raises(ValueError):
+        entry("x@example.test", Scope.GLOBAL, account="acme")
+    with pytest.raises(ValueError):
+        entry("x@example.test", Scope.ACCOUNT)
+    with pytest.raises(ValueError):
+        entry("x@example.test", Scope.ACCOUNT, "acme", "news")
+    with pytest.raises(ValueError):
+        entry("x@example.test", Scope.LIST, "acme")
+    naive = entry("x@example.test", created_at=datetime(2025, 1, 1))
+    assert naive.created_at.tzinfo is UTC
+
+
+# -- send counters --------------------------------------------------------------------------------------
+
+
+async def test_record_and_count_sends(store: Store) -> None:
+    await store.record_sends("acme", "news", ["a@x.test", "b@x.test", "a@x.test"], T0)
+    await store.record_sends("acme", "news", ["a@x.test"], T0)  # same instant: counted, not lost
+    await store.record_sends("acme", "news", ["a@x.test"], T0 + timedelta(hours=1))
+    await store.record_sends("acme", "promo", ["a@x.test"], T0)
+    await store.record_sends("other", "news", ["a@x.test"], T0)
+    counts = await store.count_sends("acme", "news", ["a@x.test", "b@x.test", "c@x.test"], T0)
+    assert counts == {"a@x.test": 3, "b@x.test": 1, "c@x.test": 0}
+    assert await store.count_sends("acme", "news", ["a@x.test"], T0 + timedelta(minutes=1)) == {"a@x.test": 1}
+    await store.record_sends("acme", None, ["a@x.test"], T0)
+    assert await store.count_sends("acme", None, ["a@x.test"], T0) == {"a@x.test": 1}
+
+
+async def test_reserve_day_cap_of_one_under_concurrency(store: Store) -> None:
+    caps = {DAY: 1}
+    results = await asyncio.gather(
+        *[store.reserve_sends("acme", "news", ["hot@x.test"], T0, caps) for _ in range(50)]
+    )
+    assert sum(1 for r in results if r == {"hot@x.test"}) == 1
+    assert sum(1 for r in results if r == set()) == 49
+    assert await store.count_sends("acme", "news", ["hot@x.test"], T0 - timedelta(days=1)) == {"hot@x.test": 1}
+
+
+async def test_reserve_is_per_address_list_and_account(store: Store) -> None:
+    caps = {DAY: 1}
+    assert await store.reserve_sends("acme", "news", ["a@x.test", "b@x.test"], T0, caps) == {
+        "a@x.test",
+        "b@x.test",
+    }
+    assert await store.reserve_sends("acme", "news", ["a@x.test", "c@x.test"], T0, caps) == {"c@x.test"}
+    assert await store.reserve_sends("acme", "promo", ["a@x.test"], T0, caps) == {"a@x.test"}
+    assert await store.reserve_sends("other", "news", ["a@x.test"], T0, caps) == {"a@x.test"}
+    assert await store.reserve_sends("acme", "news", [], T0, caps) == set()
+
+
+async def test_windows_roll(store: Store) -> None:
+    caps = {DAY: 1, WEEK: 3, MONTH: 5}
+    addr = ["w@x.test"]
+
+    async def reserve(at: datetime) -> bool:
+        return await store.reserve_sends("acme", "news", addr, at, caps) == {"w@x.test"}
+
+    assert await reserve(T0)
+    assert not await reserve(T0 + timedelta(hours=23, minutes=59))
+    assert await reserve(T0 + timedelta(seconds=DAY))  # exactly a day later: the first send left the window
+    assert await reserve(T0 + timedelta(days=2))
+    assert not await reserve(T0 + timedelta(days=3))  # 3 in the last week
+    assert await reserve(T0 + timedelta(days=7))  # the T0 send left the week
+    assert await reserve(T0 + timedelta(days=8))  # T0+1d left too
+    assert not await reserve(T0 + timedelta(days=9))  # 5 in the month: T0, +1, +2, +7, +8
+    assert await reserve(T0 + timedelta(days=30))  # T0 left the month
+    sent = await store.count_sends("acme", "news", addr, T0)
+    assert sent == {"w@x.test": 6}
+
+
+async def test_reserve_without_caps_or_with_zero_cap(store: Store) -> None:
+    assert await store.reserve_sends("acme", "news", ["n@x.test"], T0, {}) == {"n@x.test"}
+    assert await store.reserve_sends("acme", "news", ["z@x.test"], T0, {DAY: 0}) == set()
+    with pytest.raises(ValueError):
+        await store.reserve_sends("acme", "news", ["z@x.test"], T0, {0: 1})
+
+
+async def test_prune_sends(store: Store) -> None:
+    await store.record_sends("acme", "news", ["p@x.test"], T0 - timedelta(days=40))
+    await store.record_sends("acme", "news", ["p@x.test"], T0)
+    assert await store.prune(T0 - timedelta(days=30)) == 1
+    assert await store.count_sends("acme", "news", ["p@x.test"], T0 - timedelta(days=365)) == {"p@x.test": 1}
+
+
+# -- account state ----------------------------------------------------------------------------------------
+
+
+async def test_suspension_states(store: Store) -> None:
+    assert await store.get_account_state("acme") is None
+    assert await store.reinstate("acme") is None
+    state = await store.suspend("acme", SuspendReason.COMPLAINT_RATE, "0.31 % over 30 days", at=T0)
+    assert state.suspended and state.reason is SuspendReason.COMPLAINT_RATE and state.since == T0
+    again = await store.suspend("acme", SuspendReason.SPAMTRAP, "hit trap", at=T0 + timedelta(hours=1))
+    assert again.since == T0 and again.reason is SuspendReason.SPAMTRAP and again.details == "hit trap"
+    assert await store.get_account_state("acme") == again
+    await store.suspend("beta", SuspendReason.MANUAL, at=T0)
+    back = await store.reinstate("acme", at=T0 + timedelta(days=1))
+    assert back is not None and not back.suspended and back.since == T0 + timedelta(days=1)
+    assert back.reason is None
+    assert [s.account for s in await store.list_account_states()] == ["acme", "beta"]
+    assert [s.account for s in await store.list_account_states(suspended_only=True)] == ["beta"]
+    # Suspending again after a reinstatement starts a new "since".
+    new = await store.suspend("acme", SuspendReason.HARD_BOUNCE_RATE, at=T0 + timedelta(days=2))
+    assert new.since == T0 + timedelta(days=2)
+
+
+# -- events ---------------------------------------------------------------------------------------------
+
+
+async def test_events_filter_by_since_account_kind(store: Store) -> None:
+    evs = [
+        Event(T0 - timedelta(hours=2), "dropped", "acme", "news", "a@x.test", "suppressed:hard_bounce", "Q1"),
+        Event(T0 - timedelta(minutes=30), "delivered", "acme", "news", "b@x.test", None, "Q2"),
+        Event(T0, "bounced", "other", None, "c@x.test", "userunknown", "Q3", '{"status": "5.1.1"}'),
+        Event(T0 + timedelta(minutes=1), "feedback", None, None, None, "unattributable", None),
+    ]
+    await store.record_events(evs[:2])
+    for e in evs[2:]:
+        await store.record_event(e)
+    assert await store.events(T0 - timedelta(hours=3)) == evs
+    assert await store.events(T0 - timedelta(hours=1)) == evs[1:]
+    assert await store.events(T0) == evs[2:]  # since is inclusive
+    assert await store.events(T0 - timedelta(hours=3), limit=2) == evs[:2]
+    assert await store.events(T0 - timedelta(hours=3), account="acme") == evs[:2]
+    assert await store.events(T0 - timedelta(hours=3), kind="bounced") == [evs[2]]
+    assert await store.prune_events(T0) == 2
+    assert await store.events(T0 - timedelta(days=1)) == evs[2:]
+
+
+async def test_concurrent_record_event_all_committed(store: Store) -> None:
+    await asyncio.gather(
+        *[store.record_event(Event(T0 + timedelta(microseconds=i), "delivered", "acme")) for i in range(200)]
+    )
+    got = await store.events(T0, limit=1000)
+    assert [e.at for e in got] == [T0 + timedelta(microseconds=i) for i in range(200)]
+
+
+# -- lifecycle ------------------------------------------------------------------------------------------
+
+
+async def test_state_survives_reopen(tmp_path: Path) -> None:
+    for backend in BACKENDS:
+        s = _make_store(backend, tmp_path)
+        await s.open()
+        await s.add([entry("keep@example.test")])
+        await s.record_event(Event(T0, "suppressed"))
+        await s.close()
+        await s.close()  # twice is fine
+        s = _make_store(backend, tmp_path)
+        await s.open()
+        assert await s.migrate() >= 1
+        assert await s.count() == 1
+        assert len(await s.events(T0)) == 1
+        await s.close()
+
+
+async def test_open_store_factory(tmp_path: Path) -> None:
+    s = await open_store("sqlite", tmp_path / "sub" / "relayd.db", None)
+    try:
+        assert await s.count() == 0
+    finally:
+        await s.close()
+    with pytest.raises(NotImplementedError):
+        await open_store("postgresql", None, "postgresql://localhost/relayd")
+    with pytest.raises(ValueError):
+        await open_store("mysql", None, None)
+
+
+# -- sqlite-specific ------------------------------------------------------------------------------------
+
+
+async def test_sqlite_reserve_is_atomic_across_connections(tmp_path: Path) -> None:
+    """Two store objects on one file stand in for two processes (daemon + CLI): the cap still holds."""
+    a, b = SqliteStore(tmp_path / "r.db"), SqliteStore(tmp_path / "r.db")
+    await a.open()
+    await b.open()
+    try:
+        results = await asyncio.gather(
+            *[s.reserve_sends("acme", "news", ["x@x.test"], T0, {DAY: 1}) for s in (a, b) * 20]
+        )
+        assert sum(len(r) for r in results) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    s = SqliteStore(path)
+    await s.open()
+    await s.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 0)")
+    conn.close()
+    with pytest.raises(SchemaTooNewError):
+        await SqliteStore(path).open()
+
+
+async def test_sqlite_unopened_store_raises_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await SqliteStore(tmp_path / "x.db").count()
