@@ -115,8 +115,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
                     print(json.dumps(_message_json(row)))
                 else:
                     states = ",".join(sorted({r.state for r in row.recipients}))
-                    print(f"{row.queue_id}  {_fmt_time(row.created_at)}  {row.account:<12} {row.size:>8}  "
-                          f"{len(row.recipients):>3} rcpt  {states}  <{row.mail_from}>")
+                    print(
+                        f"{row.queue_id}  {_fmt_time(row.created_at)}  {row.account:<12} {row.size:>8}  "
+                        f"{len(row.recipients):>3} rcpt  {states}  <{row.mail_from}>"
+                    )
             return 0
         if args.action == "show":
             code = 0
@@ -188,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("check-config", help="validate the config; exit 2 listing every problem"))
     sp.set_defaults(fn=cmd_check_config)
 
-    q = sub.add_parser("queue", help="inspect and act on the queue").add_subparsers(dest="action", required=True)
-    sp = with_config(q.add_parser("list", help="list queued messages", epilog="example: relayd queue list --json"))
+    q = sub.add_parser("queue", help="inspect and act on the queue").add_subparsers(
+        dest="action", required=True
+    )
+    sp = with_config(
+        q.add_parser("list", help="list queued messages", epilog="example: relayd queue list --json")
+    )
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--state", choices=["queued", "held", "delivered", "failed", "expired", "dropped"])
     sp.add_argument("--limit", type=int, default=1000)

@@ -326,7 +326,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 def _problems(path: Path, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
+        loc = tuple(
+            x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-")))
+        )
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -99,7 +99,12 @@ class SinkHandler:
         assert isinstance(envelope.original_content, bytes)
         with self.lock:
             self.messages.append(
-                Received(str(envelope.mail_from), list(envelope.rcpt_tos), envelope.original_content, session.peer[0])
+                Received(
+                    str(envelope.mail_from),
+                    list(envelope.rcpt_tos),
+                    envelope.original_content,
+                    session.peer[0],
+                )
             )
         return "250 2.0.0 OK: stored"
 
@@ -278,7 +283,11 @@ class Relayd:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*RELAYD, *args, "--config", str(self.config)], capture_output=True, text=True, cwd=self.tmp, timeout=60
+            [*RELAYD, *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            cwd=self.tmp,
+            timeout=60,
         )
 
     def log_text(self) -> str:

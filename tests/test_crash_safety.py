@@ -1,4 +1,4 @@
-"""Nothing accepted is ever lost: kill -9 the daemon repeatedly while clients submit, then count at the sink."""
+"""Nothing accepted is ever lost: kill -9 the daemon repeatedly while clients submit; count at the sink."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def test_kill_9_during_submission_loses_no_accepted_message(tmp_path: Path, sink
         return got
 
     try:
-        assert wait_until(lambda: delivered() >= set(accepted), timeout=60), sorted(set(accepted) - delivered())
+        assert wait_until(lambda: delivered() >= set(accepted), timeout=60), sorted(
+            set(accepted) - delivered()
+        )
         # every queue id we answered 250 with is a real queue entry, delivered
         ids = [accepted[n] for n in sorted(accepted)[:50]]
         out = relayd.cli("queue", "show", "--json", *ids)

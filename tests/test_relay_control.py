@@ -109,10 +109,12 @@ def test_network_mapped_account_needs_no_auth(tmp_path: Path, sink: Sink) -> Non
 domains = ["acme.example.test"]
 networks = ["127.0.0.0/8"]
 """
-    with Relayd(tmp_path, routes={"example.test": sink.port}, accounts=accounts) as relayd:
-        with relayd.smtp() as s:
-            s.ehlo("internal.test")
-            assert s.mail("app@acme.example.test")[0] == 250
-            s.rset()
-            code, resp = s.mail("x@other.example.test")
-            assert code == 553 and resp.startswith(b"5.7.1")
+    with (
+        Relayd(tmp_path, routes={"example.test": sink.port}, accounts=accounts) as relayd,
+        relayd.smtp() as s,
+    ):
+        s.ehlo("internal.test")
+        assert s.mail("app@acme.example.test")[0] == 250
+        s.rset()
+        code, resp = s.mail("x@other.example.test")
+        assert code == 553 and resp.startswith(b"5.7.1")

@@ -16,7 +16,11 @@ def _secret(tmp: Path) -> bytes:
 
 
 def test_smtplib_message_arrives_byte_exact_with_verp_sender(tmp_path: Path, sink: Sink) -> None:
-    body = "Line one.\r\n.leading dot survives\r\n..two dots\r\nUnicode: gr\u00fc\u00dfe\r\n" + "x" * 900 + "\r\n"
+    body = (
+        "Line one.\r\n.leading dot survives\r\n..two dots\r\nUnicode: gr\u00fc\u00dfe\r\n"
+        + "x" * 900
+        + "\r\n"
+    )
     msg = message("byte exact", body)
     with Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
         code, resp = relayd.submit(msg, to=["bob@example.test"])
@@ -55,18 +59,36 @@ def test_swaks_submission_to_postfix_smtp_sink(tmp_path: Path) -> None:
             "Message-ID: <swaks-1@acme.example.test>\n\n" + body
         )
         out = subprocess.run(
-            ["swaks", "--server", f"127.0.0.1:{relayd.port}", "--from", "app@acme.example.test",
-             "--to", "carol@example.test", "--auth", "PLAIN", "--auth-user", "acme",
-             "--auth-password", PASSWORD, "--data", "-"],
-            input=data, capture_output=True, text=True, timeout=60,
+            [
+                "swaks",
+                "--server",
+                f"127.0.0.1:{relayd.port}",
+                "--from",
+                "app@acme.example.test",
+                "--to",
+                "carol@example.test",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "acme",
+                "--auth-password",
+                PASSWORD,
+                "--data",
+                "-",
+            ],
+            input=data,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stdout + out.stderr
         assert "250 2.0.0 Ok: queued as" in out.stdout
         assert wait_until(lambda: len(psink.dumps()) == 1)
         dump = psink.dumps()[0].decode()
     mail_args = re.search(r"^X-Mail-Args: (.*)$", dump, re.M)
-    assert mail_args and re.match(r"<bounce\+[a-z2-7]{16}-0-[a-z2-7]{16}@bounces\.example\.test>",
-                                  mail_args.group(1))
+    assert mail_args and re.match(
+        r"<bounce\+[a-z2-7]{16}-0-[a-z2-7]{16}@bounces\.example\.test>", mail_args.group(1)
+    )
     assert re.search(r"^X-Rcpt-Args: <carol@example.test>", dump, re.M)
     parsed = email.message_from_string(dump.split("(smtp-sink)", 1)[1].split("\n", 2)[2])
     assert parsed["Subject"] == "via swaks"

@@ -37,7 +37,9 @@ def test_550_fails_that_recipient_only(tmp_path: Path, sink: Sink) -> None:
         code, resp = relayd.submit(message("mixed"), to=["gone@example.test", "here@example.test"])
         assert code == 250
         qid = _queue_id(resp)
-        assert wait_until(lambda: {r["state"] for r in _show(relayd, qid).values()} == {"failed", "delivered"})
+        assert wait_until(
+            lambda: {r["state"] for r in _show(relayd, qid).values()} == {"failed", "delivered"}
+        )
         rcpts = _show(relayd, qid)
         assert rcpts["gone@example.test"]["state"] == "failed"
         assert "550" in str(rcpts["gone@example.test"]["last_reply"])

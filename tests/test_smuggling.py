@@ -105,7 +105,9 @@ def test_bare_lf_inside_data_is_refused(peers: tuple[Relayd, Sink]) -> None:
 
 
 def test_oversized_message_refused_after_reading_it_all(tmp_path: Path, sink: Sink) -> None:
-    with Relayd(tmp_path, routes={"example.test": sink.port}, submission_extra='max_message_size = "10KB"') as r:
+    with Relayd(
+        tmp_path, routes={"example.test": sink.port}, submission_extra='max_message_size = "10KB"'
+    ) as r:
         with r.smtp() as s:
             s.login("acme", PASSWORD)
             assert "size" in s.esmtp_features and s.esmtp_features["size"] == "10000"

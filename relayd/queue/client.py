@@ -68,6 +68,7 @@ class Transport:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._no_tls: set[tuple[str, int]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def _connect(self, host: str, port: int) -> _Conn:
         use_tls = self._tls == "may" and (host, port) not in self._no_tls
@@ -110,7 +111,9 @@ class Transport:
     def _checkin(self, conn: _Conn) -> None:
         conn.used += 1
         if conn.used >= self._per_conn or not conn.client.is_connected:
-            asyncio.ensure_future(self._quit(conn.client))
+            task = asyncio.ensure_future(self._quit(conn.client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault((conn.host, conn.port), []).append(conn)

@@ -73,7 +73,7 @@ class Scheduler:
         self._runner = asyncio.create_task(self._run(), name="queue-scheduler")
 
     async def stop(self) -> None:
-        """Abandon in-flight attempts safely: their recipients are still 'queued' on disk and will be retried."""
+        """Abandon in-flight attempts safely: their recipients are still 'queued' on disk, retried later."""
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,11 +179,19 @@ class Scheduler:
         try:
             route = await self._router.route(domain)
             async with self._sockets, self._dest_limit(route.nexthop):
-                sender = verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
+                sender = verp_address(
+                    self._secret, self._verp_domain, item.queue_id, item.index, item.address
+                )
                 reply = await self._transport.send(route.hosts, sender, item.address, data)
         except PermanentFailure as exc:
             await self._store.finish(item.queue_id, item.index, State.FAILED, str(exc), attempts)
-            log.info("%s: to=<%s> account=%s status=bounced reply=%s", item.queue_id, item.address, item.account, exc)
+            log.info(
+                "%s: to=<%s> account=%s status=bounced reply=%s",
+                item.queue_id,
+                item.address,
+                item.account,
+                exc,
+            )
             return
         except TemporaryFailure as exc:
             await self._temporary(item, attempts, str(exc))
@@ -207,7 +215,13 @@ class Scheduler:
         deadline = item.created_at + self._cfg.queue.max_age
         if now >= deadline:
             await self._store.finish(item.queue_id, item.index, State.EXPIRED, reply, attempts)
-            log.info("%s: to=<%s> account=%s status=expired reply=%s", item.queue_id, item.address, item.account, reply)
+            log.info(
+                "%s: to=<%s> account=%s status=expired reply=%s",
+                item.queue_id,
+                item.address,
+                item.account,
+                reply,
+            )
             return
         schedule = self._cfg.queue.retry_schedule
         delay = schedule[min(attempts - 1, len(schedule) - 1)]

@@ -21,6 +21,7 @@ answers 451 and the client keeps its message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -164,7 +165,8 @@ class QueueStore:
         self._writer_task = asyncio.create_task(self._write_loop(), name="queue-writer")
 
     async def close(self) -> None:
-        """Finish every write already requested, then close (nothing half-written: each batch is a transaction)."""
+        """Finish every write already requested, then close; each batch is a transaction, so nothing is
+        ever half-written."""
         if self._writer_task is not None:
             await self._ops.put(None)
             await self._writer_task
@@ -210,7 +212,7 @@ class QueueStore:
             touched: set[str] = set()
             for op in batch:
                 if op.many:
-                    cur = await db.executemany(op.sql, op.params)  # type: ignore[arg-type]
+                    cur = await db.executemany(op.sql, op.params)
                 else:
                     cur = await db.execute(op.sql, op.params)
                 op.rowcount = cur.rowcount
@@ -221,10 +223,8 @@ class QueueStore:
             await db.execute("COMMIT")
         except (sqlite3.Error, OSError, ValueError) as exc:
             log.error("queue write of %d operations failed: %s", len(batch), exc)
-            try:
+            with contextlib.suppress(sqlite3.Error, OSError, ValueError):
                 await db.execute("ROLLBACK")
-            except (sqlite3.Error, OSError, ValueError):
-                pass
             err = StorageError(f"queue write failed: {exc}")
             for op in batch:
                 if not op.done.done():
@@ -246,8 +246,8 @@ class QueueStore:
                     (msg.queue_id, msg.account, msg.mail_from, msg.list_name, now, len(msg.data), msg.data),
                 ),
                 self._op(
-                    "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, updated_at) "
-                    "VALUES (?, ?, ?, ?, 0, ?, ?)",
+                    "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, "
+                    "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
                     [(msg.queue_id, i, rcpt, state, now, now) for i, rcpt in enumerate(msg.recipients)],
                     many=True,
                 ),
@@ -348,7 +348,8 @@ class QueueStore:
 
     async def show(self, queue_id: str) -> MessageRow | None:
         msgs = await self._fetch(
-            "SELECT id, account, mail_from, list_name, created_at, size FROM messages WHERE id = ?", (queue_id,)
+            "SELECT id, account, mail_from, list_name, created_at, size FROM messages WHERE id = ?",
+            (queue_id,),
         )
         if not msgs:
             return None
@@ -357,10 +358,15 @@ class QueueStore:
             "FROM recipients WHERE msg_id = ? ORDER BY idx",
             (queue_id,),
         )
-        return MessageRow(*msgs[0], recipients=tuple(RecipientRow(*r) for r in rcpts))
+        qid, account, mail_from, list_name, created_at, size = msgs[0]
+        return MessageRow(
+            qid, account, mail_from, list_name, created_at, size, tuple(RecipientRow(*r) for r in rcpts)
+        )
 
     async def list_messages(self, *, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
-        where = "WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.state = ?)" if state else ""
+        where = (
+            "WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.state = ?)" if state else ""
+        )
         ids = await self._fetch(
             f"SELECT m.id FROM messages m {where} ORDER BY m.created_at LIMIT ?",
             (state, limit) if state else (limit,),

@@ -11,8 +11,8 @@ What this subclass changes, and why:
 * Separate timeouts: ``command_timeout`` between commands, ``data_timeout`` for the whole DATA phase
   (slowloris), each answered with ``421 4.4.2`` before the connection is closed.
 * Connection limits (total and per client IP) are checked before the greeting and answered ``421 4.7.0``.
-* An exception in our own code answers ``451 4.3.0`` (our fault, temporary) and never shows its text; aiosmtpd's
-  default is a ``500`` with the exception message.
+* An exception in our own code answers ``451 4.3.0`` (our fault, temporary) and never shows its text;
+  aiosmtpd's default is a ``500`` with the exception message.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, Session
 
@@ -109,9 +109,11 @@ class StrictSMTP(SMTP):
                 self._on_close(self)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
-        super()._timeout_cb()
+        # uvloop's transports are not asyncio.WriteTransport subclasses, so no isinstance() here
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -165,12 +167,12 @@ class StrictSMTP(SMTP):
         self._reset_timeout()
         if problem is not None:
             log.info("%s: DATA refused: %s", self.peer_ip, problem)
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(problem)
             return
         content = b"".join(lines)
         self.envelope.content = content
         self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status if isinstance(status, str) else "451 4.3.0 Internal error, try again later")

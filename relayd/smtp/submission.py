@@ -87,13 +87,19 @@ class SubmissionHandler:
             elif login in self._passwords:
                 ok = check_plain(password, self._passwords[login])
         else:
-            verify_password(password, "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAA")  # same cost either way
+            verify_password(
+                password, "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAA"
+            )  # same cost either way
         if not ok:
             log.warning("%s: AUTH %s failed for %r", server.peer_ip, mechanism, login)
-            return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+            return AuthResult(
+                success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+            )
         if not self._claim_session(server, login):
             return AuthResult(
-                success=False, handled=False, message="454 4.7.0 Too many sessions for this account, try again later"
+                success=False,
+                handled=False,
+                message="454 4.7.0 Too many sessions for this account, try again later",
             )
         session.account = login
         log.info("%s: authenticated as %s", server.peer_ip, login)
@@ -236,4 +242,3 @@ async def start_submission(
 
         servers.append(await loop.create_server(factory, host=host, port=port, reuse_address=True))
     return servers
-

@@ -1,0 +1,148 @@
+"""Baseline throughput of the core relay: accepted/s, delivered/s (at a sink) and 250 latency.
+
+    .venv/bin/python bench/submit.py [--messages 5000] [--concurrency 20] [--size 5120] [--auth]
+
+Starts a counting sink (own process), relayd (own process, routes everything to the sink) and drives it
+with an asyncio load generator (this process), one message per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import run_load
+from bench.sinks import CountingSink
+from relayd.passwords import hash_password
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp: Path, port: int, sink_port: int, extra: str = "") -> Path:
+    cfg = tmp / "bench.toml"
+    cfg.write_text(f"""
+[server]
+hostname = "relayd.bench"
+secret_file = "{tmp}/secret.key"
+[submission]
+listen = ["127.0.0.1:{port}"]
+max_connections_per_ip = 1000
+[queue]
+path = "{tmp}/queue"
+[store]
+path = "{tmp}/relayd.db"
+[delivery]
+mode = "routes"
+routes = {{ "*" = "127.0.0.1:{sink_port}" }}
+tls = "none"
+[accounts.acme]
+password_hash = "{hash_password("bench-password", n=2**12)}"
+domains = ["acme.example.test"]
+networks = ["127.0.0.0/8"]
+{extra}
+""")
+    return cfg
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"relayd did not start on {port}")
+
+
+def proc_cpu_and_rss(pid: int) -> tuple[float, int]:
+    """(CPU seconds, peak RSS in KB) of a running process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    with open(f"/proc/{pid}/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return cpu, hwm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=20)
+    ap.add_argument("--size", type=int, default=5120)
+    ap.add_argument("--recipients", type=int, default=1)
+    ap.add_argument("--auth", action="store_true", help="AUTH PLAIN on every connection (default: networks)")
+    args = ap.parse_args()
+
+    sink = CountingSink()
+    with tempfile.TemporaryDirectory(prefix="relayd-bench-") as d:
+        tmp = Path(d)
+        port = free_port()
+        cfg = write_config(tmp, port, sink.port)
+        log = (tmp / "relayd.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relayd", "serve", "--config", str(cfg), "--log-level", "warning"],
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            wait_port(port)
+            cpu0, _ = proc_cpu_and_rss(proc.pid)
+            t0 = time.perf_counter()
+            auth = ("acme", "bench-password") if args.auth else None
+            res = asyncio.run(
+                run_load(
+                    port,
+                    messages=args.messages,
+                    concurrency=args.concurrency,
+                    size=args.size,
+                    recipients=args.recipients,
+                    auth=auth,
+                )
+            )
+            expected = res.accepted * args.recipients
+            while sink.count < expected and time.perf_counter() - t0 < res.elapsed + 120:
+                time.sleep(0.01)
+            t_done = time.perf_counter() - t0
+            cpu1, rss = proc_cpu_and_rss(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            sink.stop()
+        delivered = sink.count
+        print(
+            f"relayd core relay, {args.size} B messages, {args.recipients} rcpt, {args.concurrency} clients, "
+            f"one message per connection{', AUTH PLAIN' if args.auth else ''}"
+        )
+        print("  " + res.summary())
+        print(
+            f"  delivered {delivered} at the sink in {t_done:.2f}s = "
+            f"{delivered / t_done:.0f} msg/s end to end"
+        )
+        print(
+            f"  relayd CPU {1000 * (cpu1 - cpu0) / max(1, res.accepted):.2f} ms/message, "
+            f"peak RSS {rss / 1024:.0f} MB"
+        )
+        print(f"  load generator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
