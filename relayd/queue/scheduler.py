@@ -62,7 +62,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sockets = asyncio.Semaphore(cfg.delivery.concurrency)
         self._per_dest: dict[str, asyncio.Semaphore] = {}
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (queue id, index or -1)
         self._cache_bytes = 0
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -86,12 +86,18 @@ class Scheduler:
 
     def submitted(self, msg: NewMessage, created_at: float) -> None:
         """A message was just committed: start its deliveries now if the active window has room."""
-        self._remember(msg.queue_id, msg.data)
+        if msg.per_recipient is None:
+            self._remember((msg.queue_id, -1), msg.data)
+        else:
+            for i, rendered in enumerate(msg.per_recipient):
+                self._remember((msg.queue_id, i), rendered)
         for i, rcpt in enumerate(msg.recipients):
             if len(self._inflight) >= self._cfg.queue.active_limit:
                 self._wake.set()  # the scanner will pick the rest up as room frees
                 return
-            self._dispatch(DueRecipient(msg.queue_id, i, rcpt, 0, msg.account, msg.mail_from, created_at))
+            self._dispatch(
+                DueRecipient(msg.queue_id, i, rcpt, 0, msg.account, msg.mail_from, created_at, msg.list_name)
+            )
 
     @property
     def in_flight(self) -> int:
@@ -135,19 +141,22 @@ class Scheduler:
 
     # --- one attempt ---------------------------------------------------------------------------------------
 
-    def _remember(self, queue_id: str, data: bytes) -> None:
-        self._cache[queue_id] = data
+    def _remember(self, key: tuple[str, int], data: bytes) -> None:
+        self._cache[key] = data
         self._cache_bytes += len(data)
         while self._cache_bytes > _CACHE_BYTES and self._cache:
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= len(old)
 
-    async def _data(self, queue_id: str) -> bytes | None:
-        data = self._cache.get(queue_id)
+    async def _data(self, item: DueRecipient) -> bytes | None:
+        """The exact bytes for this recipient: memory if it was just submitted, else the queue."""
+        data = self._cache.pop((item.queue_id, item.index), None)
+        if data is not None:
+            self._cache_bytes -= len(data)  # one recipient, one attempt from memory; retries read the queue
+        else:
+            data = self._cache.get((item.queue_id, -1))
         if data is None:
-            data = await self._store.message_data(queue_id)
-            if data is not None:
-                self._remember(queue_id, data)
+            data = await self._store.recipient_data(item.queue_id, item.index)
         return data
 
     def _dest_limit(self, nexthop: str) -> asyncio.Semaphore:
@@ -169,7 +178,7 @@ class Scheduler:
                 self._wake.set()
 
     async def _attempt_inner(self, item: DueRecipient) -> None:
-        data = await self._data(item.queue_id)
+        data = await self._data(item)
         if data is None:
             log.warning("%s: message data missing; recipient %d left as is", item.queue_id, item.index)
             return

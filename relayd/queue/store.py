@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     next_attempt REAL NOT NULL,
     updated_at   REAL NOT NULL,
     last_reply   TEXT,
+    data         BLOB,
     PRIMARY KEY (msg_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (next_attempt) WHERE state = 'queued';
@@ -85,6 +86,10 @@ class NewMessage:
     recipients: tuple[str, ...]
     data: bytes
     list_name: str | None = None
+    #: when the policy pipeline made the content differ per recipient (unsubscribe link, trace token,
+    #: DKIM signature), the exact bytes to deliver to each recipient, in recipient order; ``data`` (the
+    #: message as submitted) is then not stored: the message is on disk once per recipient, never twice
+    per_recipient: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,7 @@ class DueRecipient:
     account: str
     mail_from: str
     created_at: float
+    list_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,17 +244,31 @@ class QueueStore:
         """Store ``msg`` durably; returns once committed. Raises StorageError."""
         now = time.time()
         state = State.HELD if held else State.QUEUED
+        per = msg.per_recipient
+        if per is not None and len(per) != len(msg.recipients):
+            raise ValueError("per_recipient must have one entry per recipient")
         await self._submit(
             [
                 self._op(
                     "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (msg.queue_id, msg.account, msg.mail_from, msg.list_name, now, len(msg.data), msg.data),
+                    (
+                        msg.queue_id,
+                        msg.account,
+                        msg.mail_from,
+                        msg.list_name,
+                        now,
+                        len(msg.data),
+                        msg.data if per is None else None,
+                    ),
                 ),
                 self._op(
                     "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, "
-                    "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
-                    [(msg.queue_id, i, rcpt, state, now, now) for i, rcpt in enumerate(msg.recipients)],
+                    "updated_at, data) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                    [
+                        (msg.queue_id, i, rcpt, state, now, now, per[i] if per is not None else None)
+                        for i, rcpt in enumerate(msg.recipients)
+                    ],
                     many=True,
                 ),
             ]
@@ -260,8 +280,8 @@ class QueueStore:
         await self._submit(
             [
                 self._op(
-                    "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ? "
-                    "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
+                    "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ?, "
+                    "data = NULL WHERE msg_id = ? AND idx = ? AND state = 'queued'",
                     (state, reply, attempts, time.time(), queue_id, index),
                     touched=queue_id,
                 )
@@ -290,10 +310,40 @@ class QueueStore:
     async def drop(self, queue_id: str) -> int:
         """Drop every unfinished recipient of a message (the operator's decision; recorded as 'dropped')."""
         return await self._update_count(
-            "UPDATE recipients SET state = 'dropped', last_reply = 'dropped by operator', updated_at = ? "
-            "WHERE msg_id = ? AND state IN ('queued', 'held')",
+            "UPDATE recipients SET state = 'dropped', last_reply = 'dropped by operator', updated_at = ?, "
+            "data = NULL WHERE msg_id = ? AND state IN ('queued', 'held')",
             (time.time(), queue_id),
             touched=queue_id,
+        )
+
+    async def drop_recipient(self, queue_id: str, index: int, reason: str) -> None:
+        """Drop one recipient (suppressed after it was queued, unsubscribed, ...)."""
+        await self._submit(
+            [
+                self._op(
+                    "UPDATE recipients SET state = 'dropped', last_reply = ?, updated_at = ?, data = NULL "
+                    "WHERE msg_id = ? AND idx = ? AND state IN ('queued', 'held')",
+                    (reason, time.time(), queue_id, index),
+                    touched=queue_id,
+                )
+            ]
+        )
+
+    async def hold_account(self, account: str) -> int:
+        """Suspension: park the account's queued recipients as 'held' (kept, not delivered)."""
+        return await self._update_count(
+            "UPDATE recipients SET state = 'held', updated_at = ? WHERE state = 'queued' AND msg_id IN "
+            "(SELECT id FROM messages WHERE account = ?)",
+            (time.time(), account),
+        )
+
+    async def release_account(self, account: str) -> int:
+        """Reinstatement: held recipients of the account become due at once."""
+        now = time.time()
+        return await self._update_count(
+            "UPDATE recipients SET state = 'queued', next_attempt = ?, updated_at = ? WHERE state = 'held' "
+            "AND msg_id IN (SELECT id FROM messages WHERE account = ?)",
+            (now, now, account),
         )
 
     async def _update_count(self, sql: str, params: Sequence[Any], touched: str | None = None) -> int:
@@ -331,8 +381,8 @@ class QueueStore:
     async def due(self, now: float, limit: int) -> list[DueRecipient]:
         """The recipients whose next attempt is due, oldest first; only ids and envelope, never bodies."""
         rows = await self._fetch(
-            "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at "
-            "FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at, "
+            "m.list_name FROM recipients r JOIN messages m ON m.id = r.msg_id "
             "WHERE r.state = 'queued' AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?",
             (now, limit),
         )
@@ -342,8 +392,13 @@ class QueueStore:
         rows = await self._fetch("SELECT MIN(next_attempt) FROM recipients WHERE state = 'queued'", ())
         return rows[0][0] if rows and rows[0][0] is not None else None
 
-    async def message_data(self, queue_id: str) -> bytes | None:
-        rows = await self._fetch("SELECT data FROM messages WHERE id = ?", (queue_id,))
+    async def recipient_data(self, queue_id: str, index: int) -> bytes | None:
+        """The bytes to deliver to one recipient: its own rendering if it has one, else the message."""
+        rows = await self._fetch(
+            "SELECT COALESCE(r.data, m.data) FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "WHERE r.msg_id = ? AND r.idx = ?",
+            (queue_id, index),
+        )
         return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def show(self, queue_id: str) -> MessageRow | None:
