@@ -32,6 +32,7 @@ from relayd.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
@@ -108,6 +109,7 @@ class _Model(BaseModel):
 class ServerConfig(_Model):
     hostname: str = Field(default_factory=socket.getfqdn)
     secret_file: Path = Path("var/secret.key")
+    feedback_sender_id: str = Field(default="relayd", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class SubmissionConfig(_Model):
@@ -293,6 +295,20 @@ class Config(_Model):
     shaping: dict[str, ShapingConfig] = {}
 
     source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("accounts")
+    @classmethod
+    def _names(cls, v: dict[str, AccountConfig]) -> dict[str, AccountConfig]:
+        # names travel in Feedback-ID (colon-separated) and tokens: keep them to a safe alphabet
+        for name, acct in v.items():
+            if not _NAME.match(name):
+                raise ValueError(f"account name {name!r}: use letters, digits, '_' and '-' only")
+            for lname in acct.lists:
+                if not _NAME.match(lname):
+                    raise ValueError(
+                        f"accounts.{name}.lists: list name {lname!r}: use letters, digits, '_', '-'"
+                    )
+        return v
 
     @model_validator(mode="after")
     def _pools_exist(self) -> Config:

@@ -17,11 +17,16 @@ import signal
 import socket
 
 from relayd.config import Config
+from relayd.dkim import Signer, load_key
+from relayd.policy.dequeue import DequeueCheck
+from relayd.policy.pipeline import Pipeline
+from relayd.policy.suspension import AccountGate
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import QueueStore
 from relayd.secret import load_or_create
 from relayd.smtp.protocol import ConnectionLimits
 from relayd.smtp.submission import SubmissionHandler, start_submission
+from relayd.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +44,23 @@ def sd_notify(message: str) -> None:
         sock.sendto(message.encode(), addr)
 
 
+def load_signer(cfg: Config) -> Signer:
+    """Every [[dkim]] key, loaded and checked before we accept any mail (a bad key fails the start)."""
+    return Signer([load_key(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim])
+
+
 async def serve(cfg: Config) -> None:
     secret = load_or_create(cfg.server.secret_file)
+    signer = load_signer(cfg)
+    store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
+    gate = AccountGate(store)
+    await gate.start()
     queue = QueueStore(cfg.queue.path / "queue.db")
     await queue.open()
-    scheduler = Scheduler(cfg, queue, secret)
+    scheduler = Scheduler(cfg, queue, secret, gate=DequeueCheck(store, gate))
     scheduler.start()
-    handler = SubmissionHandler(cfg, queue, scheduler)
+    pipeline = Pipeline(cfg, store, secret, signer, gate)
+    handler = SubmissionHandler(cfg, queue, scheduler, pipeline)
     limits = ConnectionLimits(cfg.submission.max_connections, cfg.submission.max_connections_per_ip)
     servers = await start_submission(cfg, handler, limits)
     for srv in servers:
@@ -68,4 +83,6 @@ async def serve(cfg: Config) -> None:
         await asyncio.sleep(0.05)
     await scheduler.stop()
     await queue.close()
+    await gate.stop()
+    await store.close()
     log.info("relayd stopped")

@@ -184,6 +184,7 @@ def config_text(
 [accounts.acme]
 password_hash = "{PASSWORD_HASH}"
 domains = ["acme.example.test"]
+imprint = "ACME Ltd, 1 Test Street"
 
 [accounts.other]
 password_hash = "{PASSWORD_HASH}"
@@ -301,6 +302,41 @@ def message(subject: str = "hello", body: str = "Hello there.\r\n", *, msgid: st
         f"Message-ID: {msgid}\r\nDate: Mon, 23 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
         f"Content-Type: text/plain; charset=utf-8\r\n\r\n{body}"
     ).encode()
+
+
+ADDED_FIELDS = (
+    b"received",
+    b"dkim-signature",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+    b"feedback-id",
+    b"x-relayd-id",
+)
+
+
+def split_fields(header_block: bytes) -> list[bytes]:
+    """Header fields with their folded continuation lines, byte-exact, CRLF kept."""
+    fields: list[bytes] = []
+    for line in header_block.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
+
+
+def split_delivered(data: bytes) -> tuple[dict[str, list[bytes]], bytes, bytes]:
+    """(the fields relayd adds, by lower-case name; every other header field as delivered; the body)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    added: dict[str, list[bytes]] = {}
+    kept = b""
+    for hfield in split_fields(head + b"\r\n"):
+        name = hfield.split(b":", 1)[0].strip().lower()
+        if name in ADDED_FIELDS and not (name == b"dkim-signature" and b"d=app-signed" in hfield):
+            added.setdefault(name.decode(), []).append(hfield)
+        else:
+            kept += hfield
+    return added, kept, body
 
 
 def strip_trace(data: bytes) -> bytes:

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from relayd.tokens import verify_token, verp_token
-from tests.harness import PASSWORD, PostfixSink, Relayd, Sink, message, strip_trace, wait_until
+from tests.harness import PASSWORD, PostfixSink, Relayd, Sink, message, split_delivered, wait_until
 
 
 def _secret(tmp: Path) -> bytes:
@@ -27,7 +27,24 @@ def test_smtplib_message_arrives_byte_exact_with_verp_sender(tmp_path: Path, sin
         assert code == 250 and re.match(rb"2\.0\.0 Ok: queued as [a-z2-7]{16}$", resp), resp
         assert wait_until(lambda: sink.handler.count() == 1)
     got = sink.messages[0]
-    assert strip_trace(got.data) == msg
+    added, headers, delivered_body = split_delivered(got.data)
+    sent_head, _, sent_body = msg.partition(b"\r\n\r\n")
+    # every header field the application wrote arrives byte for byte, in order; relayd only adds its own
+    assert headers == sent_head + b"\r\n"
+    assert sorted(added) == [
+        "feedback-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "received",
+        "x-relayd-id",
+    ]
+    # the body arrives byte for byte, followed only by the unsubscribe footer and imprint
+    assert delivered_body.startswith(sent_body)
+    footer = delivered_body[len(sent_body) :].decode()
+    assert re.fullmatch(
+        r"\r\n\r\n-- \r\nUnsubscribe: http://127\.0\.0\.1:8025/u/[a-z0-9-]+\r\nACME Ltd, 1 Test Street\r\n",
+        footer,
+    ), footer
     assert got.rcpt_tos == ["bob@example.test"]
     token = verp_token(got.mail_from)
     assert got.mail_from.endswith("@bounces.example.test") and token is not None
@@ -93,7 +110,10 @@ def test_swaks_submission_to_postfix_smtp_sink(tmp_path: Path) -> None:
     parsed = email.message_from_string(dump.split("(smtp-sink)", 1)[1].split("\n", 2)[2])
     assert parsed["Subject"] == "via swaks"
     assert parsed["Message-ID"] == "<swaks-1@acme.example.test>"
-    assert parsed.get_payload().rstrip("\n") == body.rstrip("\n")
+    payload = parsed.get_payload()
+    assert payload.startswith(body)  # the body as sent, then the footer relayd appends
+    assert "Unsubscribe: http://127.0.0.1:8025/u/" in payload and "ACME Ltd, 1 Test Street" in payload
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
 def test_delivery_survives_restart_and_graceful_stop(tmp_path: Path, sink: Sink) -> None:

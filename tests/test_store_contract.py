@@ -103,7 +103,10 @@ async def test_check_batch_returns_only_suppressed_and_broadest_scope_wins(store
         ]
     )
     hits = await store.check(
-        ["all@example.test", "two@example.test", "free@example.test", "all@example.test"], "acme", "news", now=T0
+        ["all@example.test", "two@example.test", "free@example.test", "all@example.test"],
+        "acme",
+        "news",
+        now=T0,
     )
     assert set(hits) == {"all@example.test", "two@example.test"}
     assert hits["all@example.test"].reason is Reason.SPAMTRAP
@@ -145,9 +148,11 @@ async def test_expired_entries_never_block(store: Store) -> None:
             entry("future@example.test", expires_at=T0 + timedelta(days=1)),
         ]
     )
-    assert set(await store.check(["past@example.test", "edge@example.test", "future@example.test"], "a", None, now=T0)) == {
-        "future@example.test"
-    }
+    assert set(
+        await store.check(
+            ["past@example.test", "edge@example.test", "future@example.test"], "a", None, now=T0
+        )
+    ) == {"future@example.test"}
     later = T0 + timedelta(days=1, seconds=1)
     assert await store.check(["future@example.test"], "a", None, now=later) == {}
     # Expired entries are still listed on request, and purged on request.
@@ -160,7 +165,15 @@ async def test_expired_entries_never_block(store: Store) -> None:
 async def test_add_upserts_on_same_key(store: Store) -> None:
     await store.add([entry("u@example.test", Scope.ACCOUNT, "acme", reason=Reason.COMPLAINT)])
     await store.add(
-        [entry("u@example.test", Scope.ACCOUNT, "acme", reason=Reason.MANUAL, expires_at=T0 + timedelta(days=1))]
+        [
+            entry(
+                "u@example.test",
+                Scope.ACCOUNT,
+                "acme",
+                reason=Reason.MANUAL,
+                expires_at=T0 + timedelta(days=1),
+            )
+        ]
     )
     await store.add([entry("u@example.test", Scope.ACCOUNT, "other", reason=Reason.COMPLAINT)])
     assert await store.count() == 2
@@ -211,7 +224,9 @@ async def test_list_filters_limit_and_count(store: Store) -> None:
         "a2@example.test",
         "l@example.test",
     }
-    assert [e.address for e in await store.list(list_name="news", account="other", now=T0)] == ["o@example.test"]
+    assert [e.address for e in await store.list(list_name="news", account="other", now=T0)] == [
+        "o@example.test"
+    ]
     assert len(await store.list(reason=Reason.UNSUBSCRIBE, now=T0)) == 2
     assert len(await store.list(scope=Scope.ACCOUNT, now=T0)) == 3
 
@@ -261,7 +276,9 @@ async def test_reserve_day_cap_of_one_under_concurrency(store: Store) -> None:
     )
     assert sum(1 for r in results if r == {"hot@x.test"}) == 1
     assert sum(1 for r in results if r == set()) == 49
-    assert await store.count_sends("acme", "news", ["hot@x.test"], T0 - timedelta(days=1)) == {"hot@x.test": 1}
+    assert await store.count_sends("acme", "news", ["hot@x.test"], T0 - timedelta(days=1)) == {
+        "hot@x.test": 1
+    }
 
 
 async def test_reserve_is_per_address_list_and_account(store: Store) -> None:
@@ -427,3 +444,40 @@ async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
 async def test_sqlite_unopened_store_raises_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await SqliteStore(tmp_path / "x.db").count()
+
+
+async def test_sqlite_unopenable_path_raises_store_error(tmp_path: Path) -> None:
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(StoreError):
+        await SqliteStore(tmp_path / "adir").open()
+
+
+async def test_sqlite_migrate_upgrades_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file at version 1 gets a later migration applied on open, once, and keeps its data."""
+    import relayd.store.sqlite as sqlite_backend
+    from relayd.store.migrations import MIGRATIONS, Migration
+
+    path = tmp_path / "old.db"
+    async with SqliteStore(path) as s:
+        await s.add([entry("old@example.test")])
+    v2 = Migration(2, "test_column", sqlite=("ALTER TABLE suppression ADD COLUMN note TEXT",))
+    monkeypatch.setattr(sqlite_backend, "LATEST_VERSION", 2)
+    monkeypatch.setattr(
+        sqlite_backend, "pending", lambda cur: tuple(m for m in (*MIGRATIONS, v2) if m.version > cur)
+    )
+    async with SqliteStore(path) as s:
+        assert await s.migrate() == 2
+        assert await s.count() == 1
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(suppression)")]
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    conn.close()
+    assert "note" in columns and versions == [1, 2]
+
+
+async def test_sqlite_record_event_on_closed_store_raises(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "closed.db")
+    await s.open()
+    await s.close()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(s.record_event(Event(T0, "delivered")), timeout=5)

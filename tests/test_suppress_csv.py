@@ -73,7 +73,9 @@ async def test_import_keeps_good_rows_and_reports_bad_ones_by_line(store: Store,
 
 
 async def test_multiline_field_reports_physical_line(store: Store, tmp_path: Path) -> None:
-    path = write(tmp_path, f'{HEAD}\n"x\ny@example.test",global,,,manual,,\nz@example.test,global,,,manual,,\n')
+    path = write(
+        tmp_path, f'{HEAD}\n"x\ny@example.test",global,,,manual,,\nz@example.test,global,,,manual,,\n'
+    )
     result = await import_csv(store, path)
     assert result.imported == 1
     assert [line for line, _ in result.errors] == [3]

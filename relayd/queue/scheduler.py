@@ -20,6 +20,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from enum import Enum
+from typing import Protocol
 
 from relayd.config import Config
 from relayd.errors import PermanentFailure, StorageError, TemporaryFailure
@@ -31,6 +33,22 @@ from relayd.tokens import verp_address
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 64 * 1024 * 1024
+
+
+class Gate(Protocol):
+    """The policy's last word before an attempt (relayd.policy.dequeue); the queue knows no policy."""
+
+    async def check(self, item: DueRecipient) -> _Verdict: ...
+
+
+class _Verdict(Protocol):
+    @property
+    def decision(self) -> Enum: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
 _PURGE_EVERY = 60.0
 
 
@@ -44,6 +62,7 @@ class Scheduler:
         router: Router | None = None,
         transport: Transport | None = None,
         clock: Callable[[], float] = time.time,
+        gate: Gate | None = None,
     ) -> None:
         self._cfg = cfg
         self._store = store
@@ -57,6 +76,7 @@ class Scheduler:
             messages_per_connection=cfg.delivery.messages_per_connection,
         )
         self._clock = clock
+        self._gate = gate
         self._verp_domain = cfg.inbound.domains[0]
         self._inflight: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,6 +202,24 @@ class Scheduler:
         if data is None:
             log.warning("%s: message data missing; recipient %d left as is", item.queue_id, item.index)
             return
+        if self._gate is not None:
+            verdict = await self._gate.check(item)
+            if verdict.decision.value == "hold":
+                n = await self._store.hold_account(item.account)
+                log.info(
+                    "%s: account=%s suspended: %d queued recipient(s) held", item.queue_id, item.account, n
+                )
+                return
+            if verdict.decision.value == "drop":
+                await self._store.drop_recipient(item.queue_id, item.index, verdict.reason)
+                log.info(
+                    "%s: to=<%s> account=%s status=dropped reason=%s",
+                    item.queue_id,
+                    item.address,
+                    item.account,
+                    verdict.reason,
+                )
+                return
         attempts = item.attempts + 1
         domain = item.address.rpartition("@")[2]
         started = time.monotonic()

@@ -22,7 +22,7 @@ import logging
 from collections import Counter
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ class RelaySession(Session):
         self.account: str | None = None
 
 
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the recipients policy accepted only to drop (spam traps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: set[str] = set()
+
+
 class StrictSMTP(SMTP):
     line_length_limit = MAX_LINE + 1
 
@@ -86,6 +94,9 @@ class StrictSMTP(SMTP):
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
 
     @property
     def peer_ip(self) -> str:

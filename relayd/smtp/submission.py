@@ -12,6 +12,7 @@ error answers ``451 4.3.0`` and the client keeps the message.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import email.utils
 import ipaddress
 import logging
@@ -24,14 +25,17 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
 from relayd.passwords import check_plain, verify_password
+from relayd.policy.model import Action
+from relayd.policy.pipeline import AllDropped, MimeError, Pipeline
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import NewMessage, QueueStore
-from relayd.smtp.protocol import ConnectionLimits, RelaySession, StrictSMTP
+from relayd.smtp.protocol import ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
 from relayd.tokens import new_queue_id
 
 log = logging.getLogger(__name__)
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
+POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
 
 
 def _valid_address(address: str) -> bool:
@@ -47,10 +51,13 @@ def _valid_address(address: str) -> bool:
 class SubmissionHandler:
     """aiosmtpd hooks for the submission listener (one instance shared by all connections)."""
 
-    def __init__(self, cfg: Config, queue: QueueStore, scheduler: Scheduler) -> None:
+    def __init__(
+        self, cfg: Config, queue: QueueStore, scheduler: Scheduler, pipeline: Pipeline | None = None
+    ) -> None:
         self.cfg = cfg
         self.queue = queue
         self.scheduler = scheduler
+        self.pipeline = pipeline
         self._passwords: dict[str, str] = {}
         for name, acct in cfg.accounts.items():
             if acct.password_file is not None:
@@ -118,6 +125,11 @@ class SubmissionHandler:
                 return "451 4.7.0 Too many sessions for this account, try again later"
             session.account = account
         acct = self.cfg.accounts[session.account]
+        if self.pipeline is not None:
+            refusal = self.pipeline.check_sender(session.account)
+            if refusal is not None:
+                log.info("%s: MAIL refused for account %s: %s", server.peer_ip, session.account, refusal)
+                return refusal
         if not address:
             return "553 5.7.1 <>: null sender not allowed on submission"
         if not _valid_address(address):
@@ -130,7 +142,12 @@ class SubmissionHandler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
-        self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: StrictSMTP,
+        session: RelaySession,
+        envelope: RelayEnvelope,
+        address: str,
+        options: list[str],
     ) -> str:
         if session.account is None:
             return AUTH_REQUIRED
@@ -139,23 +156,67 @@ class SubmissionHandler:
         if not _valid_address(address):
             return f"501 5.1.3 <{address}>: bad recipient address syntax"
         local, _, domain = address.rpartition("@")
-        envelope.rcpt_tos.append(f"{local}@{domain.lower().rstrip('.')}")
+        rcpt = f"{local}@{domain.lower().rstrip('.')}"
+        if self.pipeline is not None:
+            try:
+                verdict = await self.pipeline.check_rcpt(session.account, rcpt, dt.datetime.now(dt.UTC))
+            except StorageError as exc:
+                log.error("%s: RCPT policy check failed: %s", server.peer_ip, exc)
+                return POLICY_UNAVAILABLE
+            if verdict is not None and verdict.action is Action.REJECT:
+                return verdict.reply
+            if verdict is not None and verdict.action is Action.DROP:
+                envelope.dropped.add(rcpt)
+        envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
         assert session.account is not None and envelope.mail_from is not None
         content = envelope.content
         assert isinstance(content, bytes)
         queue_id = new_queue_id()
-        data = self._received(server, session, queue_id) + content
-        msg = NewMessage(
-            queue_id=queue_id,
-            account=session.account,
-            mail_from=envelope.mail_from,
-            recipients=tuple(envelope.rcpt_tos),
-            data=data,
-        )
+        received = self._received(server, session, queue_id)
+        recipients = [r for r in envelope.rcpt_tos if r not in envelope.dropped]
+        if not recipients:
+            # only spam traps: answer as for any message, deliver nothing (the traps are already recorded)
+            log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
+            return f"250 2.0.0 Ok: queued as {queue_id}"
+        if self.pipeline is None:
+            msg = NewMessage(
+                queue_id=queue_id,
+                account=session.account,
+                mail_from=envelope.mail_from,
+                recipients=tuple(recipients),
+                data=received + content,
+            )
+        else:
+            try:
+                done = await self.pipeline.process(
+                    queue_id=queue_id,
+                    account=session.account,
+                    mail_from=envelope.mail_from,
+                    recipients=recipients,
+                    raw=content,
+                    now=dt.datetime.now(dt.UTC),
+                )
+            except MimeError as exc:
+                log.info("%s: account=%s refused: broken MIME: %s", queue_id, session.account, exc)
+                return f"554 5.6.0 Message refused: malformed MIME ({_one_line(str(exc))})"
+            except AllDropped as exc:
+                return exc.reply
+            except StorageError as exc:
+                log.error("%s: account=%s policy store failed: %s", queue_id, session.account, exc)
+                return POLICY_UNAVAILABLE
+            msg = NewMessage(
+                queue_id=queue_id,
+                account=session.account,
+                mail_from=envelope.mail_from,
+                recipients=done.recipients,
+                data=received + content,
+                list_name=done.list_name,
+                per_recipient=tuple(received + r for r in done.rendered),
+            )
         try:
             await self.queue.enqueue(msg)
         except StorageError as exc:
@@ -167,7 +228,7 @@ class SubmissionHandler:
             session.account,
             envelope.mail_from,
             len(msg.recipients),
-            len(data),
+            len(msg.data),
         )
         self.scheduler.submitted(msg, time.time())
         return f"250 2.0.0 Ok: queued as {queue_id}"
@@ -189,6 +250,10 @@ class SubmissionHandler:
             f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
             f"\t{email.utils.formatdate(localtime=False)}\r\n"
         ).encode("ascii", "replace")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text.split())[:limit]
 
 
 def _is_loopback(host: str) -> bool:

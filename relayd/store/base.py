@@ -1,0 +1,355 @@
+"""Backend-neutral interfaces of the policy state store, and the values that cross them.
+
+Why a Protocol per concern: the policy rules, the DSN/ARF feedback loop, the CLI and the web pages each need
+only one slice of the state (a suppression rule needs ``check``, the caps rule needs ``reserve_sends``), and
+typing each caller against its slice keeps fakes in unit tests small. One backend class (``SqliteStore``,
+later a PostgreSQL one) implements all of them; :class:`Store` is the union the daemon holds.
+
+Conventions every backend keeps (the contract suite in ``tests/test_store_contract.py`` checks them):
+
+* Addresses are stored and compared as given: callers pass them through :func:`relayd.address.normalize`
+  first (RCPT TO, CSV import and the CLI do). The store does not normalise on the hot path.
+* Times are timezone-aware UTC ``datetime`` values with microsecond precision; a naive ``datetime`` passed
+  in is taken as UTC (never as local time) and values come back aware.
+* "No account" / "no list" is ``None`` in Python. (Backends store it as ``''`` so that the
+  (address, scope, account, list) key is unique in SQL, where NULLs are distinct.)
+* All methods are coroutines; a backend failure (I/O error, lock timeout, corrupt file) raises
+  :class:`StoreError` with the backend's exception as ``__cause__``.
+
+Exceptions::
+
+    StoreError               the backend failed; the caller's fault is a ValueError instead
+     └── SchemaTooNewError   the database was migrated by a newer relayd; refuse to touch it
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol
+
+from relayd.errors import StorageError
+
+__all__ = [
+    "SCOPE_PRECEDENCE",
+    "AccountState",
+    "AccountStateStore",
+    "Event",
+    "EventStore",
+    "Reason",
+    "SchemaTooNewError",
+    "Scope",
+    "SendCounterStore",
+    "Store",
+    "StoreError",
+    "SuppressionEntry",
+    "SuppressionStore",
+    "SuspendReason",
+    "as_utc",
+    "utcnow",
+]
+
+
+class StoreError(StorageError):
+    """The storage backend failed (I/O, lock timeout, corruption). Retry later or fail with 4xx, never 5xx."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database schema is newer than this code knows; running on it could corrupt it."""
+
+
+class Scope(StrEnum):
+    """Whom a suppression entry protects the recipient from (DESIGN.md "Reasons and scopes")."""
+
+    GLOBAL = "global"  # every account: hard bounces, spam traps
+    ACCOUNT = "account"  # one sending account: complaints
+    LIST = "list"  # one list of one account: unsubscribes
+
+
+class Reason(StrEnum):
+    """Why an address is suppressed; the value appears in replies: ``suppressed (hard_bounce)``."""
+
+    HARD_BOUNCE = "hard_bounce"
+    SOFT_BOUNCE_LIMIT = "soft_bounce_limit"
+    COMPLAINT = "complaint"
+    UNSUBSCRIBE = "unsubscribe"
+    SPAMTRAP = "spamtrap"
+    MANUAL = "manual"
+    DISCARD = "discard"
+
+
+class SuspendReason(StrEnum):
+    """Why an account is suspended (DESIGN.md thresholds); add a member rather than passing free text."""
+
+    COMPLAINT_RATE = "complaint_rate"
+    HARD_BOUNCE_RATE = "hard_bounce_rate"
+    SPAMTRAP = "spamtrap"
+    MANUAL = "manual"
+
+
+def utcnow() -> datetime:
+    """Aware current UTC time: the default ``now`` of every method that takes one."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Aware UTC copy of ``value``; naive values are taken as UTC (the store never guesses local time)."""
+    if value.tzinfo is UTC:
+        return value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+#: Order in which ``check`` picks among several matching entries for one address: the broadest scope wins,
+#: because its reason (a hard bounce, a spam trap) says the most about the address.
+SCOPE_PRECEDENCE: Mapping[Scope, int] = {Scope.GLOBAL: 0, Scope.ACCOUNT: 1, Scope.LIST: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionEntry:
+    """One suppression: ``address`` must not receive mail within ``scope`` until ``expires_at`` (if any).
+
+    The key is ``(address, scope, account, list)``: adding an entry with the same key replaces the old one.
+    ``account`` is set for account and list scope, ``list`` only for list scope; anything else raises
+    ``ValueError`` here, so an inconsistent entry never reaches a backend.
+    """
+
+    address: str
+    scope: Scope
+    account: str | None
+    list: str | None
+    reason: Reason
+    source: str
+    created_at: datetime
+    expires_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # The type checks keep this cheap for the common case: a 1 M-row import builds 1 M entries.
+        if type(self.scope) is not Scope:
+            object.__setattr__(self, "scope", Scope(self.scope))
+        if type(self.reason) is not Reason:
+            object.__setattr__(self, "reason", Reason(self.reason))
+        if self.created_at.tzinfo is not UTC:
+            object.__setattr__(self, "created_at", as_utc(self.created_at))
+        if self.expires_at is not None and self.expires_at.tzinfo is not UTC:
+            object.__setattr__(self, "expires_at", as_utc(self.expires_at))
+        if not self.address:
+            raise ValueError("suppression entry needs an address")
+        if self.scope is Scope.GLOBAL and (self.account or self.list):
+            raise ValueError("global suppression takes neither account nor list")
+        if self.scope is Scope.ACCOUNT and (not self.account or self.list):
+            raise ValueError("account suppression needs an account and no list")
+        if self.scope is Scope.LIST and (not self.account or not self.list):
+            raise ValueError("list suppression needs an account and a list")
+
+    def is_active(self, now: datetime) -> bool:
+        """True while the entry blocks mail: it has no expiry, or expires after ``now``."""
+        return self.expires_at is None or self.expires_at > as_utc(now)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """Whether ``account`` may send. ``since`` is when the current (suspended or reinstated) state began."""
+
+    account: str
+    suspended: bool
+    reason: SuspendReason | None
+    details: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something policy did or learned, kept for operators and rate computations.
+
+    ``kind`` is a free string (``dropped``, ``suppressed``, ``delivered``, ``bounced`` ...); ``reason`` the
+    drop or bounce reason (``suppressed:hard_bounce``, ``cap``, ``userunknown``); ``evidence`` a JSON text
+    (the DSN status line, the ARF feedback type) so the schema need not change for each new kind.
+    Unattributable reports leave ``account``/``list``/``address`` as ``None``.
+    """
+
+    at: datetime
+    kind: str
+    account: str | None = None
+    list: str | None = None
+    address: str | None = None
+    reason: str | None = None
+    queue_id: str | None = None
+    evidence: str = "{}"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", as_utc(self.at))
+
+
+class SuppressionStore(Protocol):
+    """Who must not be mailed. ``check`` is on the RCPT and dequeue hot paths; the rest is for operators."""
+
+    async def add(self, entries: Iterable[SuppressionEntry]) -> int:
+        """Insert or replace (same key) ``entries`` atomically; return how many were written."""
+        ...
+
+    async def remove(
+        self,
+        address: str,
+        scope: Scope | None = None,
+        account: str | None = None,
+        list_name: str | None = None,
+    ) -> int:
+        """Delete entries of ``address``; return how many.
+
+        With ``scope`` the exact key (address, scope, account, list_name) is removed. Without it every
+        entry of the address is removed, narrowed to ``account`` / ``list_name`` when they are given.
+        """
+        ...
+
+    async def list(
+        self,
+        *,
+        address: str | None = None,
+        scope: Scope | None = None,
+        account: str | None = None,
+        list_name: str | None = None,
+        reason: Reason | None = None,
+        include_expired: bool = False,
+        now: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> builtins.list[SuppressionEntry]:
+        """Entries matching all given filters, ordered by key. For the CLI, not for hot paths."""
+        ...
+
+    async def count(self, *, scope: Scope | None = None) -> int:
+        """Number of entries (expired ones included until purged)."""
+        ...
+
+    async def check(
+        self,
+        addresses: Sequence[str],
+        account: str,
+        list_name: str | None,
+        now: datetime | None = None,
+    ) -> dict[str, SuppressionEntry]:
+        """The entry blocking each suppressed recipient of one message; unsuppressed ones are absent.
+
+        Considers global entries, entries of ``account``, and (when ``list_name`` is given) entries of that
+        list of that account; expired entries never block. When several match, the broadest scope wins
+        (:data:`SCOPE_PRECEDENCE`). One round trip per batch: this runs for every message.
+        """
+        ...
+
+    def scan(self, *, batch_size: int = 10_000) -> AsyncIterator[builtins.list[SuppressionEntry]]:
+        """Every entry, expired ones too, in key order and in batches, without loading all: for export."""
+        ...
+
+    async def purge_expired(self, now: datetime | None = None) -> int:
+        """Delete entries that expired at or before ``now``; return how many."""
+        ...
+
+
+class SendCounterStore(Protocol):
+    """Sends per (account, list, address) over rolling windows, for per-list frequency caps.
+
+    ``list_name=None`` is the account's unnamed list. A window of ``w`` seconds ending at ``at`` holds the
+    sends with ``at - w < sent_at``; so with a cap of 1 per day a recipient can be mailed again exactly
+    86 400 s after the previous send.
+    """
+
+    async def record_sends(
+        self, account: str, list_name: str | None, addresses: Sequence[str], at: datetime
+    ) -> None:
+        """Count one send to each (distinct) address at ``at``."""
+        ...
+
+    async def count_sends(
+        self, account: str, list_name: str | None, addresses: Sequence[str], since: datetime
+    ) -> dict[str, int]:
+        """Sends to each address at or after ``since``; every requested address is a key (0 if none)."""
+        ...
+
+    async def reserve_sends(
+        self,
+        account: str,
+        list_name: str | None,
+        addresses: Sequence[str],
+        at: datetime,
+        caps: Mapping[int, int],
+    ) -> set[str]:
+        """Atomically: the addresses for which one more send at ``at`` stays within every cap, recorded.
+
+        ``caps`` maps window length in seconds to the most sends allowed in it (``{86400: 1, 604800: 3}``).
+        Check and record happen in one write transaction, so two concurrent submissions (or two processes)
+        cannot both pass a cap of 1. Addresses over a cap are returned out and not recorded.
+        """
+        ...
+
+    async def prune(self, before: datetime) -> int:
+        """Delete sends older than ``before`` (keep the longest configured window); return how many."""
+        ...
+
+
+class AccountStateStore(Protocol):
+    """Suspension of sending accounts; the suspension rule rejects RCPT while an account is suspended."""
+
+    async def suspend(
+        self, account: str, reason: SuspendReason, details: str = "", at: datetime | None = None
+    ) -> AccountState:
+        """Suspend ``account``. Suspending a suspended account updates reason/details and keeps ``since``."""
+        ...
+
+    async def reinstate(self, account: str, at: datetime | None = None) -> AccountState | None:
+        """Lift a suspension; returns the new state, or None when the account has no recorded state."""
+        ...
+
+    async def get_account_state(self, account: str) -> AccountState | None:
+        """The account's state, or None if it was never suspended (which means: may send)."""
+        ...
+
+    async def list_account_states(self, *, suspended_only: bool = False) -> builtins.list[AccountState]:
+        """All recorded states, ordered by account."""
+        ...
+
+
+class EventStore(Protocol):
+    """Append-only log of policy decisions and feedback; written often, read by operators and rate checks."""
+
+    async def record_event(self, event: Event) -> None:
+        """Append ``event``. Returns once it is committed; concurrent callers share one commit."""
+        ...
+
+    async def record_events(self, events: Iterable[Event]) -> None:
+        """Append several events in one transaction."""
+        ...
+
+    async def events(
+        self,
+        since: datetime,
+        limit: int = 1000,
+        account: str | None = None,
+        kind: str | None = None,
+    ) -> builtins.list[Event]:
+        """Events at or after ``since``, oldest first (page on with the last ``at``), optionally filtered."""
+        ...
+
+    async def prune_events(self, before: datetime) -> int:
+        """Delete events older than ``before``; return how many."""
+        ...
+
+
+class Store(SuppressionStore, SendCounterStore, AccountStateStore, EventStore, Protocol):
+    """Everything the daemon keeps: one object per process, opened at start, closed at shutdown."""
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (:meth:`migrate`). Raises StoreError on failure."""
+        ...
+
+    async def close(self) -> None:
+        """Flush pending writes and disconnect. Safe to call twice."""
+        ...
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema; return the schema version now in force."""
+        ...

@@ -1,0 +1,660 @@
+"""SQLite backend of the policy store (aiosqlite, WAL).
+
+Why this shape:
+
+* **One writer connection, a few reader connections.** In WAL mode readers never wait for the writer, so a
+  1 M-row CSV import or an event burst does not stall ``check`` on the RCPT path. Each aiosqlite connection
+  is one worker thread; SQLite releases the GIL while it searches b-trees, so two readers do run in parallel.
+* **Writes are serialised by an asyncio lock and run as ``BEGIN IMMEDIATE`` transactions.** The lock keeps
+  coroutines of this process from interleaving statements on the shared writer connection; ``IMMEDIATE``
+  takes SQLite's write lock up front, so the read-then-write of :meth:`SqliteStore.reserve_sends` is atomic
+  against other processes too (``relayd suppress import`` next to the daemon). Another process holding the
+  lock is waited for up to ``busy_timeout`` seconds, then :class:`StoreError` is raised.
+* **Durability per kind of write.** Suppression and account-state commits run with ``synchronous=FULL``
+  (the WAL is fsynced at commit: an unsubscribe acknowledged is an unsubscribe kept, even across power loss);
+  send counters and events with ``synchronous=NORMAL`` (consistent after a crash, may lose the last
+  commits; a lost counter row lets at most one extra message through a cap). A FULL commit also flushes
+  every NORMAL commit before it.
+* **Events are group-committed**: concurrent :meth:`SqliteStore.record_event` calls share one transaction,
+  and each call returns only once its event is committed.
+* ``check`` pads its ``IN (...)`` list to a power of two so a handful of statement texts cover every batch
+  size and stay in sqlite3's statement cache (no re-prepare per message).
+
+Failure: every ``sqlite3.Error`` is re-raised as :class:`StoreError` (``raise ... from``), with the path.
+The database must be a file (the readers open it separately), not ``:memory:``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import itertools
+import logging
+import operator
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import aiosqlite
+
+from .base import (
+    SCOPE_PRECEDENCE,
+    AccountState,
+    Event,
+    Reason,
+    SchemaTooNewError,
+    Scope,
+    StoreError,
+    SuppressionEntry,
+    SuspendReason,
+    as_utc,
+    utcnow,
+)
+from .migrations import LATEST_VERSION, SCHEMA_TABLE_SQLITE, pending
+
+__all__ = ["SqliteStore"]
+
+log = logging.getLogger(__name__)
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
+_MAX_IN: Final = 512  # largest IN (...) list per statement; SQLite allows 32766 parameters
+_ENTRY_COLUMNS: Final = "address, scope, account, list_name, reason, source, created_at, expires_at"
+
+_UPSERT_SUPPRESSION: Final = (
+    f"INSERT INTO suppression ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (address, scope, account, list_name) DO UPDATE SET"
+    " reason = excluded.reason, source = excluded.source,"
+    " created_at = excluded.created_at, expires_at = excluded.expires_at"
+)
+_UPSERT_SEND: Final = (
+    "INSERT INTO send_log (account, list_name, address, sent_at, n) VALUES (?, ?, ?, ?, 1)"
+    " ON CONFLICT (account, list_name, address, sent_at) DO UPDATE SET n = send_log.n + excluded.n"
+)
+_SELECT_ACCOUNT: Final = "SELECT account, suspended, reason, details, since FROM account_state"
+_SELECT_EVENTS: Final = "SELECT at, kind, account, list_name, address, reason, queue_id, evidence FROM events"
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (at, kind, account, list_name, address, reason, queue_id, evidence)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+#: What aiosqlite hands back: sqlite3.Row in its annotations, plain tuples at run time (no row_factory).
+Row = sqlite3.Row | tuple[Any, ...]
+_KEY: Final = operator.itemgetter(0, 1, 2, 3)  # (address, scope, account, list_name) of an entry row
+
+
+def _us(value: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float rounding)."""
+    return (as_utc(value) - _EPOCH) // _US
+
+
+def _dt(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _opt_dt(value: int | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+def _entry_row(e: SuppressionEntry) -> Row:
+    return (
+        e.address,
+        e.scope.value,
+        e.account or "",
+        e.list or "",
+        e.reason.value,
+        e.source,
+        _us(e.created_at),
+        None if e.expires_at is None else _us(e.expires_at),
+    )
+
+
+def _entry(row: Row) -> SuppressionEntry:
+    return SuppressionEntry(
+        address=row[0],
+        scope=Scope(row[1]),
+        account=row[2] or None,
+        list=row[3] or None,
+        reason=Reason(row[4]),
+        source=row[5],
+        created_at=_dt(row[6]),
+        expires_at=_opt_dt(row[7]),
+    )
+
+
+def _event_row(e: Event) -> Row:
+    return (_us(e.at), e.kind, e.account, e.list, e.address, e.reason, e.queue_id, e.evidence)
+
+
+def _event(row: Row) -> Event:
+    return Event(
+        at=_dt(row[0]),
+        kind=row[1],
+        account=row[2],
+        list=row[3],
+        address=row[4],
+        reason=row[5],
+        queue_id=row[6],
+        evidence=row[7],
+    )
+
+
+def _account_state(row: Row) -> AccountState:
+    return AccountState(
+        account=row[0],
+        suspended=bool(row[1]),
+        reason=None if row[2] is None else SuspendReason(row[2]),
+        details=row[3],
+        since=_dt(row[4]),
+    )
+
+
+def _padded_chunks(items: Sequence[str]) -> Iterator[builtins.list[str]]:
+    """Chunks of at most ``_MAX_IN`` items, each padded (repeating its first item) to a power of two."""
+    for start in range(0, len(items), _MAX_IN):
+        chunk = builtins.list(items[start : start + _MAX_IN])
+        size = 1
+        while size < len(chunk):
+            size *= 2
+        chunk.extend([chunk[0]] * (size - len(chunk)))
+        yield chunk
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class SqliteStore:
+    """The policy store in one SQLite file; implements :class:`relayd.store.base.Store`.
+
+    ``readers`` is the number of read connections (threads) serving ``check`` and the other queries.
+    ``busy_timeout`` is how long a write waits for another process's write lock before failing.
+    """
+
+    def __init__(self, path: Path, *, readers: int = 2, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self._n_readers = max(1, readers)
+        self._busy_timeout = busy_timeout
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: builtins.list[aiosqlite.Connection] = []
+        self._reader_cycle: Iterator[aiosqlite.Connection] = iter(())
+        self._write_lock = asyncio.Lock()
+        self._synchronous = ""
+        self._event_buffer: builtins.list[tuple[Event, asyncio.Future[None]]] = []
+        self._event_flusher: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file if needed, switch to WAL, migrate, open the readers. Idempotent."""
+        if self._writer is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await self._connect()
+            mode = await self._writer.execute_fetchall("PRAGMA journal_mode = WAL")
+            if next(iter(mode))[0] != "wal":  # pragma: no cover - e.g. a filesystem without shm
+                log.warning("%s: could not enable WAL mode, readers will block on writes", self.path)
+            await self._set_synchronous(durable=False)
+            await self.migrate()
+            for _ in range(self._n_readers):
+                reader = await self._connect()
+                await reader.execute("PRAGMA query_only = 1")
+                self._readers.append(reader)
+            self._reader_cycle = itertools.cycle(self._readers)
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StoreError(f"{self.path}: cannot open store: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Commit buffered events, then close every connection. Safe to call twice."""
+        if self._event_flusher is not None:
+            try:
+                await self._event_flusher
+            except Exception:  # already reported to the callers waiting on those events
+                log.debug("%s: event flush failed during close", self.path, exc_info=True)
+            self._event_flusher = None
+        for conn in [*self._readers, *([self._writer] if self._writer else [])]:
+            try:
+                await conn.close()
+            except sqlite3.Error:  # pragma: no cover - nothing left to do with it
+                log.warning("%s: error closing connection", self.path, exc_info=True)
+        self._readers = []
+        self._reader_cycle = iter(())
+        self._writer = None
+        self._synchronous = ""
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def migrate(self) -> int:
+        """Apply pending migrations, each in its own IMMEDIATE transaction; return the schema version.
+
+        Safe against a concurrent migrate in another process: the version is re-read under the write lock.
+        Raises :class:`SchemaTooNewError` if the file was migrated by a newer relayd.
+        """
+        writer = self._require_writer()
+        async with self._write_lock:
+            try:
+                await writer.execute(SCHEMA_TABLE_SQLITE)
+                while True:
+                    await writer.execute("BEGIN IMMEDIATE")
+                    try:
+                        rows = await writer.execute_fetchall("SELECT max(version) FROM schema_migrations")
+                        current = next(iter(rows))[0] or 0
+                        if current > LATEST_VERSION:
+                            raise SchemaTooNewError(
+                                f"{self.path}: schema version {current} is newer than this relayd "
+                                f"({LATEST_VERSION}); upgrade relayd"
+                            )
+                        todo = pending(current)
+                        if not todo:
+                            await writer.execute("ROLLBACK")
+                            return current
+                        step = todo[0]
+                        for statement in step.sqlite:
+                            await writer.execute(statement)
+                        await writer.execute(
+                            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                            (step.version, step.name, _us(utcnow())),
+                        )
+                        await writer.execute("COMMIT")
+                        log.info(
+                            "%s: migrated store schema to version %d (%s)", self.path, step.version, step.name
+                        )
+                    except BaseException:
+                        if writer.in_transaction:
+                            await writer.execute("ROLLBACK")
+                        raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: migration failed: {exc}") from exc
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = aiosqlite.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        try:
+            await conn
+        except BaseException:
+            # aiosqlite (0.22) stops its worker thread on a failed connect but does not wait for it; the
+            # thread then reports to the event loop, which may be closed by then ("Event loop is closed"
+            # in that thread). Wait for the thread here. `_thread` is private, hence the getattr.
+            thread = getattr(conn, "_thread", None)
+            if isinstance(thread, threading.Thread) and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5.0)
+            raise
+        await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        await conn.execute("PRAGMA temp_store = MEMORY")
+        # 64 MiB of page cache per connection (default 2 MiB): the upper levels of the 5-10 M-entry
+        # suppression b-tree stay resident, which matters for imports in random address order.
+        await conn.execute("PRAGMA cache_size = -65536")
+        return conn
+
+    def _require_writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StoreError(f"{self.path}: store is not open")
+        return self._writer
+
+    def _reader(self) -> aiosqlite.Connection:
+        if not self._readers:
+            raise StoreError(f"{self.path}: store is not open")
+        return next(self._reader_cycle)
+
+    async def _set_synchronous(self, *, durable: bool) -> None:
+        wanted = "FULL" if durable else "NORMAL"
+        if self._synchronous != wanted:
+            await self._require_writer().execute(f"PRAGMA synchronous = {wanted}")
+            self._synchronous = wanted
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Row]:
+        """Run a read query on the next reader connection; map sqlite3 errors to StoreError."""
+        try:
+            return builtins.list(await self._reader().execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: query failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _transaction(self, *, durable: bool) -> AsyncIterator[aiosqlite.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction on the writer, committed on success, rolled back otherwise."""
+        writer = self._require_writer()
+        async with self._write_lock:
+            try:
+                await self._set_synchronous(durable=durable)
+                await writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield writer
+                except BaseException:
+                    await writer.execute("ROLLBACK")
+                    raise
+                await writer.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if writer.in_transaction:
+                    await writer.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: write failed: {exc}") from exc
+
+    # -- suppression -----------------------------------------------------------------------------------
+
+    async def add(self, entries: Iterable[SuppressionEntry]) -> int:
+        rows = [_entry_row(e) for e in entries]
+        if not rows:
+            return 0
+        # Key order turns scattered b-tree inserts into a sweep (measured: 1.8x faster on shuffled CSVs).
+        # The sort is stable, so of two rows with one key the later still wins, as upsert promises.
+        rows.sort(key=_KEY)
+        async with self._transaction(durable=True) as db:
+            await db.executemany(_UPSERT_SUPPRESSION, rows)
+        return len(rows)
+
+    async def remove(
+        self,
+        address: str,
+        scope: Scope | None = None,
+        account: str | None = None,
+        list_name: str | None = None,
+    ) -> int:
+        if scope is not None:
+            sql = "DELETE FROM suppression WHERE address = ? AND scope = ? AND account = ? AND list_name = ?"
+            params: builtins.list[Any] = [address, Scope(scope).value, account or "", list_name or ""]
+        else:
+            sql = "DELETE FROM suppression WHERE address = ?"
+            params = [address]
+            if account is not None:
+                sql += " AND account = ?"
+                params.append(account)
+            if list_name is not None:
+                sql += " AND list_name = ?"
+                params.append(list_name)
+        async with self._transaction(durable=True) as db:
+            cursor = await db.execute(sql, params)
+            return cursor.rowcount
+
+    async def list(
+        self,
+        *,
+        address: str | None = None,
+        scope: Scope | None = None,
+        account: str | None = None,
+        list_name: str | None = None,
+        reason: Reason | None = None,
+        include_expired: bool = False,
+        now: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> builtins.list[SuppressionEntry]:
+        where: builtins.list[str] = []
+        params: builtins.list[Any] = []
+        for column, value in (
+            ("address", address),
+            ("scope", None if scope is None else Scope(scope).value),
+            ("account", account),
+            ("list_name", list_name),
+            ("reason", None if reason is None else Reason(reason).value),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if account is not None and scope is None:
+            where.append("scope <> 'global'")  # lets the planner use the partial index on account
+        if not include_expired:
+            where.append("(expires_at IS NULL OR expires_at > ?)")
+            params.append(_us(now or utcnow()))
+        sql = f"SELECT {_ENTRY_COLUMNS} FROM suppression"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY address, scope, account, list_name LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [_entry(row) for row in await self._fetch(sql, params)]
+
+    async def count(self, *, scope: Scope | None = None) -> int:
+        if scope is None:
+            rows = await self._fetch("SELECT count(*) FROM suppression")
+        else:
+            rows = await self._fetch("SELECT count(*) FROM suppression WHERE scope = ?", [Scope(scope).value])
+        return int(rows[0][0])
+
+    async def check(
+        self,
+        addresses: Sequence[str],
+        account: str,
+        list_name: str | None,
+        now: datetime | None = None,
+    ) -> dict[str, SuppressionEntry]:
+        unique = builtins.list(dict.fromkeys(addresses))
+        if not unique:
+            return {}
+        now_us = _us(now or utcnow())
+        found: dict[str, SuppressionEntry] = {}
+        for chunk in _padded_chunks(unique):
+            # All scopes of one address are adjacent in the primary key, so this is one short range scan
+            # per address; the scope/account/list filter and the expiry test run on those few rows.
+            if list_name:
+                scopes = "(scope = 'global' OR (scope = 'account' AND account = ?) OR (scope = 'list' AND account = ? AND list_name = ?))"  # noqa: E501
+                params: builtins.list[Any] = [*chunk, account, account, list_name, now_us]
+            else:
+                scopes = "(scope = 'global' OR (scope = 'account' AND account = ?))"
+                params = [*chunk, account, now_us]
+            sql = (
+                f"SELECT {_ENTRY_COLUMNS} FROM suppression WHERE address IN ({_marks(len(chunk))})"
+                f" AND {scopes} AND (expires_at IS NULL OR expires_at > ?)"
+            )
+            for row in await self._fetch(sql, params):
+                entry = _entry(row)
+                best = found.get(entry.address)
+                if best is None or SCOPE_PRECEDENCE[entry.scope] < SCOPE_PRECEDENCE[best.scope]:
+                    found[entry.address] = entry
+        return found
+
+    async def scan(self, *, batch_size: int = 10_000) -> AsyncIterator[builtins.list[SuppressionEntry]]:
+        # Keyset pagination: each batch is one indexed range read; no long-lived read transaction.
+        sql_first = (
+            f"SELECT {_ENTRY_COLUMNS} FROM suppression ORDER BY address, scope, account, list_name LIMIT ?"
+        )
+        sql_next = (
+            f"SELECT {_ENTRY_COLUMNS} FROM suppression"
+            " WHERE (address, scope, account, list_name) > (?, ?, ?, ?)"
+            " ORDER BY address, scope, account, list_name LIMIT ?"
+        )
+        rows = await self._fetch(sql_first, [batch_size])
+        while rows:
+            yield [_entry(row) for row in rows]
+            if len(rows) < batch_size:
+                return
+            last = rows[-1]
+            rows = await self._fetch(sql_next, [last[0], last[1], last[2], last[3], batch_size])
+
+    async def purge_expired(self, now: datetime | None = None) -> int:
+        async with self._transaction(durable=True) as db:
+            cursor = await db.execute(
+                "DELETE FROM suppression WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                [_us(now or utcnow())],
+            )
+            return cursor.rowcount
+
+    # -- send counters ---------------------------------------------------------------------------------
+
+    async def record_sends(
+        self, account: str, list_name: str | None, addresses: Sequence[str], at: datetime
+    ) -> None:
+        at_us = _us(at)
+        rows = [(account, list_name or "", a, at_us) for a in dict.fromkeys(addresses)]
+        if not rows:
+            return
+        async with self._transaction(durable=False) as db:
+            await db.executemany(_UPSERT_SEND, rows)
+
+    async def count_sends(
+        self, account: str, list_name: str | None, addresses: Sequence[str], since: datetime
+    ) -> dict[str, int]:
+        unique = builtins.list(dict.fromkeys(addresses))
+        counts = dict.fromkeys(unique, 0)
+        for chunk in _padded_chunks(unique):
+            rows = await self._fetch(
+                "SELECT address, sum(n) FROM send_log WHERE account = ? AND list_name = ?"
+                f" AND address IN ({_marks(len(chunk))}) AND sent_at >= ? GROUP BY address",
+                [account, list_name or "", *chunk, _us(since)],
+            )
+            for address, n in rows:
+                counts[address] = int(n)
+        return counts
+
+    async def reserve_sends(
+        self,
+        account: str,
+        list_name: str | None,
+        addresses: Sequence[str],
+        at: datetime,
+        caps: Mapping[int, int],
+    ) -> set[str]:
+        unique = builtins.list(dict.fromkeys(addresses))
+        if not unique:
+            return set()
+        at_us = _us(at)
+        windows = sorted(caps)
+        if any(w <= 0 for w in windows):
+            raise ValueError(f"cap windows must be positive seconds, got {windows}")
+        lname = list_name or ""
+        async with self._transaction(durable=False) as db:
+            allowed = set(unique)
+            if windows:
+                # One query: per address, the sends inside each window (window w: sent_at > at - w).
+                starts = [at_us - w * 1_000_000 for w in windows]
+                sums = ", ".join("sum(CASE WHEN sent_at > ? THEN n ELSE 0 END)" for _ in windows)
+                for chunk in _padded_chunks(unique):
+                    rows = await db.execute_fetchall(
+                        f"SELECT address, {sums} FROM send_log WHERE account = ? AND list_name = ?"
+                        f" AND address IN ({_marks(len(chunk))}) AND sent_at > ? GROUP BY address",
+                        [*starts, account, lname, *chunk, min(starts)],
+                    )
+                    for row in rows:
+                        if any(row[i + 1] >= caps[w] for i, w in enumerate(windows)):
+                            allowed.discard(row[0])
+                if any(caps[w] <= 0 for w in windows):
+                    allowed.clear()
+            if allowed:
+                await db.executemany(
+                    _UPSERT_SEND, [(account, lname, a, at_us) for a in unique if a in allowed]
+                )
+        return allowed
+
+    async def prune(self, before: datetime) -> int:
+        async with self._transaction(durable=False) as db:
+            cursor = await db.execute("DELETE FROM send_log WHERE sent_at < ?", [_us(before)])
+            return cursor.rowcount
+
+    # -- account state ---------------------------------------------------------------------------------
+
+    async def suspend(
+        self, account: str, reason: SuspendReason, details: str = "", at: datetime | None = None
+    ) -> AccountState:
+        reason = SuspendReason(reason)
+        async with self._transaction(durable=True) as db:
+            await db.execute(
+                "INSERT INTO account_state (account, suspended, reason, details, since)"
+                " VALUES (?, 1, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET suspended = 1,"
+                " reason = excluded.reason, details = excluded.details,"
+                " since = CASE WHEN account_state.suspended = 1"
+                " THEN account_state.since ELSE excluded.since END",
+                [account, reason.value, details, _us(at or utcnow())],
+            )
+            rows = await db.execute_fetchall(f"{_SELECT_ACCOUNT} WHERE account = ?", [account])
+        log.info("account %s suspended (%s)", account, reason.value)
+        return _account_state(next(iter(rows)))
+
+    async def reinstate(self, account: str, at: datetime | None = None) -> AccountState | None:
+        async with self._transaction(durable=True) as db:
+            await db.execute(
+                "UPDATE account_state SET suspended = 0, reason = NULL, details = '', since = ?"
+                " WHERE account = ? AND suspended = 1",
+                [_us(at or utcnow()), account],
+            )
+            rows = builtins.list(await db.execute_fetchall(f"{_SELECT_ACCOUNT} WHERE account = ?", [account]))
+        if not rows:
+            return None
+        log.info("account %s reinstated", account)
+        return _account_state(rows[0])
+
+    async def get_account_state(self, account: str) -> AccountState | None:
+        rows = await self._fetch(f"{_SELECT_ACCOUNT} WHERE account = ?", [account])
+        return _account_state(rows[0]) if rows else None
+
+    async def list_account_states(self, *, suspended_only: bool = False) -> builtins.list[AccountState]:
+        sql = _SELECT_ACCOUNT
+        if suspended_only:
+            sql += " WHERE suspended = 1"
+        return [_account_state(row) for row in await self._fetch(sql + " ORDER BY account")]
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    async def record_event(self, event: Event) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._event_buffer.append((event, done))
+        if self._event_flusher is None or self._event_flusher.done():
+            self._event_flusher = asyncio.create_task(self._flush_events())
+        await asyncio.shield(done)
+
+    async def _flush_events(self) -> None:
+        """Write buffered events until the buffer is empty; events arriving meanwhile join the next batch."""
+        while self._event_buffer:
+            await asyncio.sleep(0)  # let concurrent record_event calls add to this batch
+            async with self._write_lock:
+                batch, self._event_buffer = self._event_buffer, []
+            try:
+                await self.record_events(e for e, _ in batch)
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def record_events(self, events: Iterable[Event]) -> None:
+        rows = [_event_row(e) for e in events]
+        if not rows:
+            return
+        async with self._transaction(durable=False) as db:
+            await db.executemany(_INSERT_EVENT, rows)
+
+    async def events(
+        self,
+        since: datetime,
+        limit: int = 1000,
+        account: str | None = None,
+        kind: str | None = None,
+    ) -> builtins.list[Event]:
+        sql = f"{_SELECT_EVENTS} WHERE at >= ?"
+        params: builtins.list[Any] = [_us(since)]
+        if account is not None:
+            sql += " AND account = ?"
+            params.append(account)
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        sql += " ORDER BY at, id LIMIT ?"
+        params.append(limit)
+        return [_event(row) for row in await self._fetch(sql, params)]
+
+    async def prune_events(self, before: datetime) -> int:
+        async with self._transaction(durable=False) as db:
+            cursor = await db.execute("DELETE FROM events WHERE at < ?", [_us(before)])
+            return cursor.rowcount
