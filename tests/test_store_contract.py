@@ -19,6 +19,7 @@ from relayd.store import (
     Reason,
     SchemaTooNewError,
     Scope,
+    SentRecord,
     SqliteStore,
     Store,
     StoreError,
@@ -453,26 +454,27 @@ async def test_sqlite_unopenable_path_raises_store_error(tmp_path: Path) -> None
 
 
 async def test_sqlite_migrate_upgrades_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file at version 1 gets a later migration applied on open, once, and keeps its data."""
+    """A file at the current version gets a later migration applied on open, once, and keeps its data."""
     import relayd.store.sqlite as sqlite_backend
-    from relayd.store.migrations import MIGRATIONS, Migration
+    from relayd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration
 
     path = tmp_path / "old.db"
     async with SqliteStore(path) as s:
         await s.add([entry("old@example.test")])
-    v2 = Migration(2, "test_column", sqlite=("ALTER TABLE suppression ADD COLUMN note TEXT",))
-    monkeypatch.setattr(sqlite_backend, "LATEST_VERSION", 2)
+    nxt = LATEST_VERSION + 1
+    v_next = Migration(nxt, "test_column", sqlite=("ALTER TABLE suppression ADD COLUMN note TEXT",))
+    monkeypatch.setattr(sqlite_backend, "LATEST_VERSION", nxt)
     monkeypatch.setattr(
-        sqlite_backend, "pending", lambda cur: tuple(m for m in (*MIGRATIONS, v2) if m.version > cur)
+        sqlite_backend, "pending", lambda cur: tuple(m for m in (*MIGRATIONS, v_next) if m.version > cur)
     )
     async with SqliteStore(path) as s:
-        assert await s.migrate() == 2
+        assert await s.migrate() == nxt
         assert await s.count() == 1
     with sqlite3.connect(path) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(suppression)")]
         versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
     conn.close()
-    assert "note" in columns and versions == [1, 2]
+    assert "note" in columns and versions == list(range(1, nxt + 1))
 
 
 async def test_sqlite_record_event_on_closed_store_raises(tmp_path: Path) -> None:
@@ -481,3 +483,23 @@ async def test_sqlite_record_event_on_closed_store_raises(tmp_path: Path) -> Non
     await s.close()
     with pytest.raises(StoreError):
         await asyncio.wait_for(s.record_event(Event(T0, "delivered")), timeout=5)
+
+
+# --- sent ledger ------------------------------------------------------------------------------------
+
+
+async def test_sent_ledger_round_trip_and_prune(store: Store) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    await store.record_sent(
+        [
+            SentRecord("q1", 0, "acme", "news", "a@example.test", t0),
+            SentRecord("q1", 1, "acme", None, "b@example.test", t0 + timedelta(days=2)),
+        ]
+    )
+    assert await store.lookup_sent("q1", 0) == SentRecord("q1", 0, "acme", "news", "a@example.test", t0)
+    rec = await store.lookup_sent("q1", 1)
+    assert rec is not None and rec.list is None and rec.address == "b@example.test"
+    assert await store.lookup_sent("q1", 2) is None
+    assert await store.prune_sent(t0 + timedelta(days=1)) == 1
+    assert await store.lookup_sent("q1", 0) is None
+    assert await store.lookup_sent("q1", 1) is not None

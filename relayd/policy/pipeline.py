@@ -42,7 +42,7 @@ from relayd.policy.rewrite import (
 )
 from relayd.policy.suppression import ListSuppressionRule, SuppressionRule
 from relayd.policy.suspension import SUSPENDED_REPLY, AccountGate
-from relayd.store.base import Event, Store
+from relayd.store.base import Event, SentRecord, Store
 from relayd.tokens import make_token
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ class Pipeline:
                 relayd_id=relayd_id(self.secret, queue_id, i, rcpt),
             )
             rendered.append(self.signer.sign(body, domain) + body if domain else body)
+        await self.store.record_sent(
+            SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
+        )
         return Processed(remaining, tuple(rendered), dropped, lname)
 
     def _signing_domain(self, account: str, from_header: str | None) -> str | None:

@@ -43,6 +43,8 @@ __all__ = [
     "SchemaTooNewError",
     "Scope",
     "SendCounterStore",
+    "SentLedger",
+    "SentRecord",
     "Store",
     "StoreError",
     "SuppressionEntry",
@@ -339,7 +341,35 @@ class EventStore(Protocol):
         ...
 
 
-class Store(SuppressionStore, SendCounterStore, AccountStateStore, EventStore, Protocol):
+@dataclass(frozen=True, slots=True)
+class SentRecord:
+    """One accepted recipient: what a token's (queue id, index) stands for."""
+
+    queue_id: str
+    index: int
+    account: str
+    list: str | None
+    address: str
+    sent_at: datetime
+
+
+class SentLedger(Protocol):
+    """(queue id, index) -> (account, list, address), for attributing bounces, complaints, unsubscribes."""
+
+    async def record_sent(self, records: Iterable[SentRecord]) -> None:
+        """Write the records of one accepted message (one transaction)."""
+        ...
+
+    async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:
+        """The record behind a token, or None (never sent by us, or pruned)."""
+        ...
+
+    async def prune_sent(self, before: datetime) -> int:
+        """Forget records older than ``before``; return how many."""
+        ...
+
+
+class Store(SuppressionStore, SendCounterStore, AccountStateStore, EventStore, SentLedger, Protocol):
     """Everything the daemon keeps: one object per process, opened at start, closed at shutdown."""
 
     async def open(self) -> None:

@@ -49,6 +49,7 @@ from .base import (
     Reason,
     SchemaTooNewError,
     Scope,
+    SentRecord,
     StoreError,
     SuppressionEntry,
     SuspendReason,
@@ -657,4 +658,33 @@ class SqliteStore:
     async def prune_events(self, before: datetime) -> int:
         async with self._transaction(durable=False) as db:
             cursor = await db.execute("DELETE FROM events WHERE at < ?", [_us(before)])
+            return cursor.rowcount
+
+    # -- sent ledger -----------------------------------------------------------------------------------
+
+    async def record_sent(self, records: Iterable[SentRecord]) -> None:
+        rows = [(r.queue_id, r.index, r.account, r.list or "", r.address, _us(r.sent_at)) for r in records]
+        if not rows:
+            return
+        async with self._transaction(durable=False) as db:
+            await db.executemany(
+                "INSERT OR REPLACE INTO sent (queue_id, idx, account, list_name, address, sent_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:
+        rows = await self._fetch(
+            "SELECT queue_id, idx, account, list_name, address, sent_at FROM sent "
+            "WHERE queue_id = ? AND idx = ?",
+            (queue_id, index),
+        )
+        if not rows:
+            return None
+        qid, idx, account, lname, address, at = rows[0]
+        return SentRecord(qid, idx, account, lname or None, address, _dt(at))
+
+    async def prune_sent(self, before: datetime) -> int:
+        async with self._transaction(durable=False) as db:
+            cursor = await db.execute("DELETE FROM sent WHERE sent_at < ?", [_us(before)])
             return cursor.rowcount

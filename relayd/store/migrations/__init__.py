@@ -35,9 +35,9 @@ SCHEMA_TABLE_SQLITE = (
 
 
 def _load() -> tuple[Migration, ...]:
-    from . import v0001_initial
+    from . import v0001_initial, v0002_sent_ledger
 
-    found = (v0001_initial.MIGRATION,)
+    found = (v0001_initial.MIGRATION, v0002_sent_ledger.MIGRATION)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):  # pragma: no cover - guards future edits
         raise RuntimeError(f"migrations must be numbered 1..n without gaps, got {versions}")
