@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (msg_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (next_attempt) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS recipients_address ON recipients (address) WHERE state IN ('queued', 'held');
 CREATE INDEX IF NOT EXISTS recipients_done ON recipients (updated_at) WHERE state NOT IN ('queued', 'held');
 """
 
@@ -328,6 +329,20 @@ class QueueStore:
                 )
             ]
         )
+
+    async def drop_matching(self, account: str, list_name: str | None, address: str, reason: str) -> int:
+        """Drop every unfinished recipient ``address`` of ``account`` (and of ``list_name`` when given):
+        an unsubscribe or complaint removes the recipient from mailings already in the queue."""
+        sql = (
+            "UPDATE recipients SET state = 'dropped', last_reply = ?, updated_at = ?, data = NULL "
+            "WHERE address = ? AND state IN ('queued', 'held') AND msg_id IN "
+            "(SELECT id FROM messages WHERE account = ?"
+        )
+        params: list[Any] = [reason, time.time(), address, account]
+        if list_name is not None:
+            sql += " AND list_name = ?"
+            params.append(list_name)
+        return await self._update_count(sql + ")", params)
 
     async def hold_account(self, account: str) -> int:
         """Suspension: park the account's queued recipients as 'held' (kept, not delivered)."""
