@@ -147,6 +147,231 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return _with_queue(args, run)
 
 
+def _with_store(
+    args: argparse.Namespace, fn: Callable[[Any, config_mod.Config], Coroutine[Any, Any, int]]
+) -> int:
+    from relayd.store import open_store
+
+    cfg = _load(args)
+
+    async def main() -> int:
+        store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
+        try:
+            return await fn(store, cfg)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def _entry_json(e: Any) -> dict[str, Any]:
+    return {
+        "address": e.address,
+        "scope": str(e.scope),
+        "account": e.account,
+        "list": e.list,
+        "reason": str(e.reason),
+        "source": e.source,
+        "created_at": e.created_at.isoformat(),
+        "expires_at": e.expires_at.isoformat() if e.expires_at else None,
+    }
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    from relayd.address import AddressError, normalize
+    from relayd.store import Reason, Scope, SuppressionEntry
+    from relayd.store.csvio import export_csv, import_csv
+
+    async def run(store: Any, cfg: config_mod.Config) -> int:
+        now = dt.datetime.now(dt.UTC)
+        if args.action in ("add", "remove"):
+            try:
+                addresses = [normalize(a) for a in args.addresses]
+            except AddressError as exc:
+                print(f"relayd suppress {args.action}: {exc}", file=sys.stderr)
+                return 2
+        if args.action == "add":
+            expires = (
+                now + dt.timedelta(seconds=config_mod.parse_duration(args.expires)) if args.expires else None
+            )
+            try:
+                entries = [
+                    SuppressionEntry(
+                        a,
+                        Scope(args.scope),
+                        args.account,
+                        args.list,
+                        Reason(args.reason),
+                        "manual",
+                        now,
+                        expires,
+                    )
+                    for a in addresses
+                ]
+            except ValueError as exc:
+                print(f"relayd suppress add: {exc}", file=sys.stderr)
+                return 2
+            n = await store.add(entries)
+            print(f"{n} suppression(s) added")
+            return 0
+        if args.action == "remove":
+            scope = Scope(args.scope) if args.scope else None
+            n = sum([await store.remove(a, scope, args.account, args.list) for a in addresses])
+            print(f"{n} suppression(s) removed")
+            return 0
+        if args.action == "list":
+            entries = await store.list(
+                address=normalize(args.address) if args.address else None,
+                scope=Scope(args.scope) if args.scope else None,
+                account=args.account,
+                list_name=args.list,
+                reason=Reason(args.reason) if args.reason else None,
+                include_expired=args.include_expired,
+                limit=args.limit,
+            )
+            for e in entries:
+                if args.json:
+                    print(json.dumps(_entry_json(e)))
+                else:
+                    print(
+                        f"{e.address:<40} {e.scope!s:<8} {e.account or '-':<12} {e.list or '-':<12} "
+                        f"{e.reason!s:<18} {e.created_at:%Y-%m-%d %H:%M}  "
+                        f"{e.expires_at.strftime('%Y-%m-%d %H:%M') if e.expires_at else '-'}"
+                    )
+            return 0
+        if args.action == "import":
+            result = await import_csv(store, Path(args.file))
+            for line, problem in result.errors:
+                print(f"{args.file}:{line}: {problem}", file=sys.stderr)
+            print(f"{result.imported} row(s) imported, {len(result.errors)} rejected")
+            return 0 if not result.errors else 1
+        if args.action == "export":
+            if args.file:
+                with open(args.file, "w", newline="", encoding="utf-8") as out:
+                    n = await export_csv(store, out)
+                print(f"{n} row(s) exported to {args.file}", file=sys.stderr)
+            else:
+                n = await export_csv(store, sys.stdout)
+            return 0
+        return 2
+
+    return _with_store(args, run)
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from relayd.queue.store import QueueStore
+    from relayd.store import SuspendReason
+
+    async def run(store: Any, cfg: config_mod.Config) -> int:
+        if args.action == "list":
+            states = {s.account: s for s in await store.list_account_states()}
+            for name, acct in cfg.accounts.items():
+                st = states.get(name)
+                row = {
+                    "account": name,
+                    "domains": acct.domains,
+                    "suspended": bool(st and st.suspended),
+                    "reason": str(st.reason) if st and st.suspended and st.reason else None,
+                }
+                print(
+                    json.dumps(row)
+                    if args.json
+                    else f"{name:<16} {'SUSPENDED' if row['suspended'] else 'active':<10} "
+                    + ", ".join(acct.domains)
+                )
+            return 0
+        if args.name not in cfg.accounts:
+            print(f"relayd account {args.action}: no account {args.name!r} in {args.config}", file=sys.stderr)
+            return 2
+        if args.action == "show":
+            st = await store.get_account_state(args.name)
+            acct = cfg.accounts[args.name]
+            info: dict[str, Any] = {
+                "account": args.name,
+                "domains": acct.domains,
+                "lists": sorted(acct.lists),
+                "suspended": bool(st and st.suspended),
+                "reason": str(st.reason) if st and st.reason else None,
+                "details": st.details if st else "",
+                "since": st.since.isoformat() if st else None,
+            }
+            if args.json:
+                print(json.dumps(info))
+            else:
+                for key, value in info.items():
+                    print(f"{key:<10} {value}")
+            return 0
+        queue = QueueStore(cfg.queue.path / "queue.db")
+        await queue.open()
+        try:
+            if args.action == "suspend":
+                await store.suspend(args.name, SuspendReason(args.reason), args.details)
+                n = await queue.hold_account(args.name)
+                print(f"account {args.name} suspended; {n} queued recipient(s) held")
+            else:
+                await store.reinstate(args.name)
+                n = await queue.release_account(args.name)
+                print(f"account {args.name} reinstated; {n} held recipient(s) released")
+        finally:
+            await queue.close()
+        return 0
+
+    return _with_store(args, run)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    async def run(store: Any, cfg: config_mod.Config) -> int:
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=config_mod.parse_duration(args.since))
+        for ev in await store.events(since, limit=args.limit, account=args.account, kind=args.kind):
+            row = {
+                "at": ev.at.isoformat(),
+                "kind": ev.kind,
+                "account": ev.account,
+                "list": ev.list,
+                "address": ev.address,
+                "reason": ev.reason,
+                "queue_id": ev.queue_id,
+                "evidence": json.loads(ev.evidence or "{}"),
+            }
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(
+                    f"{row['at'][:19]}  {ev.kind:<14} {ev.account or '-':<12} {ev.address or '-':<36} "
+                    f"{ev.reason or ''}"
+                )
+        return 0
+
+    return _with_store(args, run)
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    async def run(store: Any, cfg: config_mod.Config) -> int:
+        version = await store.migrate()
+        print(f"{cfg.store.backend} store at schema version {version}")
+        return 0
+
+    return _with_store(args, run)
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from relayd.dkim import DkimKeyError, keygen
+
+    try:
+        path, record = keygen(args.domain, args.selector, args.algorithm, Path(args.out_dir))
+    except DkimKeyError as exc:
+        print(f"relayd dkim keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"# private key written to {path} (mode 0600); add to the config:", file=sys.stderr)
+    print(
+        f'# [[dkim]]\n# domain = "{args.domain}"\n# selector = "{args.selector}"\n'
+        f'# key_file = "{path}"\n# algorithm = "{args.algorithm}"',
+        file=sys.stderr,
+    )
+    print(record)
+    return 0
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from relayd.passwords import hash_password
 
@@ -210,9 +435,114 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(fn=cmd_queue)
 
-    acct = sub.add_parser("account", help="accounts").add_subparsers(dest="action", required=True)
+    acct = sub.add_parser("account", help="accounts: state, suspension, rates").add_subparsers(
+        dest="action", required=True
+    )
     sp = acct.add_parser("hash-password", help="read a password on stdin, print its password_hash value")
     sp.set_defaults(fn=cmd_hash_password)
+    sp = with_config(acct.add_parser("list", help="accounts and whether they are suspended"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_account)
+    for name, helptext in (
+        ("show", "one account: domains, lists, suspension, complaint and bounce rates"),
+        ("suspend", "suspend an account: MAIL FROM refused, its queued mail held"),
+        ("reinstate", "lift a suspension: held mail is released"),
+    ):
+        sp = with_config(acct.add_parser(name, help=helptext, epilog=f"example: relayd account {name} acme"))
+        sp.add_argument("name")
+        sp.add_argument("--json", action="store_true")
+        if name == "suspend":
+            sp.add_argument(
+                "--reason",
+                default="manual",
+                choices=["manual", "complaint_rate", "hard_bounce_rate", "spamtrap"],
+            )
+            sp.add_argument("--details", default="suspended by an operator")
+        sp.set_defaults(fn=cmd_account)
+
+    sup = sub.add_parser("suppress", help="suppression entries").add_subparsers(dest="action", required=True)
+    sp = with_config(
+        sup.add_parser(
+            "add",
+            help="suppress addresses",
+            epilog="example: relayd suppress add a@example.test --scope global --reason manual --expires 30d",
+        )
+    )
+    sp.add_argument("addresses", nargs="+")
+    sp.add_argument("--scope", required=True, choices=["global", "account", "list"])
+    sp.add_argument("--account")
+    sp.add_argument("--list")
+    sp.add_argument(
+        "--reason",
+        required=True,
+        choices=[
+            "hard_bounce",
+            "soft_bounce_limit",
+            "complaint",
+            "unsubscribe",
+            "spamtrap",
+            "manual",
+            "discard",
+        ],
+    )
+    sp.add_argument("--expires", help="lifetime, e.g. 30d")
+    sp.set_defaults(fn=cmd_suppress)
+    sp = with_config(sup.add_parser("remove", help="remove suppressions of addresses"))
+    sp.add_argument("addresses", nargs="+")
+    sp.add_argument("--scope", choices=["global", "account", "list"])
+    sp.add_argument("--account")
+    sp.add_argument("--list")
+    sp.set_defaults(fn=cmd_suppress)
+    sp = with_config(
+        sup.add_parser("list", help="list suppressions", epilog="example: relayd suppress list --json")
+    )
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--address")
+    sp.add_argument("--scope", choices=["global", "account", "list"])
+    sp.add_argument("--account")
+    sp.add_argument("--list")
+    sp.add_argument("--reason")
+    sp.add_argument("--include-expired", action="store_true")
+    sp.add_argument("--limit", type=int, default=1000)
+    sp.set_defaults(fn=cmd_suppress)
+    sp = with_config(
+        sup.add_parser(
+            "import", help="import a CSV (address,scope,account,list,reason,created_at,expires_at)"
+        )
+    )
+    sp.add_argument("file")
+    sp.set_defaults(fn=cmd_suppress)
+    sp = with_config(sup.add_parser("export", help="export every suppression as CSV (to FILE or stdout)"))
+    sp.add_argument("file", nargs="?")
+    sp.set_defaults(fn=cmd_suppress)
+
+    sp = with_config(
+        sub.add_parser(
+            "events", help="what policy and feedback did", epilog="example: relayd events --json --since 1h"
+        )
+    )
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--since", default="1d")
+    sp.add_argument("--account")
+    sp.add_argument("--kind")
+    sp.add_argument("--limit", type=int, default=1000)
+    sp.set_defaults(fn=cmd_events)
+
+    st = sub.add_parser("store", help="the policy store").add_subparsers(dest="action", required=True)
+    sp = with_config(st.add_parser("migrate", help="create or upgrade the schema"))
+    sp.set_defaults(fn=cmd_store_migrate)
+
+    dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
+    sp = dk.add_parser(
+        "keygen",
+        help="write a signing key, print its DNS TXT record",
+        epilog="example: relayd dkim keygen --domain acme.example.test --selector s1",
+    )
+    sp.add_argument("--domain", required=True)
+    sp.add_argument("--selector", required=True)
+    sp.add_argument("--algorithm", default="rsa", choices=["rsa", "ed25519"])
+    sp.add_argument("--out-dir", default="var/dkim")
+    sp.set_defaults(fn=cmd_dkim_keygen)
 
     dsn = sub.add_parser("dsn", help="bounce reports").add_subparsers(dest="action", required=True)
     sp = dsn.add_parser("classify", help="classify bounce messages (files only; no config needed)")

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
+from relayd.address import AddressError, normalize
 from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
 from relayd.passwords import check_plain, verify_password
@@ -153,10 +154,10 @@ class SubmissionHandler:
             return AUTH_REQUIRED
         if len(envelope.rcpt_tos) >= self.cfg.submission.max_recipients:
             return "452 4.5.3 Error: too many recipients"
-        if not _valid_address(address):
+        try:
+            rcpt = normalize(address)
+        except AddressError:
             return f"501 5.1.3 <{address}>: bad recipient address syntax"
-        local, _, domain = address.rpartition("@")
-        rcpt = f"{local}@{domain.lower().rstrip('.')}"
         if self.pipeline is not None:
             try:
                 verdict = await self.pipeline.check_rcpt(session.account, rcpt, dt.datetime.now(dt.UTC))
