@@ -41,6 +41,7 @@ def make_message(size: int, n: int, rcpt: str) -> bytes:
         f"From: Bench <bench@acme.example.test>\r\nTo: <{rcpt}>\r\nSubject: bench message {n}\r\n"
         f"Message-ID: <bench-{n}-{time.time_ns()}@acme.example.test>\r\n"
         "Date: Mon, 23 Nov 2026 12:00:00 +0000\r\n"
+        "List-Id: ACME News <news.acme.example.test>\r\nX-Campaign-ID: bench-2026-11\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
     ).encode()
     line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"

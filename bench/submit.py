@@ -33,6 +33,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pipeline_config(tmp: Path) -> str:
+    """The whole policy pipeline: DKIM rsa-2048, imprint, caps on the list, discard patterns."""
+    from relayd.dkim import keygen
+
+    key, _ = keygen("acme.example.test", "bench", "rsa", tmp / "dkim")
+    return f"""
+[[dkim]]
+domain = "acme.example.test"
+selector = "bench"
+key_file = "{key}"
+algorithm = "rsa"
+"""
+
+
 def write_config(tmp: Path, port: int, sink_port: int, extra: str = "") -> Path:
     cfg = tmp / "bench.toml"
     cfg.write_text(f"""
@@ -50,11 +64,16 @@ path = "{tmp}/relayd.db"
 mode = "routes"
 routes = {{ "*" = "127.0.0.1:{sink_port}" }}
 tls = "none"
+[policy]
+discard_patterns = ["*@*.invalid", "abuse@*", "postmaster@*"]
+{extra}
 [accounts.acme]
 password_hash = "{hash_password("bench-password", n=2**12)}"
 domains = ["acme.example.test"]
 networks = ["127.0.0.0/8"]
-{extra}
+imprint = "ACME Ltd, 1 Example Street, 12345 Example City, Registered in Example"
+[accounts.acme.lists.news]
+caps = {{ day = 5, week = 20, month = 50 }}
 """)
     return cfg
 
@@ -90,21 +109,45 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=5120)
     ap.add_argument("--recipients", type=int, default=1)
     ap.add_argument("--auth", action="store_true", help="AUTH PLAIN on every connection (default: networks)")
+    ap.add_argument(
+        "--profile", metavar="FILE", help="run relayd under py-spy, write collapsed stacks to FILE"
+    )
     args = ap.parse_args()
 
     sink = CountingSink()
     with tempfile.TemporaryDirectory(prefix="relayd-bench-") as d:
         tmp = Path(d)
         port = free_port()
-        cfg = write_config(tmp, port, sink.port)
+        cfg = write_config(tmp, port, sink.port, pipeline_config(tmp))
         log = (tmp / "relayd.log").open("wb")
+        cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(cfg), "--log-level", "warning"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relayd", "serve", "--config", str(cfg), "--log-level", "warning"],
+            cmd,
             stdout=log,
             stderr=log,
         )
         try:
             wait_port(port)
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--format",
+                        "raw",
+                        "-r",
+                        "200",
+                        "-d",
+                        "6",
+                        "-p",
+                        str(proc.pid),
+                        "-o",
+                        args.profile,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             cpu0, _ = proc_cpu_and_rss(proc.pid)
             t0 = time.perf_counter()
             auth = ("acme", "bench-password") if args.auth else None
@@ -123,13 +166,16 @@ def main() -> None:
                 time.sleep(0.01)
             t_done = time.perf_counter() - t0
             cpu1, rss = proc_cpu_and_rss(proc.pid)
+            if spy is not None:
+                spy.wait(60)
         finally:
             proc.terminate()
             proc.wait(30)
             sink.stop()
         delivered = sink.count
         print(
-            f"relayd core relay, {args.size} B messages, {args.recipients} rcpt, {args.concurrency} clients, "
+            f"relayd, whole pipeline (DKIM rsa-2048, footer+imprint, caps, discard), {args.size} B messages, "
+            f"{args.recipients} rcpt, {args.concurrency} clients, "
             f"one message per connection{', AUTH PLAIN' if args.auth else ''}"
         )
         print("  " + res.summary())

@@ -5,13 +5,14 @@ migration can carry the statements of every backend side by side, which keeps th
 drifting apart. Queries in the backends are portable SQL (``ON CONFLICT ... DO UPDATE``, row values,
 partial indexes: SQLite >= 3.24 and PostgreSQL >= 9.5); only DDL differs (``WITHOUT ROWID``, ``BIGSERIAL``).
 
-Rules for adding a migration: never edit a released one; add ``vNNNN_what.py`` with a ``MIGRATION`` and list
-it in :data:`MIGRATIONS`. Each migration runs in one transaction together with its row in
+Rules for adding a migration: never edit a released one; add ``vNNNN_what.py`` with a ``MIGRATION`` (it is
+found by its name). Each migration runs in one transaction together with its row in
 ``schema_migrations``, so a failure leaves the database at the previous version.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["LATEST_VERSION", "MIGRATIONS", "SCHEMA_TABLE_SQLITE", "Migration", "pending"]
@@ -35,9 +36,13 @@ SCHEMA_TABLE_SQLITE = (
 
 
 def _load() -> tuple[Migration, ...]:
-    from . import v0001_initial, v0002_sent_ledger
+    """Every ``vNNNN_*.py`` module of this package, in version order (two engineers adding a migration
+    each never edit the same line; the numbering check below catches a clash)."""
+    import importlib
+    import pkgutil
 
-    found = (v0001_initial.MIGRATION, v0002_sent_ledger.MIGRATION)
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if re.fullmatch(r"v\d{4}_\w+", m.name))
+    found = tuple(importlib.import_module(f"{__name__}.{name}").MIGRATION for name in names)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):  # pragma: no cover - guards future edits
         raise RuntimeError(f"migrations must be numbered 1..n without gaps, got {versions}")
