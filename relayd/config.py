@@ -242,6 +242,39 @@ def _network(value: object) -> object:
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
+WEBHOOK_EVENTS = (
+    "delivered",
+    "deferred",
+    "bounced",
+    "expired",
+    "complained",
+    "unsubscribed",
+    "suppressed",
+    "dropped",
+    "suspended",
+)
+
+
+class WebhookConfig(_Model):
+    """One endpoint that gets the account's events as signed JSON POSTs (at-least-once)."""
+
+    url: str = Field(pattern=r"^https?://")
+    secret_file: Path
+    events: list[
+        Literal[
+            "delivered",
+            "deferred",
+            "bounced",
+            "expired",
+            "complained",
+            "unsubscribed",
+            "suppressed",
+            "dropped",
+            "suspended",
+        ]
+    ] = list(WEBHOOK_EVENTS)
+
+
 class AccountConfig(_Model):
     password_hash: str | None = None
     password_file: Path | None = None
@@ -252,6 +285,7 @@ class AccountConfig(_Model):
     pool: str | None = None
     lists: dict[str, ListConfig] = {}
     discard_patterns: list[str] = []
+    webhooks: list[WebhookConfig] = []
 
     @field_validator("domains")
     @classmethod
@@ -363,6 +397,11 @@ def _file_checks(path: Path, cfg: Config) -> list[str]:
     for name, acct in cfg.accounts.items():
         if acct.password_file is not None and not acct.password_file.is_file():
             problems.append(f"{path}: accounts.{name}.password_file: no such file: {acct.password_file}")
+        for i, hook in enumerate(acct.webhooks):
+            if not hook.secret_file.is_file():
+                problems.append(
+                    f"{path}: accounts.{name}.webhooks[{i}].secret_file: no such file: {hook.secret_file}"
+                )
     for key in ("tls_cert", "tls_key"):
         value = getattr(cfg.submission, key)
         if value is not None and not Path(value).is_file():
