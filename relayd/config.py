@@ -15,6 +15,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -242,7 +243,7 @@ def _network(value: object) -> object:
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
-WEBHOOK_EVENTS = (
+WebhookEvent = Literal[
     "delivered",
     "deferred",
     "bounced",
@@ -252,7 +253,8 @@ WEBHOOK_EVENTS = (
     "suppressed",
     "dropped",
     "suspended",
-)
+]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = typing.get_args(WebhookEvent)
 
 
 class WebhookConfig(_Model):
@@ -260,19 +262,7 @@ class WebhookConfig(_Model):
 
     url: str = Field(pattern=r"^https?://")
     secret_file: Path
-    events: list[
-        Literal[
-            "delivered",
-            "deferred",
-            "bounced",
-            "expired",
-            "complained",
-            "unsubscribed",
-            "suppressed",
-            "dropped",
-            "suspended",
-        ]
-    ] = list(WEBHOOK_EVENTS)
+    events: list[WebhookEvent] = list(WEBHOOK_EVENTS)
 
 
 class AccountConfig(_Model):
