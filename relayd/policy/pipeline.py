@@ -20,12 +20,14 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from relayd import metrics
 from relayd.config import Config, ListConfig
 from relayd.dkim import Signer
 from relayd.policy.caps import CapsRule, cap_windows
@@ -169,7 +171,11 @@ class Pipeline:
                 unsubscribe_mailto=unsubscribe_mailto(inbound, self.secret, queue_id, i, rcpt),
                 relayd_id=relayd_id(self.secret, queue_id, i, rcpt),
             )
-            rendered.append(self.signer.sign(body, domain) + body if domain else body)
+            if domain:
+                t0 = time.perf_counter()
+                body = self.signer.sign(body, domain) + body
+                metrics.DKIM_SECONDS.observe(time.perf_counter() - t0)
+            rendered.append(body)
         await self.store.record_sent(
             SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
         )
@@ -215,6 +221,7 @@ class Pipeline:
         ]
         await self.store.record_events(events)
         for addr, v in verdicts.items():
+            metrics.RECIPIENTS_DROPPED.labels(v.reason).inc()
             log.info(
                 "%s: account=%s rcpt=<%s> %s by %s (%s)",
                 queue_id or "-",

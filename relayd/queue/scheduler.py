@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Protocol
 
@@ -33,6 +33,11 @@ from relayd.tokens import verp_address
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 64 * 1024 * 1024
+
+
+#: called after every attempt with (recipient, outcome, reply, seconds); outcome is one of
+#: delivered, deferred, bounced, expired, dropped. Its failures are logged, never fatal to delivery.
+Observer = Callable[[DueRecipient, str, str, float], Awaitable[None]]
 
 
 class Gate(Protocol):
@@ -63,6 +68,7 @@ class Scheduler:
         transport: Transport | None = None,
         clock: Callable[[], float] = time.time,
         gate: Gate | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._cfg = cfg
         self._store = store
@@ -77,6 +83,7 @@ class Scheduler:
         )
         self._clock = clock
         self._gate = gate
+        self._observer = observer
         self._verp_domain = cfg.inbound.domains[0]
         self._inflight: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,6 +219,7 @@ class Scheduler:
                 return
             if verdict.decision.value == "drop":
                 await self._store.drop_recipient(item.queue_id, item.index, verdict.reason)
+                await self._observe(item, "dropped", verdict.reason, 0.0)
                 log.info(
                     "%s: to=<%s> account=%s status=dropped reason=%s",
                     item.queue_id,
@@ -239,25 +247,38 @@ class Scheduler:
                 item.account,
                 exc,
             )
+            await self._observe(item, "bounced", str(exc), time.monotonic() - started)
             return
         except TemporaryFailure as exc:
-            await self._temporary(item, attempts, str(exc))
+            outcome = await self._temporary(item, attempts, str(exc))
+            await self._observe(item, outcome, str(exc), time.monotonic() - started)
             return
         except Exception as exc:  # a bug of ours must not lose the message: defer it and say so loudly
             log.exception("%s: delivery to <%s> crashed; deferring", item.queue_id, item.address)
             await self._temporary(item, attempts, f"internal error: {type(exc).__name__}")
             return
         await self._store.finish(item.queue_id, item.index, State.DELIVERED, reply, attempts)
+        elapsed = time.monotonic() - started
         log.info(
             "%s: to=<%s> account=%s status=delivered delay=%.3fs reply=%s",
             item.queue_id,
             item.address,
             item.account,
-            time.monotonic() - started,
+            elapsed,
             reply,
         )
+        await self._observe(item, "delivered", reply, elapsed)
 
-    async def _temporary(self, item: DueRecipient, attempts: int, reply: str) -> None:
+    async def _observe(self, item: DueRecipient, outcome: str, reply: str, seconds: float) -> None:
+        if self._observer is None:
+            return
+        try:
+            await self._observer(item, outcome, reply, seconds)
+        except Exception:
+            log.exception("%s: recording the %s outcome failed", item.queue_id, outcome)
+
+    async def _temporary(self, item: DueRecipient, attempts: int, reply: str) -> str:
+        """Defer, or expire once past ``max_age``; returns which."""
         now = self._clock()
         deadline = item.created_at + self._cfg.queue.max_age
         if now >= deadline:
@@ -269,7 +290,7 @@ class Scheduler:
                 item.account,
                 reply,
             )
-            return
+            return "expired"
         schedule = self._cfg.queue.retry_schedule
         delay = schedule[min(attempts - 1, len(schedule) - 1)]
         next_attempt = min(now + delay, deadline)
@@ -282,3 +303,4 @@ class Scheduler:
             next_attempt - now,
             reply,
         )
+        return "deferred"

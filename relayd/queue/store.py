@@ -448,6 +448,16 @@ class QueueStore:
                 out.append(row)
         return out
 
+    async def oldest_pending(self) -> float | None:
+        """Creation time of the oldest message that still has a queued recipient (held mail is excluded:
+        it waits for an operator, not for us)."""
+        rows = await self._fetch(
+            "SELECT MIN(m.created_at) FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "WHERE r.state = 'queued'",
+            (),
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT state, COUNT(*) FROM recipients GROUP BY state", ())
         return {state: n for state, n in rows}

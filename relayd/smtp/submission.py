@@ -22,6 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
+from relayd import metrics
 from relayd.address import AddressError, normalize
 from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
@@ -173,6 +174,14 @@ class SubmissionHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
+        started = time.perf_counter()
+        reply = await self._data(server, session, envelope)
+        outcome, reason = _outcome(reply)
+        metrics.SUBMISSIONS.labels(outcome, reason).inc()
+        metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
+        return reply
+
+    async def _data(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
         assert session.account is not None and envelope.mail_from is not None
         content = envelope.content
         assert isinstance(content, bytes)
@@ -232,6 +241,7 @@ class SubmissionHandler:
             len(msg.data),
         )
         self.scheduler.submitted(msg, time.time())
+        metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -251,6 +261,19 @@ class SubmissionHandler:
             f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
             f"\t{email.utils.formatdate(localtime=False)}\r\n"
         ).encode("ascii", "replace")
+
+
+def _outcome(reply: str) -> tuple[str, str]:
+    """(accepted|refused|deferred, reason) of a DATA reply, for the submissions counter."""
+    if reply.startswith("250"):
+        return "accepted", "ok"
+    if reply.startswith("554 5.6.0"):
+        return "refused", "mime"
+    if "dropped by policy" in reply:
+        return "refused", "policy"
+    if reply.startswith("4"):
+        return "deferred", "policy_store" if "policy" in reply else "storage"
+    return "refused", "other"
 
 
 def _one_line(text: str, limit: int = 200) -> str:

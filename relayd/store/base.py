@@ -340,6 +340,25 @@ class EventStore(Protocol):
         """Delete events older than ``before``; return how many."""
         ...
 
+    async def count_events(
+        self,
+        kind: str,
+        since: datetime,
+        *,
+        account: str | None = None,
+        address: str | None = None,
+        reason: str | None = None,
+    ) -> int:
+        """Events of ``kind`` at or after ``since``, narrowed to ``account``/``address``/``reason`` if given.
+
+        For rate checks that run after every complaint or bounce, so it must not read the raw log: with
+        ``account`` (and no ``address``) it sums hourly roll-ups and counts only the first partial hour
+        from the log; with ``address`` it counts that address's index range. ``None`` means "any"; events
+        without an account are counted only when ``account`` is not given. Pruning events older than
+        ``since`` does not change the per-account counts (the roll-ups are kept).
+        """
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SentRecord:
@@ -366,6 +385,15 @@ class SentLedger(Protocol):
 
     async def prune_sent(self, before: datetime) -> int:
         """Forget records older than ``before``; return how many."""
+        ...
+
+    async def count_sent(self, account: str, since: datetime) -> int:
+        """Recipients accepted for ``account`` at or after ``since``: the denominator of its rates.
+
+        Served by hourly roll-ups plus the exact first partial hour, so it costs the same for an account
+        sending ten messages a month or ten million. Pruning ledger rows older than ``since`` does not
+        change it (whole hours come from the roll-up, which pruning keeps).
+        """
         ...
 
 

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
+_HOUR_US: Final = 3_600_000_000  # the roll-up granularity of sent_hourly / event_hourly (migration 3)
 _MAX_IN: Final = 512  # largest IN (...) list per statement; SQLite allows 32766 parameters
 _ENTRY_COLUMNS: Final = "address, scope, account, list_name, reason, source, created_at, expires_at"
 
@@ -688,3 +689,48 @@ class SqliteStore:
         async with self._transaction(durable=False) as db:
             cursor = await db.execute("DELETE FROM sent WHERE sent_at < ?", [_us(before)])
             return cursor.rowcount
+
+    async def count_sent(self, account: str, since: datetime) -> int:
+        start = _us(since)
+        edge = -(-start // _HOUR_US)  # first whole hour at or after `since`
+        rows = await self._fetch(
+            "SELECT (SELECT count(*) FROM sent WHERE account = ? AND sent_at >= ? AND sent_at < ?)"
+            " + (SELECT coalesce(sum(n), 0) FROM sent_hourly WHERE account = ? AND hour >= ?)",
+            [account, start, edge * _HOUR_US, account, edge],
+        )
+        return int(rows[0][0])
+
+    async def count_events(
+        self,
+        kind: str,
+        since: datetime,
+        *,
+        account: str | None = None,
+        address: str | None = None,
+        reason: str | None = None,
+    ) -> int:
+        start = _us(since)
+        if account is not None and address is None:
+            # roll-up for the whole hours, the log (events_account_kind_at) for the partial first hour
+            edge = -(-start // _HOUR_US)
+            raw = "SELECT count(*) FROM events WHERE account = ? AND kind = ? AND at >= ? AND at < ?"
+            raw_params: builtins.list[Any] = [account, kind, start, edge * _HOUR_US]
+            rollup = (
+                "SELECT coalesce(sum(n), 0) FROM event_hourly WHERE account = ? AND kind = ? AND hour >= ?"
+            )
+            rollup_params: builtins.list[Any] = [account, kind, edge]
+            if reason is not None:
+                raw += " AND reason = ?"
+                raw_params.append(reason)
+                rollup += " AND reason = ?"
+                rollup_params.append(reason)
+            rows = await self._fetch(f"SELECT ({raw}) + ({rollup})", [*raw_params, *rollup_params])
+            return int(rows[0][0])
+        sql = "SELECT count(*) FROM events WHERE kind = ? AND at >= ?"
+        params: builtins.list[Any] = [kind, start]
+        for column, value in (("address", address), ("account", account), ("reason", reason)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        rows = await self._fetch(sql, params)
+        return int(rows[0][0])

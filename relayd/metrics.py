@@ -1,0 +1,126 @@
+"""Prometheus metrics: what an operator alerts on.
+
+All metric families live here, in one registry, so ``/metrics`` shows exactly relayd's own families (no
+process collector surprises in tests) and ``conf/alerts.yml`` can be checked against this list.
+
+Label sets are bounded: destination domains get their own label value only for the first
+``_MAX_DOMAINS`` distinct domains seen (the big mailbox providers come first in practice), the rest are
+``other``; accounts are bounded by the config. Reasons and outcomes are closed enums.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+SUBMISSIONS = Counter(
+    "relayd_submissions_total",
+    "Messages at the end of DATA on the submission listener, by outcome and reason",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+RECIPIENTS_DROPPED = Counter(
+    "relayd_recipients_dropped_total",
+    "Recipients refused or dropped by policy, by reason (suppressed:<reason>, discard, spamtrap, cap, ...)",
+    ["reason"],
+    registry=REGISTRY,
+)
+DELIVERIES = Counter(
+    "relayd_deliveries_total",
+    "Delivery attempts by outcome (delivered, deferred, bounced, expired, dropped) and destination domain",
+    ["outcome", "domain"],
+    registry=REGISTRY,
+)
+DSN_RECEIVED = Counter(
+    "relayd_dsn_received_total",
+    "Bounce reports received on the inbound listener, by kind (hard, soft, delay, other) and attribution",
+    ["kind", "attributed"],
+    registry=REGISTRY,
+)
+ARF_RECEIVED = Counter(
+    "relayd_arf_received_total",
+    "Complaint reports received, by feedback type and attribution",
+    ["feedback_type", "attributed"],
+    registry=REGISTRY,
+)
+SUPPRESSIONS_ADDED = Counter(
+    "relayd_suppressions_added_total",
+    "Suppression entries added by relayd (not by import), by reason and scope",
+    ["reason", "scope"],
+    registry=REGISTRY,
+)
+SUSPENSIONS = Counter(
+    "relayd_account_suspensions_total",
+    "Accounts suspended by relayd or an operator",
+    ["account", "reason"],
+    registry=REGISTRY,
+)
+ACCOUNT_SENT = Counter(
+    "relayd_account_sent_total",
+    "Recipients accepted for delivery, per account",
+    ["account"],
+    registry=REGISTRY,
+)
+ACCOUNT_BOUNCES = Counter(
+    "relayd_account_bounces_total",
+    "Bounces attributed to an account, by type (hard, soft, block)",
+    ["account", "type"],
+    registry=REGISTRY,
+)
+ACCOUNT_COMPLAINTS = Counter(
+    "relayd_account_complaints_total", "Complaints attributed to an account", ["account"], registry=REGISTRY
+)
+QUEUE_RECIPIENTS = Gauge(
+    "relayd_queue_recipients", "Recipients in the queue by state", ["state"], registry=REGISTRY
+)
+QUEUE_OLDEST = Gauge(
+    "relayd_queue_oldest_age_seconds",
+    "Age of the oldest message with a recipient still queued or held",
+    registry=REGISTRY,
+)
+SUPPRESSION_ENTRIES = Gauge(
+    "relayd_suppression_entries", "Suppression entries in the store", registry=REGISTRY
+)
+ACCEPT_SECONDS = Histogram(
+    "relayd_smtp_accept_seconds",
+    "Time from the end of DATA to the 250 (policy, signing and the durable commit)",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+DELIVERY_SECONDS = Histogram(
+    "relayd_delivery_seconds",
+    "Time of one delivery attempt (routing, connection, SMTP transaction)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+DKIM_SECONDS = Histogram(
+    "relayd_dkim_sign_seconds",
+    "Time to DKIM-sign one rendered message (all its signatures)",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+    registry=REGISTRY,
+)
+
+_MAX_DOMAINS = 20
+_domains: set[str] = set()
+_lock = threading.Lock()
+
+
+def domain_label(domain: str) -> str:
+    """The domain itself for the first few distinct domains, ``other`` after that (bounded cardinality)."""
+    domain = domain.lower()
+    if domain in _domains:
+        return domain
+    with _lock:
+        if len(_domains) < _MAX_DOMAINS:
+            _domains.add(domain)
+            return domain
+    return "other"
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format body and its content type, for ``GET /metrics``."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
