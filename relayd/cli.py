@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relayd.daemon import serve
 
     async def main() -> int:
-        await serve(cfg)
+        await serve(cfg, args.config)
         return 0
 
     return _run_async(main())

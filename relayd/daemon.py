@@ -18,10 +18,13 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
+from relayd import config as config_mod
 from relayd import metrics
 from relayd.config import Config
-from relayd.dkim import Signer, load_key
+from relayd.dkim import DkimKeyError, Signer, load_key
+from relayd.errors import ConfigError
 from relayd.policy.dequeue import DequeueCheck
 from relayd.policy.pipeline import Pipeline
 from relayd.policy.suspension import AccountGate
@@ -99,44 +102,116 @@ def load_signer(cfg: Config) -> Signer:
     return Signer([load_key(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim])
 
 
-async def serve(cfg: Config) -> None:
-    secret = load_or_create(cfg.server.secret_file)
-    signer = load_signer(cfg)
-    store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
-    gate = AccountGate(store)
-    await gate.start()
-    queue = QueueStore(cfg.queue.path / "queue.db")
-    await queue.open()
-    scheduler = Scheduler(
-        cfg, queue, secret, gate=DequeueCheck(store, gate), observer=DeliveryRecorder(store)
-    )
-    scheduler.start()
-    pipeline = Pipeline(cfg, store, secret, signer, gate)
-    handler = SubmissionHandler(cfg, queue, scheduler, pipeline)
-    limits = ConnectionLimits(cfg.submission.max_connections, cfg.submission.max_connections_per_ip)
-    servers = await start_submission(cfg, handler, limits)
-    for srv in servers:
-        for sock in srv.sockets:
-            log.info("submission listening on %s", sock.getsockname()[:2])
-    stop = asyncio.Event()
+class Daemon:
+    """One relayd process: its stores, its listeners, its workers, and the reload that swaps config."""
+
+    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.secret = load_or_create(cfg.server.secret_file)
+        signer = load_signer(cfg)
+        self.store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
+        self.gate = AccountGate(self.store)
+        await self.gate.start()
+        self.queue = QueueStore(cfg.queue.path / "queue.db")
+        await self.queue.open()
+        self.scheduler = Scheduler(
+            cfg,
+            self.queue,
+            self.secret,
+            gate=DequeueCheck(self.store, self.gate),
+            observer=DeliveryRecorder(self.store),
+        )
+        self.scheduler.start()
+        self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate)
+        self.handler = SubmissionHandler(cfg, self.queue, self.scheduler, self.pipeline)
+        self.limits = ConnectionLimits(cfg.submission.max_connections, cfg.submission.max_connections_per_ip)
+        self.servers = await start_submission(cfg, self.handler, self.limits)
+        for srv in self.servers:
+            for sock in srv.sockets:
+                log.info("submission listening on %s", sock.getsockname()[:2])
+        self._tasks.append(asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop)))
+        self._tasks.append(asyncio.create_task(watchdog(self.stop)))
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file; swap accounts, policy, DKIM keys and routes at once.
+
+        All or nothing: a file that does not validate, or a DKIM key that does not load, is logged with
+        every problem and the running config stays. Open SMTP sessions are not dropped; their next command
+        sees the new config. Listen addresses, store and queue paths need a restart (logged)."""
+        if self.config_path is None:
+            return False
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = config_mod.load(self.config_path)
+            signer = load_signer(new)
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("reload refused: %s", line)
+            sd_notify("READY=1")
+            return False
+        except (DkimKeyError, OSError) as exc:
+            log.error("reload refused: %s", exc)
+            sd_notify("READY=1")
+            return False
+        for key in ("submission", "inbound", "http", "store", "queue"):
+            if getattr(new, key) != getattr(self.cfg, key):
+                log.warning("reload: [%s] changed; it takes effect at the next restart", key)
+        pipeline = Pipeline(new, self.store, self.secret, signer, self.gate)
+        self.handler.reload(new, pipeline)
+        self.scheduler.reload(new)
+        self.pipeline = pipeline
+        self.cfg = new
+        log.info(
+            "reloaded %s: %d account(s), %d DKIM key(s)", self.config_path, len(new.accounts), len(new.dkim)
+        )
+        sd_notify("READY=1")
+        return True
+
+    async def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        log.info("shutting down: no new connections")
+        for srv in self.servers:
+            srv.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _GRACE
+        while self.limits.open and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scheduler.stop()
+        await self.queue.close()
+        await self.gate.stop()
+        await self.store.close()
+        log.info("relayd stopped")
+
+
+async def watchdog(stop: asyncio.Event) -> None:
+    """systemd's WatchdogSec: ping at half the interval while the event loop is alive."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not usec.isdigit():
+        return
+    interval = int(usec) / 2_000_000
+    while not stop.is_set():
+        sd_notify("WATCHDOG=1")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def serve(cfg: Config, config_path: Path | None = None) -> None:
+    daemon = Daemon(cfg, config_path)
+    await daemon.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    gauges = asyncio.create_task(refresh_gauges(queue, store, stop))
+        loop.add_signal_handler(sig, daemon.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     sd_notify("READY=1")
     log.info("relayd ready")
-    await stop.wait()
-    await gauges
-
-    sd_notify("STOPPING=1")
-    log.info("shutting down: no new connections")
-    for srv in servers:
-        srv.close()
-    deadline = loop.time() + _GRACE
-    while limits.open and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    await scheduler.stop()
-    await queue.close()
-    await gate.stop()
-    await store.close()
-    log.info("relayd stopped")
+    await daemon.stop.wait()
+    await daemon.shutdown()

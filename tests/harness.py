@@ -7,6 +7,7 @@ in a thread whose replies can be scripted per recipient; Postfix's ``smtp-sink``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -231,11 +232,16 @@ class Relayd:
         self.config.write_text(config_text(tmp, port=self.port, **config))
         self.log = tmp / "relayd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
 
     def start(self) -> Relayd:
         logf = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [*RELAYD, "serve", "--config", str(self.config)], stdout=logf, stderr=logf, cwd=self.tmp
+            [*RELAYD, "serve", "--config", str(self.config)],
+            stdout=logf,
+            stderr=logf,
+            cwd=self.tmp,
+            env={**os.environ, **self.env},
         )
         logf.close()
         wait_for_port(self.port, proc=self.proc)
@@ -355,3 +361,50 @@ def running(*things: Any) -> Iterator[None]:
         for t in things:
             stack.enter_context(t)
         yield
+
+
+# --- helpers for policy end-to-end tests (tests/test_policy_e2e.py and friends) -----------------------------
+
+
+@dataclass
+class Transaction:
+    """Every reply of one SMTP transaction: per recipient at RCPT, then DATA (None if DATA was not sent)."""
+
+    rcpt: dict[str, tuple[int, str]]
+    data: tuple[int, str] | None
+
+    @property
+    def queue_id(self) -> str:
+        assert self.data is not None and self.data[0] == 250, self.data
+        return self.data[1].rsplit(" ", 1)[1]
+
+
+def submit_each(
+    relayd: Relayd,
+    msg: bytes,
+    *,
+    to: list[str],
+    sender: str = "app@acme.example.test",
+    user: str = "acme",
+) -> Transaction:
+    """AUTH + one transaction that goes on past refused recipients (``Relayd.submit`` stops at the first);
+    DATA is sent when at least one recipient was accepted."""
+    with relayd.smtp() as s:
+        s.login(user, PASSWORD)
+        code, resp = s.mail(sender)
+        assert code == 250, (code, resp)
+        rcpt = {}
+        for address in to:
+            code, resp = s.rcpt(address)
+            rcpt[address] = (code, resp.decode())
+        if not any(code == 250 for code, _ in rcpt.values()):
+            return Transaction(rcpt, None)
+        code, resp = s.data(msg)
+        return Transaction(rcpt, (code, resp.decode()))
+
+
+def cli_json(relayd: Relayd, *args: str) -> list[dict[str, Any]]:
+    """Run ``relayd ARGS --json --config ...``; one JSON object per output line (DESIGN.md)."""
+    out = relayd.cli(*args, "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

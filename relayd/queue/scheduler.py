@@ -96,6 +96,12 @@ class Scheduler:
 
     # --- entry points -------------------------------------------------------------------------------------
 
+    def reload(self, cfg: Config) -> None:
+        """New routes, retry schedule and limits (SIGHUP); attempts in flight finish on the old route."""
+        self._cfg = cfg
+        self._router = Router(cfg.delivery)
+        self._per_dest.clear()
+
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="queue-scheduler")
 

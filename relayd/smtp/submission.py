@@ -60,11 +60,21 @@ class SubmissionHandler:
         self.queue = queue
         self.scheduler = scheduler
         self.pipeline = pipeline
-        self._passwords: dict[str, str] = {}
-        for name, acct in cfg.accounts.items():
-            if acct.password_file is not None:
-                self._passwords[name] = acct.password_file.read_text(encoding="utf-8").strip()
+        self._passwords = self._read_passwords(cfg)
         self._sessions: dict[str, set[int]] = {}
+
+    @staticmethod
+    def _read_passwords(cfg: Config) -> dict[str, str]:
+        return {
+            name: acct.password_file.read_text(encoding="utf-8").strip()
+            for name, acct in cfg.accounts.items()
+            if acct.password_file is not None
+        }
+
+    def reload(self, cfg: Config, pipeline: Pipeline | None) -> None:
+        """Swap config and policy (SIGHUP); sessions in progress use them from their next command on."""
+        passwords = self._read_passwords(cfg)
+        self.cfg, self.pipeline, self._passwords = cfg, pipeline, passwords
 
     # --- identity ------------------------------------------------------------------------------------------
 
@@ -126,7 +136,9 @@ class SubmissionHandler:
             if not self._claim_session(server, account):
                 return "451 4.7.0 Too many sessions for this account, try again later"
             session.account = account
-        acct = self.cfg.accounts[session.account]
+        acct = self.cfg.accounts.get(session.account)
+        if acct is None:  # the account was removed by a reload while this session was open
+            return AUTH_REQUIRED
         if self.pipeline is not None:
             refusal = self.pipeline.check_sender(session.account)
             if refusal is not None:
@@ -151,7 +163,7 @@ class SubmissionHandler:
         address: str,
         options: list[str],
     ) -> str:
-        if session.account is None:
+        if session.account is None or session.account not in self.cfg.accounts:
             return AUTH_REQUIRED
         if len(envelope.rcpt_tos) >= self.cfg.submission.max_recipients:
             return "452 4.5.3 Error: too many recipients"

@@ -1,0 +1,100 @@
+"""Operations: systemd notifications, SIGHUP reload (bad file keeps the old config), the unit file."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.harness import PASSWORD, PASSWORD_HASH, Relayd, Sink, message, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    exe = shutil.which("systemd-analyze")
+    assert exe is not None, "systemd-analyze is needed (.ci/run installs systemd)"
+    unit = tmp_path / "relayd.service"
+    relayd = Path(ROOT / ".venv" / "bin" / "relayd")
+    text = (ROOT / "systemd" / "relayd.service").read_text()
+    # verify needs the executables to exist: point them at this checkout's installed entry point
+    unit.write_text(
+        text.replace("/usr/local/bin/relayd", str(relayd if relayd.exists() else shutil.which("relayd")))
+    )
+    out = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for directive in (
+        "Type=notify",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "ReadWritePaths=/var/lib/relayd",
+        "WatchdogSec=",
+        "User=relayd",
+    ):
+        assert directive in text
+
+
+def test_notify_ready_reloading_stopping(tmp_path: Path, sink: Sink) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(15)
+    relayd = Relayd(tmp_path, routes={"example.test": sink.port})
+    relayd.env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}
+
+    def expect(prefix: str) -> str:
+        while True:
+            msg = sock.recv(4096).decode()
+            if msg.startswith(prefix):
+                return msg
+
+    try:
+        relayd.start()
+        expect("READY=1")
+        assert expect("WATCHDOG=1") == "WATCHDOG=1"
+        assert relayd.proc is not None
+        relayd.proc.send_signal(signal.SIGHUP)
+        reloading = expect("RELOADING=1")
+        assert "MONOTONIC_USEC=" in reloading
+        expect("READY=1")
+        relayd.proc.send_signal(signal.SIGTERM)
+        expect("STOPPING=1")
+        assert relayd.proc.wait(20) == 0
+        relayd.proc = None
+    finally:
+        relayd.kill()
+        sock.close()
+
+
+def test_sighup_with_broken_file_keeps_serving_and_good_file_adds_account(tmp_path: Path, sink: Sink) -> None:
+    with Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
+        good = relayd.config.read_text()
+        held = relayd.smtp()  # a session open across both reloads must survive them
+        held.login("acme", PASSWORD)
+        assert relayd.proc is not None
+        relayd.config.write_text(good + "\n[accounts.newco\npassword_hash = 1\n")
+        relayd.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused" in relayd.log_text())
+        assert relayd.submit(message("still served"), to=["a@example.test"])[0] == 250
+        new_account = f"""
+[accounts.newco]
+password_hash = "{PASSWORD_HASH}"
+domains = ["newco.example.test"]
+"""
+        relayd.config.write_text(good + new_account)
+        relayd.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded" in relayd.log_text())
+        code, _ = relayd.submit(
+            message("from newco"), to=["b@example.test"], sender="app@newco.example.test", user="newco"
+        )
+        assert code == 250
+        # the session opened before both reloads still works
+        assert held.mail("app@acme.example.test")[0] == 250
+        assert held.rcpt("c@example.test")[0] == 250
+        assert held.data(message("held session"))[0] == 250
+        held.quit()
+        assert wait_until(lambda: sink.handler.count() == 3)
