@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import getpass
 import json
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -42,12 +41,9 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    from relayd import logs
+
+    logs.setup(args.log_level, cfg.server.log_format)
     from relayd.daemon import serve
 
     async def main() -> int:

@@ -111,6 +111,7 @@ class ServerConfig(_Model):
     hostname: str = Field(default_factory=socket.getfqdn)
     secret_file: Path = Path("var/secret.key")
     feedback_sender_id: str = Field(default="relayd", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    log_format: Literal["text", "json"] = "text"
 
 
 class SubmissionConfig(_Model):

@@ -177,6 +177,7 @@ def config_text(
     queue_extra: str = "",
     retry_schedule: str = '["1s"]',
     accounts: str | None = None,
+    server_extra: str = "",
 ) -> str:
     routes = routes or {}
     route_items = ", ".join(f'"{dom}" = "127.0.0.1:{p}"' for dom, p in routes.items())
@@ -195,6 +196,7 @@ domains = ["other.example.test"]
 [server]
 hostname = "relayd.test"
 secret_file = "{tmp}/secret.key"
+{server_extra}
 
 [submission]
 listen = ["127.0.0.1:{port}"]

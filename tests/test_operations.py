@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -98,3 +99,22 @@ domains = ["newco.example.test"]
         assert held.data(message("held session"))[0] == 250
         held.quit()
         assert wait_until(lambda: sink.handler.count() == 3)
+
+
+def test_json_logs_answer_what_happened_to_a_message(tmp_path: Path, sink: Sink) -> None:
+    sink.handler.script["later@example.test"] = ["451 4.7.1 try later", "250 ok"]
+    with Relayd(tmp_path, routes={"example.test": sink.port}, server_extra='log_format = "json"') as relayd:
+        code, resp = relayd.submit(message("json logs"), to=["later@example.test"])
+        assert code == 250
+        queue_id = resp.decode().rsplit(" ", 1)[1]
+        assert wait_until(lambda: sink.handler.count() == 1)
+        assert wait_until(lambda: '"outcome": "delivered"' in relayd.log_text())
+    lines = [json.loads(line) for line in relayd.log_text().splitlines() if line.startswith("{")]
+    mine = [rec for rec in lines if rec.get("queue_id") == queue_id]
+    assert [rec["outcome"] for rec in mine] == ["accepted", "deferred", "delivered"]
+    delivered = mine[-1]
+    assert delivered["account"] == "acme" and delivered["rcpt_domain"] == "example.test"
+    assert delivered["reply_code"] == "250" and delivered["attempts"] == 2 and delivered["latency"] >= 0
+    assert mine[1]["reply_code"] == "451" and mine[1]["status"] == "4.7.1"
+    text = relayd.log_text()
+    assert PASSWORD not in text and "json logs" not in text  # no secrets, no message content

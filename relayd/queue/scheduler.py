@@ -24,7 +24,7 @@ from enum import Enum
 from typing import Protocol
 
 from relayd.config import Config
-from relayd.errors import PermanentFailure, StorageError, TemporaryFailure
+from relayd.errors import DeliveryError, PermanentFailure, StorageError, TemporaryFailure
 from relayd.queue.client import Transport
 from relayd.queue.routing import Router
 from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State
@@ -226,13 +226,7 @@ class Scheduler:
             if verdict.decision.value == "drop":
                 await self._store.drop_recipient(item.queue_id, item.index, verdict.reason)
                 await self._observe(item, "dropped", verdict.reason, 0.0)
-                log.info(
-                    "%s: to=<%s> account=%s status=dropped reason=%s",
-                    item.queue_id,
-                    item.address,
-                    item.account,
-                    verdict.reason,
-                )
+                _log_attempt(item, "dropped", verdict.reason, 0.0, item.attempts)
                 return
         attempts = item.attempts + 1
         domain = item.address.rpartition("@")[2]
@@ -246,17 +240,11 @@ class Scheduler:
                 reply = await self._transport.send(route.hosts, sender, item.address, data)
         except PermanentFailure as exc:
             await self._store.finish(item.queue_id, item.index, State.FAILED, str(exc), attempts)
-            log.info(
-                "%s: to=<%s> account=%s status=bounced reply=%s",
-                item.queue_id,
-                item.address,
-                item.account,
-                exc,
-            )
+            _log_attempt(item, "bounced", str(exc), time.monotonic() - started, attempts, exc)
             await self._observe(item, "bounced", str(exc), time.monotonic() - started)
             return
         except TemporaryFailure as exc:
-            outcome = await self._temporary(item, attempts, str(exc))
+            outcome = await self._temporary(item, attempts, str(exc), exc)
             await self._observe(item, outcome, str(exc), time.monotonic() - started)
             return
         except Exception as exc:  # a bug of ours must not lose the message: defer it and say so loudly
@@ -265,14 +253,7 @@ class Scheduler:
             return
         await self._store.finish(item.queue_id, item.index, State.DELIVERED, reply, attempts)
         elapsed = time.monotonic() - started
-        log.info(
-            "%s: to=<%s> account=%s status=delivered delay=%.3fs reply=%s",
-            item.queue_id,
-            item.address,
-            item.account,
-            elapsed,
-            reply,
-        )
+        _log_attempt(item, "delivered", reply, elapsed, attempts)
         await self._observe(item, "delivered", reply, elapsed)
 
     async def _observe(self, item: DueRecipient, outcome: str, reply: str, seconds: float) -> None:
@@ -283,30 +264,64 @@ class Scheduler:
         except Exception:
             log.exception("%s: recording the %s outcome failed", item.queue_id, outcome)
 
-    async def _temporary(self, item: DueRecipient, attempts: int, reply: str) -> str:
+    async def _temporary(
+        self, item: DueRecipient, attempts: int, reply: str, error: DeliveryError | None = None
+    ) -> str:
         """Defer, or expire once past ``max_age``; returns which."""
         now = self._clock()
         deadline = item.created_at + self._cfg.queue.max_age
         if now >= deadline:
             await self._store.finish(item.queue_id, item.index, State.EXPIRED, reply, attempts)
-            log.info(
-                "%s: to=<%s> account=%s status=expired reply=%s",
-                item.queue_id,
-                item.address,
-                item.account,
-                reply,
-            )
+            _log_attempt(item, "expired", reply, None, attempts, error)
             return "expired"
         schedule = self._cfg.queue.retry_schedule
         delay = schedule[min(attempts - 1, len(schedule) - 1)]
         next_attempt = min(now + delay, deadline)
         await self._store.defer(item.queue_id, item.index, next_attempt, reply, attempts)
-        log.info(
-            "%s: to=<%s> account=%s status=deferred retry_in=%.0fs reply=%s",
-            item.queue_id,
-            item.address,
-            item.account,
-            next_attempt - now,
-            reply,
-        )
+        _log_attempt(item, "deferred", reply, None, attempts, error, retry_in=next_attempt - now)
         return "deferred"
+
+
+def _log_attempt(
+    item: DueRecipient,
+    outcome: str,
+    reply: str,
+    seconds: float | None,
+    attempts: int,
+    error: DeliveryError | None = None,
+    *,
+    retry_in: float | None = None,
+) -> None:
+    """One line per delivery attempt: Postfix-like text, and the same facts as fields for JSON logs."""
+    if error is not None:
+        code, status = (str(error.code) if error.code else None), error.status
+    elif reply[:3].isdigit():
+        code, status = reply[:3], (reply.split(" ", 2)[1] if " " in reply else None)
+    else:
+        code, status = None, None
+    fields = {
+        "event": "delivery",
+        "queue_id": item.queue_id,
+        "account": item.account,
+        "list": item.list_name,
+        "rcpt_domain": item.address.rpartition("@")[2],
+        "outcome": outcome,
+        "reply_code": code,
+        "status": status,
+        "attempts": attempts,
+        "latency": round(seconds, 4) if seconds is not None else None,
+        "retry_in": round(retry_in) if retry_in is not None else None,
+    }
+    timing = f" delay={seconds:.3f}s" if seconds is not None else ""
+    later = f" retry_in={retry_in:.0f}s" if retry_in is not None else ""
+    log.info(
+        "%s: to=<%s> account=%s status=%s%s%s reply=%s",
+        item.queue_id,
+        item.address,
+        item.account,
+        outcome,
+        timing,
+        later,
+        reply,
+        extra={"fields": fields},
+    )

@@ -189,6 +189,24 @@ class SubmissionHandler:
         started = time.perf_counter()
         reply = await self._data(server, session, envelope)
         outcome, reason = _outcome(reply)
+        if outcome != "accepted":
+            log.info(
+                "DATA from %s account=%s %s: %s",
+                server.peer_ip,
+                session.account,
+                outcome,
+                reply,
+                extra={
+                    "fields": {
+                        "event": "submission",
+                        "account": session.account,
+                        "outcome": outcome,
+                        "reason": reason,
+                        "reply_code": reply[:3],
+                        "client": server.peer_ip,
+                    }
+                },
+            )
         metrics.SUBMISSIONS.labels(outcome, reason).inc()
         metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
         return reply
@@ -251,6 +269,18 @@ class SubmissionHandler:
             envelope.mail_from,
             len(msg.recipients),
             len(msg.data),
+            extra={
+                "fields": {
+                    "event": "submission",
+                    "queue_id": queue_id,
+                    "account": session.account,
+                    "list": msg.list_name,
+                    "outcome": "accepted",
+                    "nrcpt": len(msg.recipients),
+                    "size": len(msg.data),
+                    "client": server.peer_ip,
+                }
+            },
         )
         self.scheduler.submitted(msg, time.time())
         metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
