@@ -22,7 +22,7 @@ from pathlib import Path
 
 from relayd import config as config_mod
 from relayd import metrics
-from relayd.config import Config
+from relayd.config import Config, parse_hostport
 from relayd.dkim import DkimKeyError, Signer, load_key
 from relayd.errors import ConfigError
 from relayd.policy.dequeue import DequeueCheck
@@ -34,6 +34,7 @@ from relayd.secret import load_or_create
 from relayd.smtp.protocol import ConnectionLimits
 from relayd.smtp.submission import SubmissionHandler, start_submission
 from relayd.store import Event, Store, StoreError, open_store
+from relayd.web import create_app, start_web
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ class Daemon:
         for srv in self.servers:
             for sock in srv.sockets:
                 log.info("submission listening on %s", sock.getsockname()[:2])
+        host, port = parse_hostport(cfg.http.listen)
+        self.web = await start_web(create_app(cfg, self.store, self.secret, self.queue), host, port)
+        log.info("http listening on %s:%d", host, port)
         self._tasks.append(asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop)))
         self._tasks.append(asyncio.create_task(watchdog(self.stop)))
 
@@ -182,6 +186,7 @@ class Daemon:
         deadline = loop.time() + _GRACE
         while self.limits.open and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        await self.web.cleanup()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

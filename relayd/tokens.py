@@ -51,7 +51,10 @@ def make_token(secret: bytes, purpose: str, queue_id: str, index: int, address: 
 
 def parse_token(token: str) -> TokenRef | None:
     """Split a token without verifying it; None when it is not of our shape."""
-    parts = token.strip().lower().split("-")
+    token = token.strip().lower()
+    if not token.isascii() or not token.replace("-", "").isalnum():
+        return None  # also keeps hmac.compare_digest away from non-ASCII text (it raises TypeError)
+    parts = token.split("-")
     if len(parts) != 3:
         return None
     qid, idx, mac = parts

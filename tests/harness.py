@@ -178,6 +178,8 @@ def config_text(
     retry_schedule: str = '["1s"]',
     accounts: str | None = None,
     server_extra: str = "",
+    http_port: int = 0,
+    inbound_port: int = 0,
 ) -> str:
     routes = routes or {}
     route_items = ", ".join(f'"{dom}" = "127.0.0.1:{p}"' for dom, p in routes.items())
@@ -203,7 +205,12 @@ listen = ["127.0.0.1:{port}"]
 {submission_extra}
 
 [inbound]
+listen = ["127.0.0.1:{inbound_port}"]
 domains = ["bounces.example.test"]
+
+[http]
+listen = "127.0.0.1:{http_port}"
+public_url = "http://127.0.0.1:{http_port}"
 
 [store]
 path = "{tmp}/relayd.db"
@@ -230,8 +237,14 @@ class Relayd:
     def __init__(self, tmp: Path, **config: Any) -> None:
         self.tmp = tmp
         self.port = free_port()
+        self.http_port = free_port()
+        self.inbound_port = free_port()
         self.config = tmp / "relayd.toml"
-        self.config.write_text(config_text(tmp, port=self.port, **config))
+        self.config.write_text(
+            config_text(
+                tmp, port=self.port, http_port=self.http_port, inbound_port=self.inbound_port, **config
+            )
+        )
         self.log = tmp / "relayd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}

@@ -41,10 +41,8 @@ def test_smtplib_message_arrives_byte_exact_with_verp_sender(tmp_path: Path, sin
     # the body arrives byte for byte, followed only by the unsubscribe footer and imprint
     assert delivered_body.startswith(sent_body)
     footer = delivered_body[len(sent_body) :].decode()
-    assert re.fullmatch(
-        r"\r\n\r\n-- \r\nUnsubscribe: http://127\.0\.0\.1:8025/u/[a-z0-9-]+\r\nACME Ltd, 1 Test Street\r\n",
-        footer,
-    ), footer
+    url = rf"http://127\.0\.0\.1:{relayd.http_port}/u/[a-z0-9-]+"
+    assert re.fullmatch(rf"\r\n\r\n-- \r\nUnsubscribe: {url}\r\nACME Ltd, 1 Test Street\r\n", footer), footer
     assert got.rcpt_tos == ["bob@example.test"]
     token = verp_token(got.mail_from)
     assert got.mail_from.endswith("@bounces.example.test") and token is not None
@@ -112,7 +110,10 @@ def test_swaks_submission_to_postfix_smtp_sink(tmp_path: Path) -> None:
     assert parsed["Message-ID"] == "<swaks-1@acme.example.test>"
     payload = parsed.get_payload()
     assert payload.startswith(body)  # the body as sent, then the footer relayd appends
-    assert "Unsubscribe: http://127.0.0.1:8025/u/" in payload and "ACME Ltd, 1 Test Street" in payload
+    assert (
+        f"Unsubscribe: http://127.0.0.1:{relayd.http_port}/u/" in payload
+        and "ACME Ltd, 1 Test Street" in payload
+    )
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 

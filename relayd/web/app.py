@@ -36,11 +36,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
+from relayd import metrics
 from relayd.config import Config
 from relayd.errors import StorageError
 from relayd.queue.store import QueueStore
@@ -62,7 +65,6 @@ access_log = logging.getLogger("relayd.web.access")
 MAX_BODY = 8192
 
 _ONE_CLICK = b"List-Unsubscribe=One-Click"
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _UA_MAX = 256
 
 _SECURITY_HEADERS = {
@@ -82,7 +84,7 @@ _REASONS = {
 
 @dataclass(frozen=True, slots=True)
 class _Deps:
-    cfg: Config
+    cfg: Config  # not needed by the unsubscribe pages; here for /metrics and later per-account pages
     store: Store
     secret: bytes
     queue: QueueStore | None
@@ -160,23 +162,31 @@ async def _show(request: web.Request) -> web.Response:
 async def _requested(request: web.Request) -> UnsubscribeSource | None:
     """Which unsubscribe the POST body asks for, if any. Raises HTTPRequestEntityTooLarge over MAX_BODY.
 
-    The body is read before the token is checked so the size limit holds for every POST."""
+    The body is read before the token is checked so the size limit holds for every POST. A body we cannot
+    parse (broken multipart, odd charset) is not a request to unsubscribe: None, never an exception."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
-    if request.content_type in _FORM_TYPES:
+    fields: dict[str, str] = {}
+    if request.content_type == "multipart/form-data":
         try:
-            form = await request.post()  # enforces client_max_size for both encodings
-        except ValueError:  # malformed multipart, undecodable charset
+            form = await request.post()  # enforces client_max_size on the parts
+        except (ValueError, LookupError, HttpProcessingError):
             return None
-        one_click = form.get("List-Unsubscribe")
-        if isinstance(one_click, str) and one_click.strip().lower() == "one-click":
-            return UnsubscribeSource.ONE_CLICK
-        confirm = form.get("confirm")
-        if isinstance(confirm, str) and confirm.strip().lower() == "yes":
-            return UnsubscribeSource.WEB
-        return None
-    body = await request.read()
-    return UnsubscribeSource.ONE_CLICK if body.strip() == _ONE_CLICK else None
+        for name, value in form.items():
+            if isinstance(value, str):  # file parts are not ours
+                fields.setdefault(name, value)
+    else:
+        body = await request.read()  # enforces client_max_size
+        if request.content_type != "application/x-www-form-urlencoded":
+            return UnsubscribeSource.ONE_CLICK if body.strip() == _ONE_CLICK else None
+        # the names and values we look for are ASCII: any charset parameter is moot
+        for name, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+            fields.setdefault(name, value)
+    if fields.get("List-Unsubscribe", "").strip().lower() == "one-click":
+        return UnsubscribeSource.ONE_CLICK
+    if fields.get("confirm", "").strip().lower() == "yes":
+        return UnsubscribeSource.WEB
+    return None
 
 
 async def _post(request: web.Request) -> web.Response:
@@ -185,7 +195,7 @@ async def _post(request: web.Request) -> web.Response:
     source = await _requested(request)
     token = request.match_info["token"]
     if source is None:
-        # say "invalid link" for a bad token whatever the body, so the answer never depends on both
+        # a bad token is reported as a bad link whatever the body asked
         if await resolve(deps.store, deps.secret, token) is None:
             return _html(400, pages.invalid_page())
         return _html(400, pages.not_asked_page())
@@ -209,10 +219,15 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_get("/u/{token}", _show, allow_head=False)
     app.router.add_post("/u/{token}", _post)
     app.router.add_get("/healthz", _healthz, allow_head=False)
-    # --- /metrics ------------------------------------------------------------------------------------
-    # Reserved for the Prometheus exposition (relayd_<thing>_total, STYLE.md "Logging"); it is added
-    # here, as app.router.add_get("/metrics", ...), by the metrics issue. Nothing else may use the path.
-    # -------------------------------------------------------------------------------------------------
+    app.router.add_get("/metrics", _metrics, allow_head=False)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of relayd's own registry (relayd/metrics.py)."""
+    body, content_type = metrics.exposition()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = content_type
+    return resp
 
 
 def create_app(cfg: Config, store: Store, secret: bytes, queue: QueueStore | None) -> web.Application:

@@ -2,7 +2,8 @@
 
 Shared by every unsubscribe channel (DESIGN.md "Flow" step 6): the RFC 8058 one-click POST and the button on
 the unsubscribe page (:mod:`relayd.web.app`), and mail to ``unsubscribe+<token>@<inbound domain>`` (the
-inbound listener). This module has no HTTP in it, so the mail path can import it without aiohttp.
+inbound listener). Nothing HTTP-specific is in here: the caller says which channel asked (``source``) and
+passes whatever evidence it has.
 
 Why the token is checked against the ledger and not trusted on its face: a token carries only
 ``<queue id>-<index>-<mac>``; the recipient address, account and list come from the sent ledger, and the MAC
