@@ -47,12 +47,17 @@ algorithm = "rsa"
 """
 
 
-def write_config(tmp: Path, port: int, sink_port: int, extra: str = "") -> Path:
+def write_config(tmp: Path, port: int, sink_port: int, extra: str = "", workers: int = 1) -> Path:
     cfg = tmp / "bench.toml"
     cfg.write_text(f"""
 [server]
 hostname = "relayd.bench"
 secret_file = "{tmp}/secret.key"
+workers = {workers}
+[http]
+listen = "127.0.0.1:{free_port()}"
+[inbound]
+listen = ["127.0.0.1:{free_port()}"]
 [submission]
 listen = ["127.0.0.1:{port}"]
 max_connections_per_ip = 1000
@@ -91,14 +96,28 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise SystemExit(f"relayd did not start on {port}")
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants (relayd's main process and its workers)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            out.extend(tree_pids(int(child)))
+    return out
+
+
 def proc_cpu_and_rss(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS in KB) of a running process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """(CPU seconds, sum of peak RSS in KB) over a process and its descendants, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    with open(f"/proc/{pid}/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    cpu, hwm = 0.0, 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / ticks
+            with open(f"/proc/{p}/status") as f:
+                hwm += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            continue
     return cpu, hwm
 
 
@@ -108,6 +127,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=20)
     ap.add_argument("--size", type=int, default=5120)
     ap.add_argument("--recipients", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="relayd worker processes ([server] workers)")
     ap.add_argument("--auth", action="store_true", help="AUTH PLAIN on every connection (default: networks)")
     ap.add_argument(
         "--profile", metavar="FILE", help="run relayd under py-spy, write collapsed stacks to FILE"
@@ -118,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relayd-bench-") as d:
         tmp = Path(d)
         port = free_port()
-        cfg = write_config(tmp, port, sink.port, pipeline_config(tmp))
+        cfg = write_config(tmp, port, sink.port, pipeline_config(tmp), args.workers)
         log = (tmp / "relayd.log").open("wb")
         cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(cfg), "--log-level", "warning"]
         proc = subprocess.Popen(

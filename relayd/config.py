@@ -112,6 +112,7 @@ class ServerConfig(_Model):
     secret_file: Path = Path("var/secret.key")
     feedback_sender_id: str = Field(default="relayd", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     log_format: Literal["text", "json"] = "text"
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class SubmissionConfig(_Model):

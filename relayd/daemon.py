@@ -34,6 +34,7 @@ from relayd.secret import load_or_create
 from relayd.smtp.protocol import ConnectionLimits
 from relayd.smtp.submission import SubmissionHandler, start_submission
 from relayd.store import Event, Store, StoreError, open_store
+from relayd.supervisor import shard_path
 from relayd.web import create_app, start_web
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,13 @@ def load_signer(cfg: Config) -> Signer:
 class Daemon:
     """One relayd process: its stores, its listeners, its workers, and the reload that swaps config."""
 
-    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Config, config_path: Path | None = None, *, worker: int = 0, workers: int = 1
+    ) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.worker = worker
+        self.workers = workers
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -119,7 +124,7 @@ class Daemon:
         self.store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
         self.gate = AccountGate(self.store)
         await self.gate.start()
-        self.queue = QueueStore(cfg.queue.path / "queue.db")
+        self.queue = QueueStore(shard_path(cfg.queue.path, self.worker))
         await self.queue.open()
         self.scheduler = Scheduler(
             cfg,
@@ -131,13 +136,18 @@ class Daemon:
         self.scheduler.start()
         self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate)
         self.handler = SubmissionHandler(cfg, self.queue, self.scheduler, self.pipeline)
-        self.limits = ConnectionLimits(cfg.submission.max_connections, cfg.submission.max_connections_per_ip)
-        self.servers = await start_submission(cfg, self.handler, self.limits)
+        # with several workers each holds its share of the connection limit (the kernel spreads connections)
+        self.limits = ConnectionLimits(
+            max(1, -(-cfg.submission.max_connections // self.workers)), cfg.submission.max_connections_per_ip
+        )
+        self.servers = await start_submission(cfg, self.handler, self.limits, reuse_port=self.workers > 1)
         for srv in self.servers:
             for sock in srv.sockets:
                 log.info("submission listening on %s", sock.getsockname()[:2])
         host, port = parse_hostport(cfg.http.listen)
-        self.web = await start_web(create_app(cfg, self.store, self.secret, self.queue), host, port)
+        self.web = await start_web(
+            create_app(cfg, self.store, self.secret, self.queue), host, port, reuse_port=self.workers > 1
+        )
         log.info("http listening on %s:%d", host, port)
         self._tasks.append(asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop)))
         self._tasks.append(asyncio.create_task(watchdog(self.stop)))
@@ -209,14 +219,15 @@ async def watchdog(stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-async def serve(cfg: Config, config_path: Path | None = None) -> None:
-    daemon = Daemon(cfg, config_path)
+async def serve(cfg: Config, config_path: Path | None = None, *, worker: int = 0, workers: int = 1) -> None:
+    """Run one relayd process (the only one, or worker ``worker`` of ``workers``) until SIGTERM/SIGINT."""
+    daemon = Daemon(cfg, config_path, worker=worker, workers=workers)
     await daemon.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     sd_notify("READY=1")
-    log.info("relayd ready")
+    log.info("relayd ready" if workers == 1 else "relayd worker %d of %d ready", worker, workers)
     await daemon.stop.wait()
     await daemon.shutdown()

@@ -10,9 +10,10 @@ Label sets are bounded: destination domains get their own label value only for t
 
 from __future__ import annotations
 
+import os
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -75,15 +76,23 @@ ACCOUNT_COMPLAINTS = Counter(
     "relayd_account_complaints_total", "Complaints attributed to an account", ["account"], registry=REGISTRY
 )
 QUEUE_RECIPIENTS = Gauge(
-    "relayd_queue_recipients", "Recipients in the queue by state", ["state"], registry=REGISTRY
+    "relayd_queue_recipients",
+    "Recipients in the queue by state",
+    ["state"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",  # each worker reports its own queue shard
 )
 QUEUE_OLDEST = Gauge(
     "relayd_queue_oldest_age_seconds",
-    "Age of the oldest message with a recipient still queued or held",
+    "Age of the oldest message with a recipient still queued",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 SUPPRESSION_ENTRIES = Gauge(
-    "relayd_suppression_entries", "Suppression entries in the store", registry=REGISTRY
+    "relayd_suppression_entries",
+    "Suppression entries in the store",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 ACCEPT_SECONDS = Histogram(
     "relayd_smtp_accept_seconds",
@@ -122,5 +131,12 @@ def domain_label(domain: str) -> str:
 
 
 def exposition() -> tuple[bytes, str]:
-    """The text format body and its content type, for ``GET /metrics``."""
+    """The text format body and its content type, for ``GET /metrics``.
+
+    With several workers (``PROMETHEUS_MULTIPROC_DIR`` set by ``relayd serve``) every worker writes its
+    samples to files there, and whichever worker answers the scrape adds them all up."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -118,3 +118,28 @@ def test_json_logs_answer_what_happened_to_a_message(tmp_path: Path, sink: Sink)
     assert mine[1]["reply_code"] == "451" and mine[1]["status"] == "4.7.1"
     text = relayd.log_text()
     assert PASSWORD not in text and "json logs" not in text  # no secrets, no message content
+
+
+def test_two_workers_share_the_port_and_deliver_everything(tmp_path: Path, sink: Sink) -> None:
+    with Relayd(tmp_path, routes={"example.test": sink.port}, server_extra="workers = 2") as relayd:
+        ids = set()
+        for i in range(30):
+            code, resp = relayd.submit(message(f"worker mail {i}"), to=[f"w{i}@example.test"])
+            assert code == 250
+            ids.add(resp.decode().rsplit(" ", 1)[1])
+        assert wait_until(lambda: sink.handler.count() == 30)
+        # both workers took connections: each has its own queue shard on disk
+        shards = sorted(p.name for p in (tmp_path / "queue").glob("queue*.db"))
+        assert shards == ["queue-1.db", "queue.db"]
+        listing = relayd.cli("queue", "list", "--json", "--state", "delivered")
+        assert {json.loads(line)["queue_id"] for line in listing.stdout.splitlines()} == ids
+        # /metrics adds up the workers' samples
+        import urllib.request
+
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{relayd.http_port}/metrics", timeout=10).read().decode()
+        )
+        accepted = [
+            ln for ln in body.splitlines() if ln.startswith('relayd_submissions_total{outcome="accepted"')
+        ]
+        assert accepted and float(accepted[0].split()[-1]) == 30.0

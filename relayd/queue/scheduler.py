@@ -92,6 +92,7 @@ class Scheduler:
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (queue id, index or -1)
         self._cache_bytes = 0
         self._wake = asyncio.Event()
+        self._ended_during_scan: set[tuple[str, int]] | None = None
         self._runner: asyncio.Task[None] | None = None
 
     # --- entry points -------------------------------------------------------------------------------------
@@ -157,11 +158,17 @@ class Scheduler:
         room = self._cfg.queue.active_limit - len(self._inflight)
         if room <= 0:
             return
+        # an attempt that ends while the query runs may come back as a stale 'queued' row: remember every
+        # attempt that ends from now on and skip those rows (else the recipient would get a second copy)
+        self._ended_during_scan = set()
         # in-flight recipients are still 'queued' on disk and may come back first: ask for enough rows
-        for item in await self._store.due(self._clock(), room + len(self._inflight)):
+        rows = await self._store.due(self._clock(), room + len(self._inflight))
+        ended, self._ended_during_scan = self._ended_during_scan, None
+        for item in rows:
             if room <= 0:
                 break
-            if (item.queue_id, item.index) not in self._inflight:
+            key = (item.queue_id, item.index)
+            if key not in self._inflight and key not in ended:
                 self._dispatch(item)
                 room -= 1
 
@@ -207,6 +214,8 @@ class Scheduler:
             log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
         finally:
             self._inflight.discard(key)
+            if self._ended_during_scan is not None:
+                self._ended_during_scan.add(key)
             if len(self._inflight) < self._cfg.queue.active_limit // 2:
                 self._wake.set()
 

@@ -340,7 +340,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 async def start_submission(
-    cfg: Config, handler: SubmissionHandler, limits: ConnectionLimits
+    cfg: Config, handler: SubmissionHandler, limits: ConnectionLimits, *, reuse_port: bool = False
 ) -> list[asyncio.Server]:
     """Bind every ``[submission] listen`` address; return the servers (closing them stops accepting)."""
     loop = asyncio.get_running_loop()
@@ -371,5 +371,7 @@ async def start_submission(
                 auth_exclude_mechanism=[] if sub.auth_required else ["LOGIN", "PLAIN"],
             )
 
-        servers.append(await loop.create_server(factory, host=host, port=port, reuse_address=True))
+        servers.append(
+            await loop.create_server(factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port)
+        )
     return servers

@@ -242,7 +242,7 @@ def create_app(cfg: Config, store: Store, secret: bytes, queue: QueueStore | Non
     return app
 
 
-async def start_web(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start_web(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> web.AppRunner:
     """Bind ``host:port`` and serve ``app``; ``await runner.cleanup()`` stops it.
 
     The bound address (useful with port 0) is ``runner.addresses[0]``. Raises OSError when the address
@@ -256,7 +256,7 @@ async def start_web(app: web.Application, host: str, port: int) -> web.AppRunner
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     except OSError:
         await runner.cleanup()
         raise
