@@ -129,6 +129,8 @@ class Scheduler:
             if len(self._inflight) >= self._cfg.queue.active_limit:
                 self._wake.set()  # the scanner will pick the rest up as room frees
                 return
+            if (msg.queue_id, i) in self._inflight:
+                continue  # a scan that ran right after the commit got there first
             self._dispatch(
                 DueRecipient(msg.queue_id, i, rcpt, 0, msg.account, msg.mail_from, created_at, msg.list_name)
             )
