@@ -63,9 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    _load(args)
+    cfg = _load(args)
     print(f"{args.config}: ok")
-    return 0
+    if not args.dns:
+        return 0
+    from relayd import doctor
+
+    checks = asyncio.run(doctor.run_checks(cfg))
+    print(doctor.format_table(checks), end="")
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -300,8 +306,13 @@ def cmd_account(args: argparse.Namespace) -> int:
                 "details": st.details if st else "",
                 "since": st.since.isoformat() if st else None,
             }
+            from relayd import reputation
+
+            window = cfg.policy.thresholds.window
+            rates = await reputation.rates(store, args.name, dt.datetime.now(dt.UTC), window=window)
+            info["rates"] = rates.figures()
             if args.json:
-                print(json.dumps(info))
+                print(json.dumps(info, default=str))
             else:
                 for key, value in info.items():
                     print(f"{key:<10} {value}")
@@ -417,7 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.set_defaults(fn=cmd_serve)
 
-    sp = with_config(sub.add_parser("check-config", help="validate the config; exit 2 listing every problem"))
+    sp = with_config(
+        sub.add_parser(
+            "check-config",
+            help="validate the config; exit 2 listing every problem",
+            epilog="example: relayd check-config --config /etc/relayd/relayd.toml --dns",
+        )
+    )
+    sp.add_argument(
+        "--dns",
+        action="store_true",
+        help="also check SPF, DKIM, DMARC and MX records in DNS (exit 1 on a problem)",
+    )
     sp.set_defaults(fn=cmd_check_config)
 
     q = sub.add_parser("queue", help="inspect and act on the queue").add_subparsers(

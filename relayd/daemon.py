@@ -21,16 +21,17 @@ import time
 from pathlib import Path
 
 from relayd import config as config_mod
-from relayd import metrics
+from relayd import feedback, metrics
 from relayd.config import Config, parse_hostport
 from relayd.dkim import DkimKeyError, Signer, load_key
-from relayd.errors import ConfigError
+from relayd.errors import ConfigError, DeliveryError
 from relayd.policy.dequeue import DequeueCheck
 from relayd.policy.pipeline import Pipeline
 from relayd.policy.suspension import AccountGate
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import DueRecipient, QueueStore
 from relayd.secret import load_or_create
+from relayd.smtp.inbound import InboundHandler, start_inbound
 from relayd.smtp.protocol import ConnectionLimits
 from relayd.smtp.submission import SubmissionHandler, start_submission
 from relayd.store import Event, Store, StoreError, open_store
@@ -54,12 +55,17 @@ def sd_notify(message: str) -> None:
 
 
 class DeliveryRecorder:
-    """What happens after each delivery attempt: a metric, and an event (webhooks and rates read those)."""
+    """What happens after each delivery attempt: a metric, an event (webhooks and rates read those), and for
+    a final failure (5xx, or expiry) the same effects as a bounce report (relayd.feedback)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, queue: QueueStore, cfg: Config) -> None:
         self._store = store
+        self._queue = queue
+        self.cfg = cfg
 
-    async def __call__(self, item: DueRecipient, outcome: str, reply: str, seconds: float) -> None:
+    async def __call__(
+        self, item: DueRecipient, outcome: str, reply: str, seconds: float, error: DeliveryError | None
+    ) -> None:
         domain = item.address.rpartition("@")[2]
         metrics.DELIVERIES.labels(outcome, metrics.domain_label(domain)).inc()
         if outcome in ("delivered", "bounced"):
@@ -78,6 +84,22 @@ class DeliveryRecorder:
                 evidence=json.dumps({"reply": reply[:500], "index": item.index}),
             )
         )
+        if outcome in ("bounced", "expired") and error is not None:
+            await feedback.on_delivery_failure(
+                self._store,
+                self._queue,
+                self.cfg,
+                queue_id=item.queue_id,
+                index=item.index,
+                account=item.account,
+                list_name=item.list_name,
+                address=item.address,
+                code=error.code or (550 if outcome == "bounced" else 451),
+                enhanced=error.status,
+                text=error.text or str(error),
+                command=error.command,
+                now=dt.datetime.now(dt.UTC),
+            )
 
 
 async def refresh_gauges(queue: QueueStore, store: Store, stop: asyncio.Event) -> None:
@@ -126,12 +148,13 @@ class Daemon:
         await self.gate.start()
         self.queue = QueueStore(shard_path(cfg.queue.path, self.worker))
         await self.queue.open()
+        self.recorder = DeliveryRecorder(self.store, self.queue, cfg)
         self.scheduler = Scheduler(
             cfg,
             self.queue,
             self.secret,
             gate=DequeueCheck(self.store, self.gate),
-            observer=DeliveryRecorder(self.store),
+            observer=self.recorder,
         )
         self.scheduler.start()
         self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate)
@@ -144,6 +167,13 @@ class Daemon:
         for srv in self.servers:
             for sock in srv.sockets:
                 log.info("submission listening on %s", sock.getsockname()[:2])
+        self.inbound = InboundHandler(cfg, self.store, self.queue, self.secret)
+        self.inbound_limits = ConnectionLimits(
+            max(1, -(-cfg.submission.max_connections // self.workers)), cfg.submission.max_connections_per_ip
+        )
+        self.inbound_servers = await start_inbound(
+            cfg, self.inbound, self.inbound_limits, reuse_port=self.workers > 1
+        )
         host, port = parse_hostport(cfg.http.listen)
         self.web = await start_web(
             create_app(cfg, self.store, self.secret, self.queue), host, port, reuse_port=self.workers > 1
@@ -179,6 +209,8 @@ class Daemon:
         pipeline = Pipeline(new, self.store, self.secret, signer, self.gate)
         self.handler.reload(new, pipeline)
         self.scheduler.reload(new)
+        self.recorder.cfg = new
+        self.inbound.cfg = new
         self.pipeline = pipeline
         self.cfg = new
         log.info(
@@ -190,11 +222,11 @@ class Daemon:
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")
         log.info("shutting down: no new connections")
-        for srv in self.servers:
+        for srv in [*self.servers, *self.inbound_servers]:
             srv.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _GRACE
-        while self.limits.open and loop.time() < deadline:
+        while (self.limits.open or self.inbound_limits.open) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self.web.cleanup()
         for task in self._tasks:

@@ -36,10 +36,20 @@ class StorageError(RelaydError):
 class DeliveryError(RelaydError):
     """A delivery attempt failed; ``code`` and ``status`` are the SMTP reply, when there was one."""
 
-    def __init__(self, message: str, code: int | None = None, status: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: int | None = None,
+        status: str | None = None,
+        *,
+        command: str | None = None,
+        text: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        self.command = command  # "MAIL", "RCPT", "DATA" when the reply answered that command
+        self.text = text  # the server's reply text, without code and enhanced status
 
 
 class TemporaryFailure(DeliveryError):

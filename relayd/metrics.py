@@ -10,11 +10,15 @@ Label sets are bounded: destination domains get their own label value only for t
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from relayd.store.base import Event
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -140,3 +144,41 @@ def exposition() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_BOUNCE_TYPES = {"hard_bounce": "hard", "soft_bounce": "soft", "bounce": "block"}
+
+
+def observe_events(events: Iterable[Event]) -> None:
+    """Count what feedback and policy effects did, from their events (one mapping, one place)."""
+    for ev in events:
+        evidence = _evidence(ev)
+        via_report = evidence.get("report") not in (None, "smtp")
+        if ev.kind in _BOUNCE_TYPES:
+            ACCOUNT_BOUNCES.labels(ev.account or "-", _BOUNCE_TYPES[ev.kind]).inc()
+            if via_report:
+                DSN_RECEIVED.labels(_BOUNCE_TYPES[ev.kind], "yes").inc()
+        elif ev.kind in ("delayed", "delivered", "autoreply"):
+            DSN_RECEIVED.labels("other", "yes").inc()
+        elif ev.kind == "complaint":
+            ACCOUNT_COMPLAINTS.labels(ev.account or "-").inc()
+            ARF_RECEIVED.labels(str(evidence.get("feedback_type") or "abuse"), "yes").inc()
+        elif ev.kind == "unattributed":
+            if ev.reason == "arf":
+                ARF_RECEIVED.labels(str(evidence.get("feedback_type") or "unknown"), "no").inc()
+            else:
+                DSN_RECEIVED.labels("other", "no").inc()
+        elif ev.kind == "suppressed":
+            SUPPRESSIONS_ADDED.labels(ev.reason or "-", str(evidence.get("scope") or "global")).inc()
+        elif ev.kind == "unsubscribed":
+            SUPPRESSIONS_ADDED.labels("unsubscribe", "list" if ev.list else "account").inc()
+        elif ev.kind == "suspended":
+            SUSPENSIONS.labels(ev.account or "-", ev.reason or "-").inc()
+
+
+def _evidence(ev: Event) -> dict[str, object]:
+    try:
+        value = json.loads(ev.evidence or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -503,3 +503,161 @@ async def test_sent_ledger_round_trip_and_prune(store: Store) -> None:
     assert await store.prune_sent(t0 + timedelta(days=1)) == 1
     assert await store.lookup_sent("q1", 0) is None
     assert await store.lookup_sent("q1", 1) is not None
+
+
+# --- feedback counts (count_sent / count_events) -----------------------------------------------------
+
+
+async def test_count_sent_exact_window_across_hours_and_prune(store: Store) -> None:
+    t0 = datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
+    times = [t0 + timedelta(minutes=20 * i) for i in range(9)]  # 10:30 .. 13:10, across hour edges
+    await store.record_sent(
+        SentRecord(f"q{i:015d}", 0, "acme", None, f"r{i}@example.test", at) for i, at in enumerate(times)
+    )
+    await store.record_sent([SentRecord("qother000000000", 0, "other", None, "x@example.test", t0)])
+    for i, at in enumerate(times):
+        assert await store.count_sent("acme", at) == 9 - i, at
+        assert await store.count_sent("acme", at + timedelta(microseconds=1)) == 8 - i, at
+    assert await store.count_sent("acme", t0 - timedelta(days=30)) == 9
+    assert await store.count_sent("other", t0 - timedelta(days=30)) == 1
+    assert await store.count_sent("nobody", t0 - timedelta(days=30)) == 0
+    # whole hours come from the roll-up: pruning the ledger for size does not lower them
+    await store.prune_sent(t0 + timedelta(hours=5))
+    assert await store.count_sent("acme", t0 + timedelta(minutes=90)) == 4  # from 12:00
+
+
+async def test_count_events_by_account_address_reason(store: Store) -> None:
+    t0 = datetime(2026, 1, 1, 10, 59, tzinfo=UTC)
+    evs = [
+        Event(t0, "complaint", "acme", None, "a@example.test", "abuse"),
+        Event(t0 + timedelta(minutes=2), "complaint", "acme", "news", "b@example.test", "fraud"),
+        Event(t0 + timedelta(hours=3), "complaint", "acme", None, "a@example.test", "abuse"),
+        Event(t0 + timedelta(hours=3), "complaint", "other", None, "a@example.test", "abuse"),
+        Event(t0, "soft_bounce", "acme", None, "a@example.test", "mailboxfull"),
+        Event(t0 + timedelta(days=1), "soft_bounce", "other", None, "a@example.test", None),
+        Event(t0, "dropped", "acme", None, "trap@example.test", "spamtrap"),
+        Event(t0, "unattributed", None, None, None, "dsn"),
+    ]
+    await store.record_events(evs)
+    since = t0 - timedelta(days=1)
+    assert await store.count_events("complaint", since, account="acme") == 3
+    assert await store.count_events("complaint", t0 + timedelta(seconds=1), account="acme") == 2
+    assert await store.count_events("complaint", t0 + timedelta(hours=1), account="acme") == 1
+    assert await store.count_events("complaint", since, account="acme", reason="abuse") == 2
+    assert await store.count_events("complaint", since) == 4
+    assert await store.count_events("soft_bounce", since, address="a@example.test") == 2
+    assert await store.count_events("soft_bounce", t0 + timedelta(hours=1), address="a@example.test") == 1
+    assert await store.count_events("soft_bounce", since, address="a@example.test", account="acme") == 1
+    assert await store.count_events("dropped", since, account="acme", reason="spamtrap") == 1
+    assert await store.count_events("dropped", since, account="acme", reason="cap") == 0
+    assert await store.count_events("unattributed", since) == 1
+    assert await store.count_events("complaint", t0 + timedelta(days=2), account="acme") == 0
+    await store.prune_events(t0 + timedelta(days=2))
+    assert await store.count_events("complaint", since, account="acme") == 3  # roll-up survives
+
+
+async def test_sqlite_migration_3_folds_existing_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written by schema 2 gets the same counts after upgrading as one written by schema 3."""
+    import relayd.store.sqlite as sqlite_module
+    from relayd.store import migrations
+
+    path = tmp_path / "old.db"
+    monkeypatch.setattr(sqlite_module, "LATEST_VERSION", 2)
+    monkeypatch.setattr(sqlite_module, "pending", lambda cur: migrations.MIGRATIONS[cur:2])  # stop at 2
+    old = SqliteStore(path)
+    await old.open()
+    t0 = datetime(2026, 1, 1, 10, 15, tzinfo=UTC)
+    await old.record_sent([SentRecord("q000000000000001", 0, "acme", None, "a@example.test", t0)])
+    await old.record_events([Event(t0, "complaint", "acme", None, "a@example.test", "abuse")])
+    await old.close()
+    monkeypatch.undo()
+    new = SqliteStore(path)
+    await new.open()
+    try:
+        assert await new.count_sent("acme", t0 - timedelta(hours=2)) == 1
+        assert await new.count_events("complaint", t0 - timedelta(hours=2), account="acme") == 1
+        await new.record_sent([SentRecord("q000000000000002", 0, "acme", None, "b@example.test", t0)])
+        assert await new.count_sent("acme", t0 - timedelta(hours=2)) == 2
+    finally:
+        await new.close()
+
+
+# --- webhook outbox: events by id, cursors (relayd.webhooks) ------------------------------------------
+
+
+async def test_events_after_ids_order_account_filter_and_limit(store: Store) -> None:
+    assert await store.max_event_id() == 0
+    assert await store.events_after(0, "acme", 10) == []
+    evs = [
+        Event(T0, "delivered", "acme", "news", "a@x.test", None, "Q1"),
+        Event(T0 - timedelta(hours=1), "bounced", "other", None, "b@x.test", "userunknown", "Q2"),
+        Event(T0, "complaint", "acme", None, "c@x.test", "abuse", "Q3", '{"feedback_type": "abuse"}'),
+        Event(T0, "feedback", None, None, None, "unattributable", None),
+    ]
+    await store.record_events(evs[:2])
+    for e in evs[2:]:
+        await store.record_event(e)
+    everything = await store.events_after(0, None, 100)
+    assert [e for _, e in everything] == evs  # id order is recording order, not `at` order
+    ids = [i for i, _ in everything]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert await store.max_event_id() == ids[-1]
+    assert await store.events_after(0, "acme", 100) == [(ids[0], evs[0]), (ids[2], evs[2])]
+    assert await store.events_after(ids[0], "acme", 100) == [(ids[2], evs[2])]
+    assert await store.events_after(ids[2], "acme", 100) == []
+    assert await store.events_after(0, None, 2) == everything[:2]
+    assert await store.events_after(ids[1], None, 100) == everything[2:]
+    assert await store.events_after(0, "nobody", 100) == []
+
+
+async def test_event_ids_follow_commit_order_under_concurrency(store: Store) -> None:
+    """What the webhook cursor relies on: a reader never sees a gap that a later commit fills."""
+    seen: list[int] = []
+
+    async def tail() -> None:
+        after = 0
+        while len(seen) < 300:
+            for i, _ in await store.events_after(after, "acme", 50):
+                seen.append(i)
+                after = i
+            await asyncio.sleep(0)
+
+    reader = asyncio.create_task(tail())
+    await asyncio.gather(*[store.record_event(Event(T0, "delivered", "acme")) for _ in range(200)])
+    await store.record_events(Event(T0, "deferred", "acme") for _ in range(100))
+    await asyncio.wait_for(reader, timeout=10)
+    assert seen == [i for i, _ in await store.events_after(0, "acme", 1000)]
+
+
+async def test_webhook_cursor_round_trip_and_upsert(store: Store) -> None:
+    key = "acme https://hooks.example.test/relayd"
+    assert await store.get_webhook_cursor(key) is None
+    await store.set_webhook_cursor(key, 0)
+    assert await store.get_webhook_cursor(key) == 0
+    await store.set_webhook_cursor(key, 41)
+    await store.set_webhook_cursor("other https://hooks.example.test/relayd", 7)
+    assert await store.get_webhook_cursor(key) == 41
+    assert await store.get_webhook_cursor("other https://hooks.example.test/relayd") == 7
+    await store.set_webhook_cursor(key, 3)  # a plain set, not a max: the dispatcher may start over
+    assert await store.get_webhook_cursor(key) == 3
+
+
+async def test_webhook_cursor_and_event_ids_survive_reopen(tmp_path: Path) -> None:
+    for backend in BACKENDS:
+        s = _make_store(backend, tmp_path / backend)
+        await s.open()
+        await s.record_events([Event(T0, "delivered", "acme"), Event(T0, "delivered", "acme")])
+        last = await s.max_event_id()
+        await s.set_webhook_cursor("acme http://127.0.0.1/hook", last)
+        await s.close()
+        s = _make_store(backend, tmp_path / backend)
+        await s.open()
+        try:
+            assert await s.get_webhook_cursor("acme http://127.0.0.1/hook") == last
+            await s.record_event(Event(T0, "bounced", "acme"))
+            after = await s.events_after(last, "acme", 10)
+            assert [e.kind for _, e in after] == ["bounced"] and after[0][0] > last
+        finally:
+            await s.close()

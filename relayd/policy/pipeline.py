@@ -97,6 +97,7 @@ class Pipeline:
             SuppressionRule(store),
         )
         self.message_rules: tuple[MessageRule, ...] = (ListSuppressionRule(store), CapsRule(store))
+        self.unlisted_rules: tuple[MessageRule, ...] = (CapsRule(store),)  # no list: RCPT checked the rest
 
     # --- MAIL FROM and RCPT ----------------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ class Pipeline:
         )
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
-        for rule in self.message_rules:
+        for rule in self.message_rules if lname else self.unlisted_rules:
             verdicts = await rule.check(req, remaining)
             dropped.update(verdicts)
             remaining = tuple(r for r in remaining if r not in verdicts)

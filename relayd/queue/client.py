@@ -40,12 +40,14 @@ class _StaleConnection(Exception):
     """A pooled connection turned out to be closed before anything was sent on it."""
 
 
-def _fail(code: int, text: str, what: str) -> TemporaryFailure | PermanentFailure:
-    status = text.split(" ", 1)[0] if text[:1].isdigit() and "." in text.split(" ", 1)[0] else None
+def _fail(code: int, text: str, what: str, command: str | None = None) -> TemporaryFailure | PermanentFailure:
+    first = text.split(" ", 1)[0]
+    status = first if first[:1].isdigit() and first.count(".") == 2 else None
+    rest = text[len(first) :].strip() if status else text
     msg = f"{what}: {code} {text}"
     if 500 <= code < 600:
-        return PermanentFailure(msg, code, status)
-    return TemporaryFailure(msg, code, status)
+        return PermanentFailure(msg, code, status, command=command, text=rest)
+    return TemporaryFailure(msg, code, status, command=command, text=rest)
 
 
 class Transport:
@@ -186,7 +188,7 @@ class Transport:
             step = "DATA"
             reply = await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
-            err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}")
+            err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step.split(" ")[0])
             if exc.code == 421 or not client.is_connected:
                 client.close()
             else:

@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 _CACHE_BYTES = 64 * 1024 * 1024
 
 
-#: called after every attempt with (recipient, outcome, reply, seconds); outcome is one of
+#: called after every attempt with (recipient, outcome, reply, seconds, error); outcome is one of
 #: delivered, deferred, bounced, expired, dropped. Its failures are logged, never fatal to delivery.
-Observer = Callable[[DueRecipient, str, str, float], Awaitable[None]]
+Observer = Callable[[DueRecipient, str, str, float, DeliveryError | None], Awaitable[None]]
 
 
 class Gate(Protocol):
@@ -252,11 +252,11 @@ class Scheduler:
         except PermanentFailure as exc:
             await self._store.finish(item.queue_id, item.index, State.FAILED, str(exc), attempts)
             _log_attempt(item, "bounced", str(exc), time.monotonic() - started, attempts, exc)
-            await self._observe(item, "bounced", str(exc), time.monotonic() - started)
+            await self._observe(item, "bounced", str(exc), time.monotonic() - started, exc)
             return
         except TemporaryFailure as exc:
             outcome = await self._temporary(item, attempts, str(exc), exc)
-            await self._observe(item, outcome, str(exc), time.monotonic() - started)
+            await self._observe(item, outcome, str(exc), time.monotonic() - started, exc)
             return
         except Exception as exc:  # a bug of ours must not lose the message: defer it and say so loudly
             log.exception("%s: delivery to <%s> crashed; deferring", item.queue_id, item.address)
@@ -267,11 +267,13 @@ class Scheduler:
         _log_attempt(item, "delivered", reply, elapsed, attempts)
         await self._observe(item, "delivered", reply, elapsed)
 
-    async def _observe(self, item: DueRecipient, outcome: str, reply: str, seconds: float) -> None:
+    async def _observe(
+        self, item: DueRecipient, outcome: str, reply: str, seconds: float, error: DeliveryError | None = None
+    ) -> None:
         if self._observer is None:
             return
         try:
-            await self._observer(item, outcome, reply, seconds)
+            await self._observer(item, outcome, reply, seconds, error)
         except Exception:
             log.exception("%s: recording the %s outcome failed", item.queue_id, outcome)
 

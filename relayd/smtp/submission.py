@@ -22,7 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
-from relayd import metrics
+from relayd import metrics, reputation
 from relayd.address import AddressError, normalize
 from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
@@ -181,6 +181,17 @@ class SubmissionHandler:
                 return verdict.reply
             if verdict is not None and verdict.action is Action.DROP:
                 envelope.dropped.add(rcpt)
+                if verdict.reason == "spamtrap":  # any trap hit may suspend the account (DESIGN.md)
+                    try:
+                        await reputation.evaluate(
+                            self.pipeline.store,
+                            self.queue,
+                            self.cfg,
+                            session.account,
+                            dt.datetime.now(dt.UTC),
+                        )
+                    except StorageError as exc:
+                        log.error("%s: reputation check after a trap hit failed: %s", server.peer_ip, exc)
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"

@@ -50,6 +50,7 @@ __all__ = [
     "SuppressionEntry",
     "SuppressionStore",
     "SuspendReason",
+    "WebhookCursorStore",
     "as_utc",
     "utcnow",
 ]
@@ -397,7 +398,54 @@ class SentLedger(Protocol):
         ...
 
 
-class Store(SuppressionStore, SendCounterStore, AccountStateStore, EventStore, SentLedger, Protocol):
+class WebhookCursorStore(Protocol):
+    """The events log read as an outbox: what webhook dispatchers tail, and how far each endpoint got.
+
+    Event ids are assigned in commit order: once an event is visible, no event committed later has a lower
+    id. That is what lets a dispatcher keep one integer per endpoint instead of a row per delivery (SQLite
+    gets it from its single writer; a PostgreSQL backend must serialise event inserts or only read ids
+    below the oldest open inserting transaction, because sequence values are not committed in order).
+    """
+
+    async def events_after(
+        self, after_id: int, account: str | None, limit: int = 100
+    ) -> builtins.list[tuple[int, Event]]:
+        """Up to ``limit`` events with id > ``after_id``, in id order, with their ids.
+
+        ``account=None`` means every event, account-less ones included. Cost is proportional to the events
+        after ``after_id`` (a primary-key range scan), so callers keep ``after_id`` close to the end.
+        """
+        ...
+
+    async def max_event_id(self) -> int:
+        """The highest event id in the log, 0 when it is empty.
+
+        A value lower than before means the log was emptied (SQLite then starts ids again at 1).
+        """
+        ...
+
+    async def get_webhook_cursor(self, key: str) -> int | None:
+        """The last event id that endpoint ``key`` is done with, or None for an endpoint never seen."""
+        ...
+
+    async def set_webhook_cursor(self, key: str, event_id: int) -> None:
+        """Record that endpoint ``key`` is done with every event up to ``event_id`` (insert or replace).
+
+        Committed without fsync (like events): a crash may lose the last update, which only makes the
+        dispatcher send some events again, which at-least-once delivery allows.
+        """
+        ...
+
+
+class Store(
+    SuppressionStore,
+    SendCounterStore,
+    AccountStateStore,
+    EventStore,
+    SentLedger,
+    WebhookCursorStore,
+    Protocol,
+):
     """Everything the daemon keeps: one object per process, opened at start, closed at shutdown."""
 
     async def open(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import itertools
 import logging
 import operator
@@ -189,6 +190,8 @@ class SqliteStore:
         self._synchronous = ""
         self._event_buffer: builtins.list[tuple[Event, asyncio.Future[None]]] = []
         self._event_flusher: asyncio.Task[None] | None = None
+        self._sent_buffer: builtins.list[tuple[builtins.list[Row], asyncio.Future[None]]] = []
+        self._sent_flusher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -221,6 +224,10 @@ class SqliteStore:
 
     async def close(self) -> None:
         """Commit buffered events, then close every connection. Safe to call twice."""
+        if self._sent_flusher is not None:
+            with contextlib.suppress(BaseException):
+                await self._sent_flusher
+            self._sent_flusher = None
         if self._event_flusher is not None:
             try:
                 await self._event_flusher
@@ -664,15 +671,39 @@ class SqliteStore:
     # -- sent ledger -----------------------------------------------------------------------------------
 
     async def record_sent(self, records: Iterable[SentRecord]) -> None:
-        rows = [(r.queue_id, r.index, r.account, r.list or "", r.address, _us(r.sent_at)) for r in records]
+        """Group commit, like events: every message accepted meanwhile shares one transaction."""
+        rows: builtins.list[Row] = [
+            (r.queue_id, r.index, r.account, r.list or "", r.address, _us(r.sent_at)) for r in records
+        ]
         if not rows:
             return
-        async with self._transaction(durable=False) as db:
-            await db.executemany(
-                "INSERT OR REPLACE INTO sent (queue_id, idx, account, list_name, address, sent_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sent_buffer.append((rows, done))
+        if self._sent_flusher is None or self._sent_flusher.done():
+            self._sent_flusher = asyncio.create_task(self._flush_sent())
+        await asyncio.shield(done)
+
+    async def _flush_sent(self) -> None:
+        while self._sent_buffer:
+            await asyncio.sleep(0)  # let concurrent callers join this batch
+            batch, self._sent_buffer = self._sent_buffer, []
+            try:
+                async with self._transaction(durable=False) as db:
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO sent (queue_id, idx, account, list_name, address, sent_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        [row for rows, _ in batch for row in rows],
+                    )
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
 
     async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:
         rows = await self._fetch(
@@ -734,3 +765,40 @@ class SqliteStore:
                 params.append(value)
         rows = await self._fetch(sql, params)
         return int(rows[0][0])
+
+    # -- webhook outbox (events read by id, per-endpoint cursors) ---------------------------------------
+
+    async def events_after(
+        self, after_id: int, account: str | None, limit: int = 100
+    ) -> builtins.list[tuple[int, Event]]:
+        # Read by primary-key range, never through the account indexes: SQLite would otherwise pick
+        # events_account_* for "account = ?" and sort the account's whole history by id on every poll.
+        # `coalesce(account, '')` hides the column from the planner (portable, unlike SQLite's `+account`).
+        sql = (
+            "SELECT id, at, kind, account, list_name, address, reason, queue_id, evidence FROM events"
+            " WHERE id > ?"
+        )
+        params: builtins.list[Any] = [after_id]
+        if account is not None:
+            sql += " AND coalesce(account, '') = ?"
+            params.append(account)
+        sql += " ORDER BY id LIMIT ?"
+        params.append(limit)
+        return [(int(row[0]), _event(row[1:])) for row in await self._fetch(sql, params)]
+
+    async def max_event_id(self) -> int:
+        rows = await self._fetch("SELECT coalesce(max(id), 0) FROM events")
+        return int(rows[0][0])
+
+    async def get_webhook_cursor(self, key: str) -> int | None:
+        rows = await self._fetch("SELECT event_id FROM webhook_cursor WHERE endpoint = ?", [key])
+        return int(rows[0][0]) if rows else None
+
+    async def set_webhook_cursor(self, key: str, event_id: int) -> None:
+        async with self._transaction(durable=False) as db:
+            await db.execute(
+                "INSERT INTO webhook_cursor (endpoint, event_id, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (endpoint) DO UPDATE SET"
+                " event_id = excluded.event_id, updated_at = excluded.updated_at",
+                [key, event_id, _us(utcnow())],
+            )

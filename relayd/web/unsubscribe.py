@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from relayd import metrics
 from relayd.errors import StorageError
 from relayd.queue.store import QueueStore
 from relayd.store.base import Event, Reason, Scope, SentRecord, Store, SuppressionEntry
@@ -165,19 +166,19 @@ async def unsubscribe(
             src.value,
         )
         details = {"source": src.value, "index": record.index, **(evidence or {})}
+        event = Event(
+            at=now,
+            kind="unsubscribed",
+            account=record.account,
+            list=record.list,
+            address=record.address,
+            reason=Reason.UNSUBSCRIBE.value,
+            queue_id=record.queue_id,
+            evidence=json.dumps(details, sort_keys=True),
+        )
+        metrics.observe_events([event])
         try:
-            await store.record_event(
-                Event(
-                    at=now,
-                    kind="unsubscribed",
-                    account=record.account,
-                    list=record.list,
-                    address=record.address,
-                    reason=Reason.UNSUBSCRIBE.value,
-                    queue_id=record.queue_id,
-                    evidence=json.dumps(details, sort_keys=True),
-                )
-            )
+            await store.record_event(event)
         except StorageError:
             log.error(
                 "%s: account=%s rcpt=<%s> unsubscribed but the event could not be recorded",

@@ -1,0 +1,213 @@
+"""The inbound listener: bounces, complaints and mailto unsubscribes come back here, and nothing else.
+
+What it accepts, and why so little:
+
+* RCPT only at ``[inbound] domains`` and only the local parts ``bounce+<token>`` (VERP return paths),
+  ``unsubscribe+<token>`` (List-Unsubscribe mailto), ``abuse``, ``fbl`` and ``postmaster`` (RFC 5321 §4.5.1
+  requires postmaster, also without a domain), case-insensitively. Anything else is
+  ``550 5.7.1 <addr>: relaying denied``: this listener faces the internet, and it must never become a relay
+  or a mailbox for spam. Tokens are checked for *shape* at RCPT (a dictionary attack on ``bounce+...`` costs
+  nothing) and verified against the sent ledger only at DATA, so a forged report is still received and
+  counted (``unattributed``) rather than bounced.
+* No AUTH is offered or accepted, and the null sender ``<>`` is accepted: DSNs come from it (RFC 3464 §2).
+* Nothing received here ever makes relayd send mail: no auto-reply, no DSN back, no forwarding, so a forged
+  sender can't use us for backscatter. Mail we cannot use is still answered ``250`` and kept as an event.
+* DATA goes through :class:`~relayd.smtp.protocol.StrictSMTP` (strict terminator, bare-LF refusal,
+  timeouts, size limit ``[inbound] max_message_size`` -> ``552``), with the submission listener's timeouts
+  and their own connection limits.
+
+On DATA the message is handed to :mod:`relayd.feedback` once per distinct role among its recipients; the
+``250`` is sent once the effects are committed. A store or queue failure answers ``451 4.3.0`` so the remote
+MTA retries (every effect is idempotent); our own bug answers ``451`` too, never ``5xx`` (a 5xx would make
+the remote MTA bounce the bounce to ``<>``, i.e. nowhere, and lose the report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiosmtpd.smtp import Envelope
+
+from relayd import arf
+from relayd.config import Config, parse_hostport
+from relayd.errors import StorageError
+from relayd.feedback import on_arf, on_dsn, on_unsubscribe_mail
+from relayd.queue.store import QueueStore
+from relayd.smtp.protocol import ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.store.base import Store
+from relayd.tokens import VERP_LOCAL, parse_token
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InboundHandler", "InboundSMTP", "Role", "start_inbound"]
+
+TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
+#: Recipients per transaction: a report has one; a few more are tolerated (a FBL copying abuse@ and fbl@).
+MAX_RECIPIENTS = 20
+
+_UNSUB_LOCAL = "unsubscribe"
+_PLAIN_ROLES = frozenset({"abuse", "fbl", "postmaster"})
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """What an accepted recipient is for: ``kind`` is bounce, unsubscribe, abuse, fbl or postmaster."""
+
+    kind: str
+    token: str | None = None
+
+
+def role_of(address: str, domains: frozenset[str]) -> Role | None:
+    """The role of an envelope recipient, or None when we do not accept mail for it."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at:
+        # RFC 5321 §4.5.1: "postmaster" without a domain must be accepted
+        return Role("postmaster") if domain.lower() == "postmaster" else None
+    if domain.lower().rstrip(".") not in domains:
+        return None
+    lower = local.lower()
+    if lower in _PLAIN_ROLES:
+        return Role(lower)
+    base, plus, token = lower.partition("+")
+    if plus and base in (VERP_LOCAL, _UNSUB_LOCAL) and parse_token(token) is not None:
+        return Role("bounce" if base == VERP_LOCAL else "unsubscribe", token)
+    return None
+
+
+class InboundHandler:
+    """aiosmtpd hooks of the inbound listener; one instance serves every connection."""
+
+    def __init__(self, cfg: Config, store: Store, queue: QueueStore, secret: bytes) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.queue = queue
+        self.secret = secret
+        self._domains = frozenset(cfg.inbound.domains)
+
+    async def handle_MAIL(
+        self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        # "<>" is what aiosmtpd hands us for the null reverse path; keep it truthy so RCPT may follow
+        envelope.mail_from = address or "<>"
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: StrictSMTP,
+        session: RelaySession,
+        envelope: RelayEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Error: too many recipients"
+        if role_of(address, self._domains) is None:
+            log.info("%s: RCPT <%s> refused: relaying denied", server.peer_ip, address)
+            return f"550 5.7.1 <{address}>: relaying denied"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
+        raw = envelope.content
+        assert isinstance(raw, bytes)
+        roles = list(
+            dict.fromkeys(r for a in envelope.rcpt_tos if (r := role_of(a, self._domains)) is not None)
+        )
+        try:
+            for role in roles:
+                await self.process(role, raw, datetime.now(UTC))
+        except StorageError as exc:
+            log.error("%s: inbound report not processed (will be retried): %s", server.peer_ip, exc)
+            return TEMPFAIL
+        except Exception:
+            # our bug, not the sender's: 451 and a traceback, and the session stays in a sane state
+            log.exception("%s: inbound report processing failed", server.peer_ip)
+            return TEMPFAIL
+        log.info(
+            "%s: inbound from=<%s> roles=%s size=%d processed",
+            server.peer_ip,
+            envelope.mail_from,
+            ",".join(r.kind for r in roles),
+            len(raw),
+        )
+        return "250 2.0.0 Ok: report received"
+
+    async def process(self, role: Role, raw: bytes, now: datetime) -> None:
+        """Route one message by recipient role. A VERP address also receives feedback loops that send to
+        the Return-Path (some FBLs do), so a real ARF report there is treated as a complaint; postmaster@
+        gets ARF reports and bounces alike."""
+        store, queue, secret, cfg = self.store, self.queue, self.secret, self.cfg
+        if role.kind == "unsubscribe":
+            assert role.token is not None
+            await on_unsubscribe_mail(store, queue, secret, cfg, raw, role.token, now)
+            return
+        report = await asyncio.to_thread(arf.parse, raw)
+        if role.kind == "bounce":
+            if report.is_arf and report.format in ("rfc5965", "hotmail-jmrp"):
+                await on_arf(store, queue, secret, cfg, raw, now, verp_token=role.token, report=report)
+            else:
+                await on_dsn(store, queue, secret, cfg, raw, role.token, now)
+            return
+        if role.kind == "postmaster" and not report.is_arf:
+            await on_dsn(store, queue, secret, cfg, raw, None, now)
+            return
+        await on_arf(store, queue, secret, cfg, raw, now, report=report)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("inbound session failed")
+        return TEMPFAIL
+
+
+class InboundSMTP(StrictSMTP):
+    """StrictSMTP without AUTH: nobody logs in here, so the command is not even recognised.
+
+    Lines up to 64 KiB are taken: real bounces quote long lines of the original (Amazon SES, GMX), and
+    refusing a report from ``<>`` loses it for good. Nothing received here is relayed, so the RFC 5322
+    limit that protects downstream servers does not apply."""
+
+    line_length_limit = 65536 + 2
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push("502 5.5.1 Error: command not implemented")
+
+
+async def start_inbound(
+    cfg: Config, handler: InboundHandler, limits: ConnectionLimits, *, reuse_port: bool = False
+) -> list[asyncio.Server]:
+    """Bind every ``[inbound] listen`` address; return the servers (closing them stops accepting).
+
+    Timeouts are the submission listener's (``[submission] command_timeout`` / ``data_timeout``): the
+    inbound section has no keys of its own for them yet. Raises OSError when an address cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    servers = []
+    for spec in cfg.inbound.listen:
+        host, port = parse_hostport(spec)
+        servers.append(
+            await loop.create_server(
+                lambda: inbound_protocol(handler.cfg, handler, limits), host, port, reuse_port=reuse_port
+            )
+        )
+    return servers
+
+
+def inbound_protocol(cfg: Config, handler: InboundHandler, limits: ConnectionLimits) -> InboundSMTP:
+    """One protocol instance per connection (the factory of :func:`start_inbound`, and of tests)."""
+    return InboundSMTP(
+        handler,
+        limits=limits,
+        data_timeout=cfg.submission.data_timeout,
+        hostname=cfg.server.hostname,
+        ident="relayd",
+        data_size_limit=cfg.inbound.max_message_size,
+        enable_SMTPUTF8=True,
+        decode_data=False,
+        timeout=cfg.submission.command_timeout,
+        auth_required=False,
+        auth_require_tls=True,  # with no TLS context, EHLO never lists AUTH
+    )
