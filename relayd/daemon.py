@@ -37,6 +37,7 @@ from relayd.smtp.submission import SubmissionHandler, start_submission
 from relayd.store import Event, Store, StoreError, open_store
 from relayd.supervisor import shard_path
 from relayd.web import create_app, start_web
+from relayd.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,10 @@ class Daemon:
         self.store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
         self.gate = AccountGate(self.store)
         await self.gate.start()
+        # one dispatcher per store, not per worker: each would send every event once more
+        self.webhooks = WebhookDispatcher(cfg, self.store) if self.worker == 0 else None
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self.queue = QueueStore(shard_path(cfg.queue.path, self.worker))
         await self.queue.open()
         self.recorder = DeliveryRecorder(self.store, self.queue, cfg)
@@ -210,6 +215,8 @@ class Daemon:
         self.handler.reload(new, pipeline)
         self.scheduler.reload(new)
         self.recorder.cfg = new
+        if self.webhooks is not None:
+            self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
         self.inbound.cfg = new
         self.pipeline = pipeline
         self.cfg = new
@@ -218,6 +225,16 @@ class Daemon:
         )
         sd_notify("READY=1")
         return True
+
+    async def _restart_webhooks(self, cfg: Config) -> None:
+        """New endpoints or secrets after a reload; the old dispatcher saves its progress first."""
+        old, self.webhooks = self.webhooks, WebhookDispatcher(cfg, self.store)
+        if old is not None:
+            await old.stop()
+        try:
+            await self.webhooks.start()
+        except (ConfigError, StoreError) as exc:
+            log.error("webhooks not restarted after reload: %s", exc)
 
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")
@@ -233,6 +250,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.scheduler.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.queue.close()
         await self.gate.stop()
         await self.store.close()

@@ -104,7 +104,7 @@ class SinkHandler:
                     str(envelope.mail_from),
                     list(envelope.rcpt_tos),
                     envelope.original_content,
-                    session.peer[0],
+                    str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer),
                 )
             )
         return "250 2.0.0 OK: stored"

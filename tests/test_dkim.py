@@ -14,14 +14,10 @@ everything cannot go unnoticed.
 from __future__ import annotations
 
 import base64
-import ctypes.util
-import functools
-import json
 import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +42,15 @@ from relayd.dkim import (
     keygen,
     load_key,
     split_message,
+)
+from tests import dkimverify
+from tests.dkimverify import (
+    HAVE_MAIL_DKIM,
+    LIBOPENDKIM,
+    MAIL_DKIM_ED25519,
+    Results,
+    needs_mail_dkim,
+    needs_opendkim,
 )
 
 DOMAIN = "example.test"
@@ -185,196 +190,19 @@ def tamper(message: bytes) -> bytes:
 
 # --- verifiers -------------------------------------------------------------------------------------------
 
-Results = dict[str, str]  # selector -> "pass" or a failure description
+# The verifiers live in tests/dkimverify.py, shared with the end-to-end tests (tests/test_dkim_e2e.py).
 
 
 def verify_dkimpy(message: bytes, keys: Keys) -> Results:
-    records = {(name + ".").encode(): txt.encode() for name, txt in keys.records.items()}
-
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
-        return records.get(name)
-
-    results: Results = {}
-    d = dkimpy.DKIM(message)
-    sigs = [(i, value) for i, (name, value) in enumerate(d.headers) if name.lower() == b"dkim-signature"]
-    for idx, (_, value) in enumerate(sigs):
-        tags = dkimpy.util.parse_tag_value(value)
-        selector = tags[b"s"].decode()
-        if tags[b"d"] != DOMAIN.encode():
-            continue
-        try:
-            ok = d.verify(idx=idx, dnsfunc=dnsfunc)
-        except dkimpy.DKIMException:
-            ok = False
-        results[selector] = "pass" if ok else "fail"
-    return results
-
-
-_PERL_VERIFIER = r"""
-use strict;
-use warnings;
-use Mail::DKIM::Verifier;
-use Mail::DKIM::DNS;
-use Net::DNS;
-
-my %records;
-open my $fh, '<', $ARGV[0] or die "records: $!";
-while (my $line = <$fh>) {
-    chomp $line;
-    my ($name, $txt) = split /\t/, $line, 2;
-    $records{lc $name} = $txt;
-}
-close $fh;
-
-{
-    # No network: answer the key query from the records file.
-    no warnings 'redefine';
-    *Mail::DKIM::DNS::query = sub {
-        my ($name, $type) = @_;
-        my $txt = $records{lc $name};
-        if (!defined $txt) { $@ = 'NXDOMAIN'; return; }
-        my @strings = unpack '(a250)*', $txt;
-        return Net::DNS::RR->new(owner => $name, type => 'TXT', txtdata => \@strings);
-    };
-}
-
-binmode STDIN;
-my $message = do { local $/; <STDIN> };
-my $dkim = Mail::DKIM::Verifier->new();
-$dkim->PRINT($message);
-$dkim->CLOSE;
-foreach my $sig ($dkim->signatures) {
-    printf "%s\t%s\t%s\n", ($sig->domain // ''), ($sig->selector // ''), $sig->result_detail;
-}
-"""
-
-
-def _have_perl_mail_dkim() -> bool:
-    if shutil.which("perl") is None:
-        return False
-    return subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e1"], capture_output=True).returncode == 0
-
-
-def _mail_dkim_has_ed25519() -> bool:
-    probe = ["perl", "-MMail::DKIM::Algorithm::ed25519_sha256", "-e1"]
-    return subprocess.run(probe, capture_output=True).returncode == 0
-
-
-HAVE_MAIL_DKIM = _have_perl_mail_dkim()
-MAIL_DKIM_ED25519 = HAVE_MAIL_DKIM and _mail_dkim_has_ed25519()
+    return dkimverify.verify_dkimpy(message, keys.records, DOMAIN)
 
 
 def verify_mail_dkim(message: bytes, keys: Keys, tmp_path: Path) -> Results:
-    script = tmp_path / "verify.pl"
-    script.write_text(_PERL_VERIFIER)
-    proc = subprocess.run(
-        ["perl", str(script), str(keys.records_file)], input=message, capture_output=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    results: Results = {}
-    for line in proc.stdout.decode().splitlines():
-        domain, selector, detail = line.split("\t")
-        if domain == DOMAIN:
-            results[selector] = detail
-    return results
-
-
-# libopendkim through ctypes, in a child process so that a crash in C cannot take pytest down. Constants
-# from libopendkim/dkim.h (OpenDKIM 2.11).
-_OPENDKIM_VERIFIER = r"""
-import ctypes, json, sys
-DKIM_OP_SETOPT, DKIM_OPTS_QUERYMETHOD, DKIM_OPTS_QUERYINFO, DKIM_QUERY_FILE = 1, 6, 7, 1
-DKIM_SIGFLAG_PASSED, DKIM_SIGBH_MATCH = 0x04, 0
-lib = ctypes.CDLL(sys.argv[1])
-P = ctypes.c_void_p
-lib.dkim_init.restype = P
-lib.dkim_init.argtypes = [P, P]
-lib.dkim_options.argtypes = [P, ctypes.c_int, ctypes.c_int, P, ctypes.c_size_t]
-lib.dkim_verify.restype = P
-lib.dkim_verify.argtypes = [P, ctypes.c_char_p, P, ctypes.POINTER(ctypes.c_int)]
-lib.dkim_chunk.argtypes = [P, ctypes.c_char_p, ctypes.c_size_t]
-lib.dkim_eom.argtypes = [P, P]
-lib.dkim_getsiglist.argtypes = [P, ctypes.POINTER(ctypes.POINTER(P)), ctypes.POINTER(ctypes.c_int)]
-lib.dkim_sig_getflags.restype = ctypes.c_uint
-lib.dkim_sig_getflags.argtypes = [P]
-lib.dkim_sig_getbh.argtypes = [P]
-lib.dkim_sig_geterror.argtypes = [P]
-lib.dkim_sig_geterrorstr.restype = ctypes.c_char_p
-lib.dkim_sig_geterrorstr.argtypes = [ctypes.c_int]
-lib.dkim_sig_getdomain.restype = ctypes.c_char_p
-lib.dkim_sig_getdomain.argtypes = [P]
-lib.dkim_sig_getselector.restype = ctypes.c_char_p
-lib.dkim_sig_getselector.argtypes = [P]
-lib.dkim_free.argtypes = [P]
-lib.dkim_close.argtypes = [P]
-
-handle = lib.dkim_init(None, None)
-method = ctypes.c_int(DKIM_QUERY_FILE)
-assert lib.dkim_options(handle, DKIM_OP_SETOPT, DKIM_OPTS_QUERYMETHOD, ctypes.byref(method),
-                        ctypes.sizeof(method)) == 0
-info = ctypes.create_string_buffer(sys.argv[2].encode())
-assert lib.dkim_options(handle, DKIM_OP_SETOPT, DKIM_OPTS_QUERYINFO, info, len(info.value)) == 0
-message = sys.stdin.buffer.read()
-status = ctypes.c_int()
-ctx = lib.dkim_verify(handle, b"relayd-test", None, ctypes.byref(status))
-assert ctx and status.value == 0, status.value
-lib.dkim_chunk(ctx, message, len(message))
-lib.dkim_chunk(ctx, None, 0)
-eom = lib.dkim_eom(ctx, None)
-sigs = ctypes.POINTER(P)()
-nsigs = ctypes.c_int()
-lib.dkim_getsiglist(ctx, ctypes.byref(sigs), ctypes.byref(nsigs))
-out = []
-for i in range(nsigs.value):
-    sig = sigs[i]
-    passed = bool(lib.dkim_sig_getflags(sig) & DKIM_SIGFLAG_PASSED)
-    passed = passed and lib.dkim_sig_getbh(sig) == DKIM_SIGBH_MATCH
-    error = (lib.dkim_sig_geterrorstr(lib.dkim_sig_geterror(sig)) or b"").decode()
-    out.append({"domain": (lib.dkim_sig_getdomain(sig) or b"").decode(),
-                "selector": (lib.dkim_sig_getselector(sig) or b"").decode(),
-                "result": "pass" if passed else "fail: " + error})
-lib.dkim_free(ctx)
-lib.dkim_close(handle)
-json.dump({"eom": eom, "sigs": out}, sys.stdout)
-"""
-
-LIBOPENDKIM = ctypes.util.find_library("opendkim")
+    return dkimverify.verify_mail_dkim(message, keys.records, DOMAIN, tmp_path)
 
 
 def verify_opendkim(message: bytes, keys: Keys, tmp_path: Path) -> Results:
-    assert LIBOPENDKIM is not None
-    # dkim_get_key_file(): "<selector>._domainkey.<domain> <key data>" per line; the key data must not
-    # contain spaces (the parser splits at the first whitespace run only, but keep it simple).
-    key_file = tmp_path / "opendkim-keys"
-    key_file.write_text("".join(f"{name} {txt.replace(' ', '')}\n" for name, txt in keys.records.items()))
-    proc = subprocess.run(
-        [sys.executable, "-c", _OPENDKIM_VERIFIER, LIBOPENDKIM, str(key_file)],
-        input=message,
-        capture_output=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    report = json.loads(proc.stdout)
-    return {s["selector"]: s["result"] for s in report["sigs"] if s["domain"] == DOMAIN}
-
-
-def _required(present: bool, what: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """The independent verifiers are part of the proof, not optional: a missing one fails the test
-    (`.ci/run` installs them: Debian libmail-dkim-perl, libopendkim11)."""
-
-    def mark(fn: Callable[..., None]) -> Callable[..., None]:
-        @functools.wraps(fn)
-        def wrapper(*args: object, **kwargs: object) -> None:
-            assert present, f"{what} is not installed; run .ci/run or install it"
-            fn(*args, **kwargs)
-
-        return wrapper
-
-    return mark
-
-
-needs_mail_dkim = _required(HAVE_MAIL_DKIM, "Perl Mail::DKIM")
-needs_opendkim = _required(LIBOPENDKIM is not None, "libopendkim")
+    return dkimverify.verify_opendkim(message, keys.records, DOMAIN, tmp_path)
 
 
 def _sign(signer: Signer, message: bytes) -> bytes:

@@ -41,7 +41,11 @@ class DequeueCheck:
     async def check(self, item: DueRecipient) -> DequeueVerdict:
         """Raises StoreError when the store can't answer (the scheduler then defers)."""
         if self._gate.is_suspended(item.account):
-            return DequeueVerdict(Decision.HOLD, "suspended")
+            # the gate's set is up to a second old: ask the store before holding, or mail that
+            # `relayd account reinstate` has just released would be held again, for good
+            state = await self._store.get_account_state(item.account)
+            if state is not None and state.suspended:
+                return DequeueVerdict(Decision.HOLD, "suspended")
         now = datetime.now(UTC)
         hits = await self._store.check([item.address], item.account, item.list_name, now)
         entry = hits.get(item.address)
