@@ -37,6 +37,8 @@ __all__ = [
     "SCOPE_PRECEDENCE",
     "AccountState",
     "AccountStateStore",
+    "ConsentRecord",
+    "ConsentStore",
     "Event",
     "EventStore",
     "Reason",
@@ -437,6 +439,96 @@ class WebhookCursorStore(Protocol):
         ...
 
 
+# --- consent (issue 9) ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRecord:
+    """Proof that ``address`` asked for the mail of ``list`` of ``account`` (DESIGN.md "Reasons and scopes").
+
+    Double opt-in with proof (seeds/003, seeds/004): *when* (``confirmed_at``, microseconds, UTC), *from
+    where* (``ip``; ``''`` when the channel had none) and *with what* (``user_agent``, ``None`` when
+    unknown); ``source`` says which channel recorded it (``double-opt-in`` for the confirm page,
+    ``csv:<file>`` for an import), ``evidence`` is a JSON object with whatever else that channel knew (the
+    confirmation mail's queue id, the sign-up form). Key: ``(account, list, address)``; there is one record
+    per key, and adding one with the same key replaces it. A consent is always for a named list: the unnamed
+    list of an account has no configuration and so can't require consent.
+    """
+
+    account: str
+    list: str
+    address: str
+    confirmed_at: datetime
+    ip: str
+    user_agent: str | None
+    source: str
+    evidence: str = "{}"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "confirmed_at", as_utc(self.confirmed_at))
+        if not self.account or not self.list or not self.address:
+            raise ValueError("a consent record needs an account, a list and an address")
+
+
+class ConsentStore(Protocol):
+    """Who asked for which list, and the rate limit of confirmation mails (double opt-in).
+
+    ``has_consent`` runs for every message of a list with ``require_consent``; ``reserve_optin`` for every
+    confirmation mail (``X-Relayd-Optin``); the rest serves the confirm page and the CLI.
+    """
+
+    async def add_consent(self, records: Iterable[ConsentRecord]) -> int:
+        """Insert or replace (same key) ``records`` atomically and durably; return how many were written.
+
+        Durable like a suppression (fsync at commit): a consent the confirm page acknowledged is evidence
+        an operator may have to produce later.
+        """
+        ...
+
+    async def get_consent(self, account: str, list_name: str, address: str) -> ConsentRecord | None:
+        """The record of one key, or None."""
+        ...
+
+    async def has_consent(self, account: str, list_name: str, addresses: Sequence[str]) -> set[str]:
+        """The addresses among ``addresses`` that have a consent record for ``list_name`` of ``account``.
+
+        One round trip per batch (the consent rule calls it once per message).
+        """
+        ...
+
+    def consents(
+        self,
+        *,
+        account: str | None = None,
+        list_name: str | None = None,
+        address: str | None = None,
+        batch_size: int = 10_000,
+    ) -> AsyncIterator[builtins.list[ConsentRecord]]:
+        """Every record matching the given filters, in (account, list, address) order and in batches, without
+        loading all at once: for ``relayd consent export`` and ``show``."""
+        ...
+
+    async def reserve_optin(
+        self,
+        account: str,
+        list_name: str,
+        addresses: Sequence[str],
+        at: datetime,
+        window: float,
+    ) -> set[str]:
+        """Atomically: the addresses that got no confirmation mail of this list in the ``window`` seconds
+        before ``at`` (``last > at - window``), each now recorded as sent one at ``at``.
+
+        Check and record are one write transaction, so two concurrent submissions (or two processes) can't
+        both send a confirmation mail to one address. Addresses refused are returned out and not recorded.
+        """
+        ...
+
+    async def prune_optin(self, before: datetime) -> int:
+        """Forget confirmation mails sent before ``before`` (keep at least the window); return how many."""
+        ...
+
+
 class Store(
     SuppressionStore,
     SendCounterStore,
@@ -444,6 +536,7 @@ class Store(
     EventStore,
     SentLedger,
     WebhookCursorStore,
+    ConsentStore,
     Protocol,
 ):
     """Everything the daemon keeps: one object per process, opened at start, closed at shutdown."""
