@@ -361,6 +361,28 @@ def cmd_events(args: argparse.Namespace) -> int:
     return _with_store(args, run)
 
 
+def cmd_store_transfer(args: argparse.Namespace) -> int:
+    from relayd.store.transfer import export_store, import_store
+
+    async def run(store: Any, cfg: config_mod.Config) -> int:
+        if args.action == "export":
+            if args.file:
+                with open(args.file, "w", encoding="utf-8") as out:
+                    result = await export_store(store, out)
+            else:
+                result = await export_store(store, sys.stdout)
+        else:
+            with open(args.file, encoding="utf-8") as src:
+                result = await import_store(store, src)
+            for line, problem in result.errors:
+                print(f"{args.file}:{line}: {problem}", file=sys.stderr)
+        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(result.counts.items())) or "nothing"
+        print(f"{args.action}ed {summary}", file=sys.stderr)
+        return 1 if result.errors else 0
+
+    return _with_store(args, run)
+
+
 def cmd_store_migrate(args: argparse.Namespace) -> int:
     async def run(store: Any, cfg: config_mod.Config) -> int:
         version = await store.migrate()
@@ -558,6 +580,24 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("store", help="the policy store").add_subparsers(dest="action", required=True)
     sp = with_config(st.add_parser("migrate", help="create or upgrade the schema"))
     sp.set_defaults(fn=cmd_store_migrate)
+    sp = with_config(
+        st.add_parser(
+            "export",
+            help="write the whole store (suppressions, accounts, events, sent ledger, consent) as JSON Lines",
+            epilog="example: relayd store export state.jsonl --config sqlite.toml",
+        )
+    )
+    sp.add_argument("file", nargs="?")
+    sp.set_defaults(fn=cmd_store_transfer)
+    sp = with_config(
+        st.add_parser(
+            "import",
+            help="load an export into this config's store (e.g. SQLite -> PostgreSQL)",
+            epilog="example: relayd store import state.jsonl --config postgresql.toml",
+        )
+    )
+    sp.add_argument("file")
+    sp.set_defaults(fn=cmd_store_transfer)
 
     dk = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
     sp = dk.add_parser(

@@ -390,6 +390,10 @@ class SentLedger(Protocol):
         """Forget records older than ``before``; return how many."""
         ...
 
+    def scan_sent(self, *, batch_size: int = 10_000) -> AsyncIterator[builtins.list[SentRecord]]:
+        """Every record, in (queue id, index) order and in batches: for ``relayd store export``."""
+        ...
+
     async def count_sent(self, account: str, since: datetime) -> int:
         """Recipients accepted for ``account`` at or after ``since``: the denominator of its rates.
 

@@ -742,6 +742,19 @@ class SqliteStore:
         qid, idx, account, lname, address, at = rows[0]
         return SentRecord(qid, idx, account, lname or None, address, _dt(at))
 
+    async def scan_sent(self, *, batch_size: int = 10_000) -> AsyncIterator[builtins.list[SentRecord]]:
+        last: tuple[str, int] = ("", -1)
+        while True:
+            rows = await self._fetch(
+                "SELECT queue_id, idx, account, list_name, address, sent_at FROM sent "
+                "WHERE (queue_id, idx) > (?, ?) ORDER BY queue_id, idx LIMIT ?",
+                (*last, batch_size),
+            )
+            if not rows:
+                return
+            yield [SentRecord(q, i, a, ln or None, addr, _dt(at)) for q, i, a, ln, addr, at in rows]
+            last = (rows[-1][0], rows[-1][1])
+
     async def prune_sent(self, before: datetime) -> int:
         async with self._transaction(durable=False) as db:
             cursor = await db.execute("DELETE FROM sent WHERE sent_at < ?", [_us(before)])
