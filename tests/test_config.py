@@ -62,6 +62,16 @@ domains = ["acme.example.test"]
     for want in expected:
         assert any(line.startswith(f"{bad}: ") and want in line for line in lines), (want, lines)
     assert len(lines) == len(expected), lines
+    # `relayd serve` refuses to start on the same file, with the same messages
+    serve = subprocess.run(
+        [sys.executable, "-m", "relayd", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert serve.returncode == 2
+    assert serve.stderr.strip().splitlines() == lines
 
 
 def test_syntax_error_names_the_file(tmp_path: Path) -> None:
