@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from relayd import config as config_mod
+from relayd import consent_cli
 from relayd.errors import ConfigError, RelaydError
 
 EXAMPLES = """examples:
@@ -576,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kind")
     sp.add_argument("--limit", type=int, default=1000)
     sp.set_defaults(fn=cmd_events)
+
+    consent_cli.register(sub)
 
     st = sub.add_parser("store", help="the policy store").add_subparsers(dest="action", required=True)
     sp = with_config(st.add_parser("migrate", help="create or upgrade the schema"))

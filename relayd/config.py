@@ -17,7 +17,7 @@ import socket
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -68,6 +68,30 @@ def parse_size(value: object) -> int:
     raise ValueError(f"expected a size like '25MB' or '512KB', got {value!r}")
 
 
+class Rate(NamedTuple):
+    """``events`` per ``per`` seconds; ``events == 0`` is no limit at all."""
+
+    events: int
+    per: float
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h|d)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_rate(value: object) -> Rate:
+    """``"60/m"``, ``"600/h"`` -> :class:`Rate`; ``"unlimited"`` switches the limit off."""
+    if isinstance(value, Rate):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() == "unlimited":
+            return Rate(0, 60.0)
+        m = _RATE.match(value)
+        if m:
+            return Rate(int(m.group(1)), _RATE_UNITS[m.group(2)])
+    raise ValueError(f"expected a rate like '60/m' or '600/h', or 'unlimited', got {value!r}")
+
+
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
     """``"127.0.0.1:2525"``, ``"[::1]:2525"``, ``"mx.example.test"`` -> (host, port)."""
     value = value.strip()
@@ -100,6 +124,7 @@ def _check_hostport(value: str) -> str:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+RateLimit = Annotated[Rate, BeforeValidator(parse_rate)]
 HostPort = Annotated[str, BeforeValidator(_check_hostport)]
 
 
@@ -128,6 +153,13 @@ class SubmissionConfig(_Model):
     max_sessions_per_account: int = Field(default=200, ge=1)
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
+    # hostile clients (issue 10): protocol errors per session, then 421 (Postfix's smtpd_hard_error_limit)
+    max_errors: int = Field(default=20, ge=1)
+    # failed AUTH: growing delay before each 535, then 421 per client and a lockout per account name
+    auth_failure_delay: Duration = 1.0
+    auth_failure_window: Duration = 600.0
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_account_max_failures: int = Field(default=20, ge=1)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SubmissionConfig:
@@ -140,6 +172,8 @@ class InboundConfig(_Model):
     listen: list[HostPort] = ["127.0.0.1:2526"]
     domains: list[str] = ["bounces.example.test"]
     max_message_size: Size = 10_000_000
+    # messages (MAIL commands) per client address, then 421 4.7.0 (issue 10)
+    rate_per_ip: RateLimit = Rate(600, 60.0)
 
     @field_validator("domains")
     @classmethod
@@ -152,6 +186,8 @@ class InboundConfig(_Model):
 class HttpConfig(_Model):
     listen: HostPort = "127.0.0.1:8025"
     public_url: str = "http://127.0.0.1:8025"
+    # requests per client address to /u/ and /c/, then 429 (issue 10)
+    rate_per_ip: RateLimit = Rate(300, 60.0)
 
 
 class StoreConfig(_Model):
@@ -173,6 +209,9 @@ class QueueConfig(_Model):
     keep_finished: Duration = 86400.0
     active_limit: int = Field(default=2000, ge=1)
     scan_interval: Duration = 1.0
+    # Postfix's queue_minfree: below this much free space on the queue's filesystem new mail is refused
+    # with 452 4.3.1, so what is left goes to recording deliveries already in the queue (0: no check)
+    min_free_space: Size = 50_000_000
 
 
 class DeliveryConfig(_Model):
@@ -188,6 +227,9 @@ class DeliveryConfig(_Model):
     tls: Literal["may", "none"] = "may"
     helo: str | None = None
     nameservers: list[HostPort] = []
+    # per-destination traffic shaping defaults ([shaping.NAME] sections in their own TOML file, e.g. the
+    # shipped conf/shaping.toml); inline [shaping.NAME] sections override it key by key
+    shaping_file: Path | None = None
 
     @model_validator(mode="after")
     def _mode_needs(self) -> DeliveryConfig:
@@ -231,6 +273,11 @@ class CapsConfig(_Model):
 class ListConfig(_Model):
     caps: CapsConfig = CapsConfig()
     require_consent: bool = False
+    # where the confirm page sends the browser (303) after recording consent; None: relayd's own done page
+    # (a plain host name or address, so the confirm page's CSP can allow exactly that origin as form-action)
+    redirect: str | None = Field(
+        default=None, pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][\x21-\x7e]*)?$", max_length=2000
+    )
 
 
 def _network(value: object) -> object:
@@ -293,17 +340,106 @@ class AccountConfig(_Model):
         return self
 
 
+def _ip_text(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {value!r}") from exc
+
+
 class PoolConfig(_Model):
+    """Dedicated sending addresses: an account's mail leaves from these, round-robin.
+
+    Every address must be configured on a local interface (the bind fails otherwise and delivery defers).
+    The EHLO name is ``helos[address]``, else ``helo``, else ``[delivery] helo`` / the server's hostname;
+    each address's PTR record should name the host it says it is (forward-confirmed reverse DNS).
+    """
+
     addresses: list[str] = Field(min_length=1)
     helo: str | None = None
+    helos: dict[str, str] = {}
+
+    @field_validator("addresses")
+    @classmethod
+    def _ips(cls, v: list[str]) -> list[str]:
+        out = [_ip_text(a) for a in v]
+        for ip in out:
+            if out.count(ip) > 1:
+                raise ValueError(f"address {ip} is listed twice")
+        return out
+
+    @model_validator(mode="after")
+    def _helos_known(self) -> PoolConfig:
+        for ip in self.helos:
+            if ip not in self.addresses:
+                raise ValueError(f"helos: {ip} is not one of this pool's addresses")
+        return self
+
+    def sources(self) -> list[tuple[str, str | None]]:
+        """(address, EHLO name, or None for the delivery default) in file order."""
+        return [(ip, self.helos.get(ip, self.helo)) for ip in self.addresses]
 
 
 class ShapingConfig(_Model):
+    """Limits for one destination (a mailbox provider), after KumoMTA's shaping.toml.
+
+    A destination is recognised by recipient domain (``domains``, exact) or by the name of any of its MX
+    hosts (``mx``, globs: all ``*.google.com`` MXs are one destination, whatever the recipient domain). The
+    entry named ``default`` applies to every other destination (each next hop on its own) and to keys an
+    entry leaves out. ``connections`` and ``rate`` count per source address, as providers do.
+    """
+
     mx: list[str] = []
     domains: list[str] = []
     connections: int | None = Field(default=None, ge=1)
     messages_per_connection: int | None = Field(default=None, ge=1)
-    rate: str | None = None
+    rate: RateLimit | None = None
+    # how long a source address rests for this destination after a block reply (5.7.x "blocked", "listed")
+    suspend: Duration | None = None
+
+    @field_validator("mx", "domains")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [d.strip().lower().rstrip(".") for d in v if d.strip()]
+
+
+_SHAPING_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_shaping(v: dict[str, ShapingConfig]) -> dict[str, ShapingConfig]:
+    for name, entry in v.items():
+        if not _SHAPING_NAME.match(name):
+            raise ValueError(f"shaping entry name {name!r}: use letters, digits, '.', '_' and '-' only")
+        if name == "default" and (entry.mx or entry.domains):
+            raise ValueError("shaping.default applies to every other destination: no mx or domains here")
+    return v
+
+
+class ShapingFile(_Model):
+    """A shaping file (``[delivery] shaping_file``): the same ``[shaping.NAME]`` sections as relayd.toml."""
+
+    shaping: dict[str, ShapingConfig] = {}
+
+    @field_validator("shaping")
+    @classmethod
+    def _entries(cls, v: dict[str, ShapingConfig]) -> dict[str, ShapingConfig]:
+        return _check_shaping(v)
+
+
+def load_shaping_file(path: Path) -> dict[str, ShapingConfig]:
+    """Read a shaping file; raise :class:`ConfigError` naming this file and the key for every problem."""
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: (syntax): {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: (file): not UTF-8: {exc}"]) from exc
+    try:
+        return ShapingFile.model_validate(raw).shaping
+    except ValidationError as exc:
+        raise ConfigError(_problems(path, exc)) from exc
 
 
 class Config(_Model):
@@ -335,6 +471,11 @@ class Config(_Model):
                         f"accounts.{name}.lists: list name {lname!r}: use letters, digits, '_', '-'"
                     )
         return v
+
+    @field_validator("shaping")
+    @classmethod
+    def _shaping_entries(cls, v: dict[str, ShapingConfig]) -> dict[str, ShapingConfig]:
+        return _check_shaping(v)
 
     @model_validator(mode="after")
     def _pools_exist(self) -> Config:
@@ -394,6 +535,11 @@ def _file_checks(path: Path, cfg: Config) -> list[str]:
                 problems.append(
                     f"{path}: accounts.{name}.webhooks[{i}].secret_file: no such file: {hook.secret_file}"
                 )
+    if cfg.delivery.shaping_file is not None:
+        try:
+            load_shaping_file(cfg.delivery.shaping_file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     for key in ("tls_cert", "tls_key"):
         value = getattr(cfg.submission, key)
         if value is not None and not Path(value).is_file():

@@ -33,10 +33,11 @@ from relayd.queue.store import DueRecipient, QueueStore
 from relayd.secret import load_or_create
 from relayd.smtp.inbound import InboundHandler, start_inbound
 from relayd.smtp.protocol import ConnectionLimits
-from relayd.smtp.submission import SubmissionHandler, start_submission
+from relayd.smtp.submission import SubmissionHandler, start_submission, tls_context
 from relayd.store import Event, Store, StoreError, open_store
 from relayd.supervisor import shard_path
 from relayd.web import create_app, start_web
+from relayd.web.app import update_config as update_web_config
 from relayd.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,10 @@ class Daemon:
         try:
             new = config_mod.load(self.config_path)
             signer = load_signer(new)
+            # TLS (issue 10): re-read the certificate and key now (a renewed certificate is served from the
+            # next connection on); a pair that does not load refuses the whole reload (ssl.SSLError is an
+            # OSError) and the running context stays
+            tls = tls_context(new)
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("reload refused: %s", line)
@@ -213,11 +218,13 @@ class Daemon:
                 log.warning("reload: [%s] changed; it takes effect at the next restart", key)
         pipeline = Pipeline(new, self.store, self.secret, signer, self.gate)
         self.handler.reload(new, pipeline)
+        self.handler.tls_context = tls  # TLS (issue 10): new STARTTLS sessions use the re-read certificate
         self.scheduler.reload(new)
         self.recorder.cfg = new
         if self.webhooks is not None:
             self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
         self.inbound.cfg = new
+        update_web_config(self.web.app, new)
         self.pipeline = pipeline
         self.cfg = new
         log.info(

@@ -121,14 +121,22 @@ def render_url_qp(url: bytes) -> bytes:
 
 
 def rewrite_part(
-    body: bytes, *, subtype: str, charset: str | None, cte: str, spec: FooterSpec
+    body: bytes,
+    *,
+    subtype: str,
+    charset: str | None,
+    cte: str,
+    spec: FooterSpec,
+    placeholder: str = PLACEHOLDER,
 ) -> PartRewrite:
     """Append the footer to one text part's encoded ``body`` (``subtype`` "plain" or "html").
 
     ``charset`` is the declared parameter (``None``: US-ASCII, RFC 2045 §5.2) and ``cte`` the lower-cased
-    Content-Transfer-Encoding ("7bit" when absent).  Raises :class:`MimeError` when the body can't be
-    decoded (unknown transfer encoding, invalid base64, unknown charset with 8-bit text) or when the
-    footer can't be added without re-encoding text that isn't valid in its declared charset.
+    Content-Transfer-Encoding ("7bit" when absent).  ``placeholder`` is the text that becomes the URL
+    slot (a confirmation mail uses ``{{confirm_url}}``, see :mod:`relayd.policy.consent`).  Raises
+    :class:`MimeError` when the body can't be decoded (unknown transfer encoding, invalid base64, unknown
+    charset with 8-bit text) or when the footer can't be added without re-encoding text that isn't valid in
+    its declared charset.
     """
     content = _decode_cte(body, cte)
     codec = _codec(charset)
@@ -141,7 +149,7 @@ def rewrite_part(
     except UnicodeError:
         raise MimeError(f"text part can't be decoded as {charset!r} (RFC 2046 §4.1.2)") from None
     html_part = subtype == "html"
-    substitute = PLACEHOLDER in text
+    substitute = placeholder in text
     offset = _insertion_point(text) if html_part else len(text)
     nl = "\r\n" if cte != "base64" else _newline_of(text)
     footer = _footer_pieces(spec, html_part, substitute, nl)
@@ -153,7 +161,7 @@ def rewrite_part(
             if _check(fast, cte, codec, expected) is _Check.OK:
                 return PartRewrite(tuple(fast), None, None)
 
-    pieces = [*_substitute(text[:offset]), *footer, *_substitute(text[offset:])]
+    pieces = [*_substitute(text[:offset], placeholder), *footer, *_substitute(text[offset:], placeholder)]
     final_crlf = body.endswith(CRLF)
     done = _reencode(pieces, codec, cte, final_crlf)
     label: str | None = None
@@ -325,10 +333,10 @@ def _template_pieces(template: str, imprint: str, html_part: bool, nl: str) -> t
     return tuple(p if p is None else p.replace("\r\n", "\n").replace("\n", nl) for p in merged)
 
 
-def _substitute(text: str) -> list[str | None]:
-    """Split ``text`` at each ``{{unsubscribe_url}}``, which becomes a URL slot."""
+def _substitute(text: str, placeholder: str = PLACEHOLDER) -> list[str | None]:
+    """Split ``text`` at each ``placeholder`` (``{{unsubscribe_url}}``), which becomes a URL slot."""
     out: list[str | None] = []
-    for i, chunk in enumerate(text.split(PLACEHOLDER)):
+    for i, chunk in enumerate(text.split(placeholder)):
         if i:
             out.append(None)
         out.append(chunk)

@@ -5,7 +5,7 @@ verdict for a recipient wins, and each verdict names its rule and reason. Stages
 
     MAIL FROM  suspension                                       -> 550 5.7.1 account suspended
     RCPT       discard patterns, spam traps, suppression        -> 550 5.7.1 per recipient (traps: dropped)
-    DATA       list suppression, send caps                      -> recipient dropped, event recorded
+    DATA       list suppression, consent, send caps             -> recipient dropped, event recorded
                (all recipients dropped -> 550 5.7.1)
     rewrite    strip forged headers; List-Unsubscribe + One-Click, Feedback-ID, X-Relayd-ID;
                unsubscribe link + imprint in every text part    -> broken MIME: 554 5.6.0
@@ -31,6 +31,7 @@ from relayd import metrics
 from relayd.config import Config, ListConfig
 from relayd.dkim import Signer
 from relayd.policy.caps import CapsRule, cap_windows
+from relayd.policy.consent import ConsentRule, confirm_url, optin_list, prepare_confirmation
 from relayd.policy.discard import DiscardRule, SpamtrapRule
 from relayd.policy.listid import campaign_id, list_name
 from relayd.policy.model import MessageRequest, MessageRule, RcptRequest, RcptRule, Verdict
@@ -96,7 +97,19 @@ class Pipeline:
             SpamtrapRule(cfg.policy.spamtraps),
             SuppressionRule(store),
         )
-        self.message_rules: tuple[MessageRule, ...] = (ListSuppressionRule(store), CapsRule(store))
+        # --- consent (issue 9): after list suppression (an unsubscribe wins over consent), before caps ---
+        self.message_rules: tuple[MessageRule, ...] = (
+            ListSuppressionRule(store),
+            ConsentRule(store, cfg),
+            CapsRule(store),
+        )
+        #: confirmation mails (X-Relayd-Optin): the same order, the consent rule lets one per 24 h through
+        self.optin_rules: tuple[MessageRule, ...] = (
+            ListSuppressionRule(store),
+            ConsentRule(store, cfg, optin=True),
+            CapsRule(store),
+        )
+        # --- end consent ---
         self.unlisted_rules: tuple[MessageRule, ...] = (CapsRule(store),)  # no list: RCPT checked the rest
 
     # --- MAIL FROM and RCPT ----------------------------------------------------------------------------
@@ -132,6 +145,10 @@ class Pipeline:
         Raises MimeError (554 5.6.0), AllDropped (550), StoreError (451)."""
         headers = _HEADERS.parsebytes(raw)
         lname = list_name(headers.get("List-Id"))
+        # --- consent (issue 9): a confirmation mail is mail of the list its X-Relayd-Optin names ---------
+        optin = optin_list(headers, lname)  # OptinHeaderError (a MimeError: 554 5.6.0) when malformed
+        lname = optin or lname
+        # --- end consent ---
         campaign = campaign_id(headers.get("X-Campaign-ID"))
         acct = self.cfg.accounts[account]
         list_cfg = acct.lists.get(lname or "", ListConfig())
@@ -146,14 +163,19 @@ class Pipeline:
             caps=cap_windows(list_cfg.caps),
         )
         # parse before any rule counts a send: a message we refuse must not use up anyone's cap
-        template = prepare(
-            raw,
-            FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, acct.imprint),
-            format_feedback_id(campaign or "", lname or "", account, self.cfg.server.feedback_sender_id),
+        feedback_id = format_feedback_id(
+            campaign or "", lname or "", account, self.cfg.server.feedback_sender_id
         )
+        if optin:  # consent (issue 9): {{confirm_url}} is the body's link
+            template = prepare_confirmation(raw, acct.imprint, feedback_id)
+        else:
+            template = prepare(
+                raw, FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, acct.imprint), feedback_id
+            )
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
-        for rule in self.message_rules if lname else self.unlisted_rules:
+        rules = self.optin_rules if optin else self.message_rules  # consent (issue 9)
+        for rule in rules if lname else self.unlisted_rules:
             verdicts = await rule.check(req, remaining)
             dropped.update(verdicts)
             remaining = tuple(r for r in remaining if r not in verdicts)
@@ -171,6 +193,8 @@ class Pipeline:
                 unsubscribe_url=unsubscribe_url(public, self.secret, queue_id, i, rcpt),
                 unsubscribe_mailto=unsubscribe_mailto(inbound, self.secret, queue_id, i, rcpt),
                 relayd_id=relayd_id(self.secret, queue_id, i, rcpt),
+                # consent (issue 9): the confirm link, tied to this ledger record (queue id, index)
+                body_url=confirm_url(public, self.secret, queue_id, i, rcpt) if optin else None,
             )
             if domain:
                 t0 = time.perf_counter()

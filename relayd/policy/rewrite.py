@@ -95,7 +95,9 @@ __all__ = [
 ]
 
 #: Header fields only relayd may set; the app's instances are removed (compared case-insensitively).
-FORBIDDEN_FIELDS = frozenset({b"list-unsubscribe", b"list-unsubscribe-post", b"feedback-id", b"x-relayd-id"})
+FORBIDDEN_FIELDS = frozenset(
+    {b"list-unsubscribe", b"list-unsubscribe-post", b"feedback-id", b"x-relayd-id", b"x-relayd-optin"}
+)  # X-Relayd-Optin is an instruction to relayd (relayd.policy.consent), never delivered
 
 # RFC 1847: changing a signed part breaks its signature; an encrypted one has no text to footer.
 _OPAQUE_MULTIPART = frozenset({"signed", "encrypted"})
@@ -145,20 +147,26 @@ class Template:
     needs_qp: bool
     footer_parts: int
 
-    def render(self, *, unsubscribe_url: str, unsubscribe_mailto: str, relayd_id: str) -> bytes:
+    def render(
+        self, *, unsubscribe_url: str, unsubscribe_mailto: str, relayd_id: str, body_url: str | None = None
+    ) -> bytes:
         """The final CRLF message for one recipient.
 
         ``unsubscribe_url`` (RFC 8058 one-click target, also the footer link) must use the characters
         ``A-Za-z0-9:/._~-`` only, ``unsubscribe_mailto`` is a bare addr-spec, ``relayd_id`` the trace
-        token; each at most 256 characters.  Anything else raises :class:`ValueError`: these are relayd's
-        own values, so a bad one is a bug, not a sender error.
+        token; each at most 256 characters.  ``body_url``, when given, goes into the body's URL slots
+        instead of ``unsubscribe_url`` (same rules; a confirmation mail's confirm link), while the
+        ``List-Unsubscribe`` field keeps ``unsubscribe_url``.  Anything else raises :class:`ValueError`:
+        these are relayd's own values, so a bad one is a bug, not a sender error.
         """
         _check(_URL, unsubscribe_url, "unsubscribe_url")
         _check(_MAILTO, unsubscribe_mailto, "unsubscribe_mailto")
         _check(_RELAYD_ID, relayd_id, "relayd_id")
-        url = unsubscribe_url.encode("ascii")
+        if body_url is not None:
+            _check(_URL, body_url, "body_url")
+        url = (body_url or unsubscribe_url).encode("ascii")
         values = [
-            _list_unsubscribe(url, unsubscribe_mailto.encode("ascii")),
+            _list_unsubscribe(unsubscribe_url.encode("ascii"), unsubscribe_mailto.encode("ascii")),
             b"X-Relayd-ID: " + relayd_id.encode("ascii") + CRLF,
             url,
             render_url_qp(url) if self.needs_qp else b"",
@@ -167,11 +175,13 @@ class Template:
         return b"".join([s if isinstance(s, bytes) else values[s] for s in self.segments])
 
 
-def prepare(raw: bytes, footer: FooterSpec, feedback_id: str) -> Template:
+def prepare(raw: bytes, footer: FooterSpec, feedback_id: str, *, placeholder: str = PLACEHOLDER) -> Template:
     """Parse ``raw`` (the DATA content, CRLF, dot-unstuffed) once and rewrite it into a :class:`Template`.
 
     Adds ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058 §3.1) and ``Feedback-ID``, removes
-    the fields the app must not set, and footers every text/plain and text/html part.  Raises
+    the fields the app must not set, and footers every text/plain and text/html part.  ``placeholder`` is
+    what the app writes where the body's per-recipient link goes (``{{confirm_url}}`` in a confirmation
+    mail, whose link is then passed as ``render(body_url=...)``).  Raises
     :class:`MimeError` for a message that isn't sensible MIME (see the module docstring for the exact
     list) and :class:`ValueError` for a malformed ``feedback_id``.
     """
@@ -179,7 +189,7 @@ def prepare(raw: bytes, footer: FooterSpec, feedback_id: str) -> Template:
     raw = canonical_crlf(raw)
     message = BytesParser(policy=compat32).parsebytes(raw)
     _check_defects(message)
-    walker = _Walker(footer)
+    walker = _Walker(footer, placeholder)
     top = split_entity(raw)
     rewritten = walker.rewrite(top, message)
     fields: list[bytes]
@@ -260,8 +270,9 @@ def _check_defects(node: Message) -> None:
 class _Walker:
     """Walks the stdlib tree and the byte-level split together, rewriting text parts."""
 
-    def __init__(self, footer: FooterSpec) -> None:
+    def __init__(self, footer: FooterSpec, placeholder: str = PLACEHOLDER) -> None:
         self.footer = footer
+        self.placeholder = placeholder
         self.footer_parts = 0
         self.changed_content_headers = False
 
@@ -302,7 +313,12 @@ class _Walker:
         # RFC 2045 §6.1: a token, possibly followed by a comment; absent means 7bit.
         cte = str(node.get("content-transfer-encoding", "")).partition("(")[0].strip().lower() or "7bit"
         result = rewrite_part(
-            ent.body, subtype=subtype, charset=node.get_content_charset(), cte=cte, spec=self.footer
+            ent.body,
+            subtype=subtype,
+            charset=node.get_content_charset(),
+            cte=cte,
+            spec=self.footer,
+            placeholder=self.placeholder,
         )
         self.footer_parts += 1
         fields = list(ent.fields)

@@ -328,9 +328,10 @@ class SqliteStore:
             raise
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         await conn.execute("PRAGMA temp_store = MEMORY")
-        # 64 MiB of page cache per connection (default 2 MiB): the upper levels of the 5-10 M-entry
-        # suppression b-tree stay resident, which matters for imports in random address order.
-        await conn.execute("PRAGMA cache_size = -65536")
+        # 16 MiB of page cache per connection (default 2 MiB): the upper levels of the 5-10 M-entry
+        # suppression b-tree stay resident. Not more: every worker has several connections and the page
+        # cache counts in RSS (64 MiB each pushed two workers past 400 MB with a big store).
+        await conn.execute("PRAGMA cache_size = -16384")
         return conn
 
     def _require_writer(self) -> aiosqlite.Connection:

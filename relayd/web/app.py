@@ -5,8 +5,17 @@ Routes::
     GET  /u/<token>   the confirmation page with one button; reads only (link scanners prefetch)
     POST /u/<token>   unsubscribe at once when the body is ``List-Unsubscribe=One-Click`` (RFC 8058 §3.2)
                       or our button's ``confirm=yes``; 200 with the done page
+    GET  /c/<token>   double opt-in: the confirm page with one button; reads only (relayd.web.confirm)
+    POST /c/<token>   record the consent (time, client IP, user agent) when the body is our button's
+                      ``confirm=yes``; 200 with the done page, or 303 to the list's ``redirect`` URL
     GET  /healthz     200 ``ok``: the process serves HTTP (liveness, not a store check)
     (/metrics: Prometheus, see _add_routes)
+
+Rate limit (issue 10): each client address gets ``[http] rate_per_ip`` requests (token bucket, IPv6 by /64)
+to the token pages; beyond that ``429`` with ``Retry-After``, before any token is looked at. ``/healthz`` and
+``/metrics`` are not counted (monitoring polls them; they touch no store). Mailbox providers send one-click
+POSTs from a few addresses of their own, so the default is generous; behind a reverse proxy every request
+comes from the proxy's address, and the limit should be set there instead (``rate_per_ip = "unlimited"``).
 
 Status codes: 200 done or page shown; 400 invalid token (malformed, tampered, for another address, not in
 the ledger) or a POST that does not ask to unsubscribe, and then nothing changed; 405 any other method
@@ -17,7 +26,8 @@ our bug, logged, never with exception text.
 RFC 8058 obligations kept here:
 
 * §3.1: the sender MUST NOT answer the POST with a redirect (redirected POSTs become GETs): we answer 200
-  with the page itself, from the same URL. There are no redirects anywhere.
+  with the page itself, from the same URL. The only redirect anywhere is the confirm page's optional 303
+  after a double opt-in, which is no unsubscribe.
 * §3.2: the POST carries no cookies or other context, so we set none and need none; its body SHOULD be
   ``multipart/form-data`` and MAY be ``application/x-www-form-urlencoded``: both are parsed. A bare body
   ``List-Unsubscribe=One-Click`` with another (or no) content type is accepted too: only something acting
@@ -36,7 +46,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -47,7 +57,9 @@ from relayd import metrics
 from relayd.config import Config
 from relayd.errors import StorageError
 from relayd.queue.store import QueueStore
+from relayd.smtp.ratelimit import RateLimiter, source_key
 from relayd.store.base import Store, utcnow
+from relayd.web import confirm as optin
 from relayd.web import pages
 from relayd.web.unsubscribe import (
     UnsubscribeSource,
@@ -56,7 +68,7 @@ from relayd.web.unsubscribe import (
     unsubscribe,
 )
 
-__all__ = ["MAX_BODY", "create_app", "start_web"]
+__all__ = ["MAX_BODY", "create_app", "start_web", "update_config"]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("relayd.web.access")
@@ -79,18 +91,21 @@ _REASONS = {
     404: ("Not found", "There is nothing at this address."),
     405: ("Method not allowed", "This address only answers GET and POST."),
     413: ("Request too large", "The request body is larger than this page accepts."),
+    429: ("Too many requests", "Please wait a minute and try again."),
 }
+_UNLIMITED_PATHS = frozenset({"/healthz", "/metrics"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Deps:
-    cfg: Config  # not needed by the unsubscribe pages; here for /metrics and later per-account pages
+    cfg: Config  # the confirm pages read lists' ``redirect``; replaced by update_config() on reload
     store: Store
     secret: bytes
     queue: QueueStore | None
 
 
 _DEPS = web.AppKey("relayd_web_deps", _Deps)
+_LIMITER = web.AppKey("relayd_web_limiter", RateLimiter)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -102,7 +117,7 @@ def _html(status: int, text: str, headers: dict[str, str] | None = None) -> web.
 def _redact(path: str) -> str:
     """A path fit for logs: an unsubscribe token keeps its queue id and index (to trace it), not its MAC
     (which, with them, is the capability to unsubscribe that recipient)."""
-    return re.sub(r"^(/u/[^/-]*-[^/-]*)-.*$", r"\1-…", path)[:200]
+    return re.sub(r"^(/[uc]/[^/-]*-[^/-]*)-.*$", r"\1-…", path)[:200]
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -141,6 +156,17 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
     except Exception:
         log.exception("web: internal error on %s %s", request.method, _redact(request.path))
         return _html(500, pages.error_page(500, "Something went wrong", "Please try again later."))
+
+
+@web.middleware
+async def _rate_limit(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """429 for a client over ``[http] rate_per_ip`` (the outermost middleware: it costs one dict lookup)."""
+    limiter = request.app[_LIMITER]
+    if request.path in _UNLIMITED_PATHS or limiter.allow(source_key(request.remote or "")):
+        return await handler(request)
+    log.debug("web: %s over [http] rate_per_ip", request.remote)
+    heading, text = _REASONS[429]
+    return _html(429, pages.error_page(429, heading, text), {"Retry-After": str(limiter.retry_after())})
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -215,9 +241,93 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok", content_type="text/plain")
 
 
+# --- consent (issue 9): double opt-in confirm pages ----------------------------------------------------
+
+
+def _redirect_of(cfg: Config, account: str, list_name: str) -> str | None:
+    """The list's ``redirect`` URL, if the account and list are (still) configured with one."""
+    acct = cfg.accounts.get(account)
+    list_cfg = acct.lists.get(list_name) if acct is not None else None
+    return list_cfg.redirect if list_cfg is not None else None
+
+
+async def _confirm_show(request: web.Request) -> web.Response:
+    """GET /c/<token>: read-only. The confirm page, or 'already confirmed'; 400 for an invalid token.
+
+    When the list redirects after confirming, this page's CSP names that origin in ``form-action``:
+    browsers check the redirect after a form POST against the page's ``form-action``."""
+    deps = request.app[_DEPS]
+    record = await optin.resolve(deps.store, deps.secret, request.match_info["token"])
+    if record is None or record.list is None:
+        return _html(400, pages.optin_invalid_page())
+    if await deps.store.get_consent(record.account, record.list, record.address) is not None:
+        return _html(200, pages.optin_already_page(record))
+    headers = None
+    target = _redirect_of(deps.cfg, record.account, record.list)
+    if target is not None:
+        parts = urlsplit(target)
+        headers = {
+            "Content-Security-Policy": pages.csp_allowing_form_target(f"{parts.scheme}://{parts.netloc}")
+        }
+    return _html(200, pages.optin_confirm_page(record), headers)
+
+
+async def _confirm_requested(request: web.Request) -> bool:
+    """Whether the POST body is our button's ``confirm=yes`` (urlencoded or multipart). Raises
+    HTTPRequestEntityTooLarge over MAX_BODY; a body we cannot parse asks for nothing."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    if request.content_type == "multipart/form-data":
+        try:
+            form = await request.post()
+        except (ValueError, LookupError, HttpProcessingError):
+            return False
+        value = form.get("confirm")
+        return isinstance(value, str) and value.strip().lower() == "yes"
+    body = await request.read()  # enforces client_max_size
+    if request.content_type != "application/x-www-form-urlencoded":
+        return False
+    fields = dict(reversed(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)))
+    return fields.get("confirm", "").strip().lower() == "yes"
+
+
+async def _confirm_post(request: web.Request) -> web.StreamResponse:
+    """POST /c/<token>: record the consent with time, client IP and user agent; the done page, or 303 to the
+    list's ``redirect``. 400 (nothing recorded) for an invalid token or a body that does not ask."""
+    deps = request.app[_DEPS]
+    asked = await _confirm_requested(request)
+    token = request.match_info["token"]
+    if not asked:
+        if await optin.resolve(deps.store, deps.secret, token) is None:
+            return _html(400, pages.optin_invalid_page())
+        return _html(400, pages.optin_not_asked_page())
+    user_agent = request.headers.get("User-Agent")
+    result = await optin.confirm(
+        deps.store,
+        deps.secret,
+        token,
+        now=utcnow(),
+        ip=request.remote or "",
+        user_agent=user_agent[:_UA_MAX] if user_agent is not None else None,
+    )
+    if result is None:
+        return _html(400, pages.optin_invalid_page())
+    target = _redirect_of(deps.cfg, result.account, result.list)
+    if target is not None:
+        # 303: the browser GETs the sender's page (a Response, not a raised HTTPSeeOther: the error
+        # middleware turns raised HTTP exceptions into error pages)
+        return web.Response(status=303, headers={"Location": target})
+    return _html(200, pages.optin_done_page(result))
+
+
+# --- end consent ---
+
+
 def _add_routes(app: web.Application) -> None:
     app.router.add_get("/u/{token}", _show, allow_head=False)
     app.router.add_post("/u/{token}", _post)
+    app.router.add_get("/c/{token}", _confirm_show, allow_head=False)  # consent (issue 9)
+    app.router.add_post("/c/{token}", _confirm_post)  # consent (issue 9)
     app.router.add_get("/healthz", _healthz, allow_head=False)
     app.router.add_get("/metrics", _metrics, allow_head=False)
 
@@ -230,13 +340,19 @@ async def _metrics(request: web.Request) -> web.Response:
     return resp
 
 
+def update_config(app: web.Application, cfg: Config) -> None:
+    """Serve ``cfg`` from now on (SIGHUP reload): a list's ``redirect`` changes without a restart."""
+    app[_DEPS].cfg = cfg
+
+
 def create_app(cfg: Config, store: Store, secret: bytes, queue: QueueStore | None) -> web.Application:
     """The HTTP application; the caller owns ``store`` and ``queue`` (opened before, closed after).
 
     ``queue`` may be None (a process without a queue): unsubscribes then rely on the dequeue check to stop
     mail already queued."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_rate_limit, _errors])
     app[_DEPS] = _Deps(cfg, store, secret, queue)
+    app[_LIMITER] = RateLimiter(cfg.http.rate_per_ip.events, cfg.http.rate_per_ip.per)
     app.on_response_prepare.append(_security_headers)
     _add_routes(app)
     return app

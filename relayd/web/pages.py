@@ -28,11 +28,17 @@ __all__ = [
     "Subject",
     "already_page",
     "confirm_page",
+    "csp_allowing_form_target",
     "done_page",
     "error_page",
     "invalid_page",
     "mask_address",
     "not_asked_page",
+    "optin_already_page",
+    "optin_confirm_page",
+    "optin_done_page",
+    "optin_invalid_page",
+    "optin_not_asked_page",
 ]
 
 _CSS = """
@@ -174,3 +180,73 @@ def not_asked_page() -> str:
 def error_page(status: int, heading: str, text: str) -> str:
     """Any other error (404, 405, 413, 503, 500): a heading and one sentence, never exception text."""
     return _page(f"{status} {heading}", f"<h1>{escape(heading)}</h1>\n<p>{escape(text)}</p>")
+
+
+# --- consent (issue 9): the double opt-in confirm pages, same look and rules as the unsubscribe pages ---
+
+
+def optin_confirm_page(record: Subject) -> str:
+    """GET /c/<token>: a question and one button. Nothing is recorded yet: mail scanners and link previews
+    fetch every URL in a mail, and a consent a robot gave is no consent."""
+    return _page(
+        "Confirm subscription",
+        "<h1>Confirm your subscription</h1>\n"
+        f"<p>Send mail from {_what(record)} to {_who(record)}?</p>\n"
+        '<form method="post">\n'
+        '<button type="submit" name="confirm" value="yes">Confirm subscription</button>\n'
+        "</form>\n"
+        '<p class="note">Nothing happens until you press the button. '
+        "If you did not ask for this, just close this page.</p>",
+    )
+
+
+def optin_done_page(record: Subject) -> str:
+    """After the POST that recorded the consent (also for a repeated one)."""
+    return _page(
+        "Subscription confirmed",
+        "<h1>Your subscription is confirmed</h1>\n"
+        f"<p>{_who(record)} will get mail from {_what(record)}.</p>\n"
+        '<p class="note">Every message has a link to unsubscribe again. You can close this page.</p>',
+    )
+
+
+def optin_already_page(record: Subject) -> str:
+    """GET when the consent is already on file: say so instead of offering a button that changes nothing."""
+    return _page(
+        "Subscription confirmed",
+        "<h1>Already confirmed</h1>\n"
+        f"<p>{_who(record)} gets mail from {_what(record)}.</p>\n"
+        '<p class="note">You can close this page.</p>',
+    )
+
+
+def optin_invalid_page() -> str:
+    """400 for a confirm token that is malformed, tampered with, or not in the sent ledger (which one is not
+    said: the page must not help anyone probe for valid tokens)."""
+    return _page(
+        "Link not valid",
+        "<h1>This link is not valid</h1>\n"
+        "<p>The confirmation link is incomplete or too old. Some mail programs break long links over two "
+        "lines: copy the whole link, or sign up again to get a new one.</p>\n"
+        '<p class="note">Nothing was recorded.</p>',
+    )
+
+
+def optin_not_asked_page() -> str:
+    """400 for a POST that does not carry our button's field."""
+    return _page(
+        "Nothing recorded",
+        "<h1>Nothing was recorded</h1>\n"
+        "<p>This request did not confirm a subscription. Open the confirmation link again and press the "
+        "button.</p>",
+    )
+
+
+def csp_allowing_form_target(origin: str) -> str:
+    """:data:`CONTENT_SECURITY_POLICY` that also lets a form submission end at ``origin``.
+
+    Why: browsers apply ``form-action`` to the redirects that follow a form submission too (CSP Level 3), so
+    the confirm page's 303 to a list's ``redirect`` URL on another site would be blocked. ``origin`` is
+    ``scheme://host[:port]`` from the config (host names and addresses only, see ``ListConfig.redirect``).
+    """
+    return CONTENT_SECURITY_POLICY.replace("form-action 'self'", f"form-action 'self' {origin}")
