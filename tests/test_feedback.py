@@ -494,7 +494,12 @@ def _junk_reports(address: str, trace: str) -> dict[str, bytes]:
             + b"--BB--",
         ),
         "token-stuffed": b"Subject: x\r\n\r\n"
-        + b"".join(f"X-Relayd-ID: {trace[:-1]}{c}\n".encode() for c in "abcdefghijklmnopqrstuvwxyz"),
+        # every one-character change of the real token (never the real one: that would be a valid report)
+        + b"".join(
+            f"X-Relayd-ID: {trace[:-1]}{c}\n".encode()
+            for c in "abcdefghijklmnopqrstuvwxyz234567"
+            if c != trace[-1]
+        ),
         "nul-and-8bit": b"From: \x00\xff\xfe\r\n"
         b'Content-Type: multipart/report; boundary="\x00"\r\n\r\n\xc3\x28',
     }
