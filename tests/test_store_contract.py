@@ -1,17 +1,20 @@
 """Contract of the policy store, written against the Protocols so every backend runs the same suite.
 
-Add a backend by adding its name to ``BACKENDS`` and a branch in ``_make_store`` (PostgreSQL: skip when no
-server is reachable). Only the tests at the bottom marked "sqlite-specific" know about the backend.
+Add a backend by adding its name to ``BACKENDS`` and a branch in ``_make_store``. PostgreSQL runs on the
+session's test database (``pg_dsn`` in conftest.py; no server is a failure, not a skip), one schema per test.
+Only the tests marked "sqlite-specific" / "postgresql-specific" know about the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from relayd.store import (
@@ -27,8 +30,9 @@ from relayd.store import (
     SuspendReason,
     open_store,
 )
+from relayd.store.postgresql import PostgresStore
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 DAY = 86_400
@@ -36,10 +40,30 @@ WEEK = 7 * DAY
 MONTH = 30 * DAY
 
 
+_PG: dict[str, str] = {}  # "dsn": the session's test database, set by _postgresql_for_make_store
+
+
+def _pg_schema(tmp_path: Path) -> str:
+    """One schema per tmp_path: a test's stores share it (reopen), other tests never see its rows."""
+    return "t_" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:16]
+
+
 def _make_store(backend: str, tmp_path: Path) -> Store:
     if backend == "sqlite":
         return SqliteStore(tmp_path / "relayd.db")
+    if backend == "postgresql":
+        return PostgresStore(_PG["dsn"], schema=_pg_schema(tmp_path))
     raise AssertionError(backend)  # pragma: no cover
+
+
+@pytest.fixture(autouse=True)
+def _postgresql_for_make_store(request: pytest.FixtureRequest) -> None:
+    """Hand the test database to _make_store for tests that may use PostgreSQL (the sqlite-parametrised
+    and sqlite-specific ones do not start a server)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("store") if callspec is not None else None
+    if "postgresql" in BACKENDS and backend != "sqlite" and not request.node.name.startswith("test_sqlite_"):
+        _PG["dsn"] = request.getfixturevalue("pg_dsn")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -406,8 +430,8 @@ async def test_open_store_factory(tmp_path: Path) -> None:
         assert await s.count() == 0
     finally:
         await s.close()
-    with pytest.raises(NotImplementedError):
-        await open_store("postgresql", None, "postgresql://localhost/relayd")
+    with pytest.raises(StoreError):  # nothing listens on port 1
+        await open_store("postgresql", None, "postgresql://relayd@127.0.0.1:1/relayd")
     with pytest.raises(ValueError):
         await open_store("mysql", None, None)
 
@@ -659,5 +683,101 @@ async def test_webhook_cursor_and_event_ids_survive_reopen(tmp_path: Path) -> No
             await s.record_event(Event(T0, "bounced", "acme"))
             after = await s.events_after(last, "acme", 10)
             assert [e.kind for _, e in after] == ["bounced"] and after[0][0] > last
+        finally:
+            await s.close()
+
+
+# --- postgresql-specific -------------------------------------------------------------------------------
+
+
+async def test_postgresql_open_store_factory(pg_dsn: str) -> None:
+    s = await open_store("postgresql", None, pg_dsn)
+    try:
+        assert isinstance(s, PostgresStore) and await s.count() == 0
+    finally:
+        await s.close()
+    with pytest.raises(ValueError):  # the config names the backend but no dsn
+        await open_store("postgresql", None, None)
+
+
+async def test_postgresql_refuses_newer_schema(pg_dsn: str, tmp_path: Path) -> None:
+    s = _make_store("postgresql", tmp_path)
+    await s.open()
+    await s.close()
+    schema = _pg_schema(tmp_path)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            f"INSERT INTO {schema}.schema_migrations (version, name, applied_at) VALUES (999, 'future', 0)"
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(SchemaTooNewError):
+        await _make_store("postgresql", tmp_path).open()
+
+
+async def test_postgresql_migrate_upgrades_existing_schema(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database at the current version gets a later migration applied on open, once, and keeps its data."""
+    import relayd.store.postgresql as pg_backend
+    from relayd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration
+
+    async with PostgresStore(pg_dsn, schema=_pg_schema(tmp_path)) as s:
+        await s.add([entry("old@example.test")])
+    nxt = LATEST_VERSION + 1
+    v_next = Migration(
+        nxt,
+        "test_column",
+        sqlite=("ALTER TABLE suppression ADD COLUMN note TEXT",),
+        postgresql=("ALTER TABLE suppression ADD COLUMN note TEXT",),
+    )
+    monkeypatch.setattr(pg_backend, "LATEST_VERSION", nxt)
+    monkeypatch.setattr(
+        pg_backend, "pending", lambda cur: tuple(m for m in (*MIGRATIONS, v_next) if m.version > cur)
+    )
+    async with PostgresStore(pg_dsn, schema=_pg_schema(tmp_path)) as s:
+        assert await s.migrate() == nxt
+        assert await s.count() == 1
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        schema = _pg_schema(tmp_path)
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = $1"
+            " AND table_name = 'suppression'",
+            schema,
+        )
+        versions = await conn.fetch(f"SELECT version FROM {schema}.schema_migrations ORDER BY version")
+    finally:
+        await conn.close()
+    assert "note" in {c[0] for c in columns} and [v[0] for v in versions] == list(range(1, nxt + 1))
+
+
+async def test_postgresql_migration_without_ddl_is_refused(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relayd.store.postgresql as pg_backend
+    from relayd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration
+
+    v_next = Migration(LATEST_VERSION + 1, "sqlite_only", sqlite=("SELECT 1",))
+    monkeypatch.setattr(pg_backend, "LATEST_VERSION", LATEST_VERSION + 1)
+    monkeypatch.setattr(
+        pg_backend, "pending", lambda cur: tuple(m for m in (*MIGRATIONS, v_next) if m.version > cur)
+    )
+    with pytest.raises(StoreError, match="no PostgreSQL DDL"):
+        await PostgresStore(pg_dsn, schema=_pg_schema(tmp_path)).open()
+
+
+async def test_postgresql_key_order_is_byte_order(tmp_path: Path) -> None:
+    """list() and scan() order keys as SQLite does (COLLATE "C"), whatever the database's locale."""
+    addresses = ["b@x.test", "B@x.test", "a@x.test", "_@x.test", "é@x.test", "z@x.test"]
+    for backend in BACKENDS:
+        s = _make_store(backend, tmp_path / backend)
+        await s.open()
+        try:
+            await s.add([entry(a) for a in addresses])
+            assert [e.address for e in await s.list(now=T0)] == sorted(addresses), backend
+            batches = [b async for b in s.scan(batch_size=2)]
+            assert [e.address for b in batches for e in b] == sorted(addresses), backend
         finally:
             await s.close()

@@ -9,8 +9,9 @@ Callers type against the Protocols in :mod:`relayd.store.base` (re-exported here
     finally:
         await store.close()
 
-Backends: ``sqlite`` (:class:`relayd.store.sqlite.SqliteStore`, aiosqlite + WAL) now; ``postgresql``
-(asyncpg) later, behind the same contract tests.
+Backends: ``sqlite`` (:class:`relayd.store.sqlite.SqliteStore`, aiosqlite + WAL), one node;
+``postgresql`` (:class:`relayd.store.postgresql.PostgresStore`, asyncpg), several nodes sharing one
+database, with ``NOTIFY`` change propagation. The same contract suite runs on both.
 """
 
 from __future__ import annotations
@@ -37,15 +38,20 @@ from .base import (
     as_utc,
     utcnow,
 )
+from .postgresql import CHANNEL_ACCOUNT, CHANNEL_SUPPRESSION, ChangeCallback, PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "CHANNEL_ACCOUNT",
+    "CHANNEL_SUPPRESSION",
     "DEFAULT_SQLITE_PATH",
     "SCOPE_PRECEDENCE",
     "AccountState",
     "AccountStateStore",
+    "ChangeCallback",
     "Event",
     "EventStore",
+    "PostgresStore",
     "Reason",
     "SchemaTooNewError",
     "Scope",
@@ -70,13 +76,17 @@ DEFAULT_SQLITE_PATH = Path("var/relayd.db")
 async def open_store(backend: str, path: Path | None = None, dsn: str | None = None) -> Store:
     """Build the configured backend and open it (which migrates the schema).
 
-    Raises ``ValueError`` for an unknown backend, ``NotImplementedError`` for ``postgresql`` (not yet
-    written), :class:`StoreError` when the database cannot be opened or migrated.
+    Raises ``ValueError`` for an unknown backend or a ``postgresql`` backend without ``dsn``,
+    :class:`StoreError` when the database cannot be reached, opened or migrated.
     """
     if backend == "sqlite":
         store = SqliteStore(path if path is not None else DEFAULT_SQLITE_PATH)
         await store.open()
         return store
     if backend == "postgresql":
-        raise NotImplementedError("the postgresql store backend is not written yet; use backend = 'sqlite'")
+        if not dsn:
+            raise ValueError("store backend 'postgresql' needs a dsn ([store] dsn = \"postgresql://...\")")
+        pg = PostgresStore(dsn)
+        await pg.open()
+        return pg
     raise ValueError(f"unknown store backend {backend!r}; expected 'sqlite' or 'postgresql'")

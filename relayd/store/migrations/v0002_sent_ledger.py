@@ -27,4 +27,18 @@ MIGRATION = Migration(
         """,
         "CREATE INDEX sent_sent_at ON sent (sent_at)",
     ),
+    postgresql=(
+        """
+        CREATE TABLE sent (
+            queue_id   TEXT    COLLATE "C" NOT NULL,
+            idx        INTEGER NOT NULL,
+            account    TEXT    NOT NULL,
+            list_name  TEXT    NOT NULL DEFAULT '',
+            address    TEXT    NOT NULL,
+            sent_at    BIGINT  NOT NULL,
+            PRIMARY KEY (queue_id, idx)
+        )
+        """,
+        "CREATE INDEX sent_sent_at ON sent (sent_at)",
+    ),
 )

@@ -70,4 +70,72 @@ MIGRATION = Migration(
         WHERE account IS NOT NULL GROUP BY 1, 2, 3, 4
         """,
     ),
+    # PostgreSQL: statement-level triggers over the transition table, not one upsert per row: the backend
+    # inserts a whole message (or a group commit of events) in one statement, and one grouped upsert then
+    # touches each roll-up row once. ORDER BY makes every writer lock roll-up rows in the same order, so
+    # two nodes committing ledgers of several accounts at once cannot deadlock. `SET search_path FROM
+    # CURRENT` pins the functions to the schema they were created in (a store may live in its own schema).
+    postgresql=(
+        """
+        CREATE TABLE sent_hourly (
+            account  TEXT    NOT NULL,
+            hour     BIGINT  NOT NULL,
+            n        BIGINT  NOT NULL,
+            PRIMARY KEY (account, hour)
+        )
+        """,
+        """
+        CREATE TABLE event_hourly (
+            account  TEXT    NOT NULL,
+            kind     TEXT    NOT NULL,
+            reason   TEXT    NOT NULL DEFAULT '',
+            hour     BIGINT  NOT NULL,
+            n        BIGINT  NOT NULL,
+            PRIMARY KEY (account, kind, reason, hour)
+        )
+        """,
+        "CREATE INDEX sent_account_at ON sent (account, sent_at)",
+        "CREATE INDEX events_account_kind_at ON events (account, kind, at)",
+        "CREATE INDEX events_address_kind_at ON events (address, kind, at) WHERE address IS NOT NULL",
+        f"""
+        CREATE FUNCTION sent_hourly_count() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            INSERT INTO sent_hourly (account, hour, n)
+            SELECT account, sent_at / {HOUR_US}, count(*) FROM new_rows GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (account, hour) DO UPDATE SET n = sent_hourly.n + excluded.n;
+            RETURN NULL;
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER sent_hourly_count AFTER INSERT ON sent REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION sent_hourly_count()
+        """,
+        f"""
+        CREATE FUNCTION event_hourly_count() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            INSERT INTO event_hourly (account, kind, reason, hour, n)
+            SELECT account, kind, coalesce(reason, ''), at / {HOUR_US}, count(*) FROM new_rows
+            WHERE account IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+            ON CONFLICT (account, kind, reason, hour) DO UPDATE SET n = event_hourly.n + excluded.n;
+            RETURN NULL;
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER event_hourly_count AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION event_hourly_count()
+        """,
+        f"""
+        INSERT INTO sent_hourly (account, hour, n)
+        SELECT account, sent_at / {HOUR_US}, count(*) FROM sent GROUP BY 1, 2
+        """,
+        f"""
+        INSERT INTO event_hourly (account, kind, reason, hour, n)
+        SELECT account, kind, coalesce(reason, ''), at / {HOUR_US}, count(*) FROM events
+        WHERE account IS NOT NULL GROUP BY 1, 2, 3, 4
+        """,
+    ),
 )
