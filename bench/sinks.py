@@ -21,7 +21,7 @@ class _SinkProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        self.transport = transport  # type: ignore[assignment]
         transport.write(b"220 sink ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:

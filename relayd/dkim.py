@@ -10,8 +10,10 @@ header field (§3.5) are built locally and only the signature primitive comes fr
 dkimpy, Perl Mail::DKIM and libopendkim check the result in the tests.
 
 Errors: :class:`DkimKeyError` (a :class:`ValueError`) for any key that cannot be used, raised when the key is
-loaded or generated, never while signing. ``Signer.sign`` itself does not fail on odd input: it signs what it
-is given.
+loaded or generated, never while signing; a key file that group or others may read is refused with
+:class:`UnsafeKeyFile`, which is also a :class:`~relayd.errors.ConfigError` so that ``relayd serve`` exits
+2 naming the file (as for ``[server] secret_file``). ``Signer.sign`` itself does not fail on odd input: it
+signs what it is given.
 
 Header sections are byte strings of header fields, each ending in CRLF, without the empty line that ends the
 header section; :func:`split_message` cuts a message that way.
@@ -34,6 +36,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from relayd.errors import ConfigError
+
 __all__ = [
     "ALGORITHMS",
     "SIGNED_HEADERS",
@@ -41,6 +45,7 @@ __all__ = [
     "DkimKey",
     "DkimKeyError",
     "Signer",
+    "UnsafeKeyFile",
     "body_hash",
     "canonicalize_body",
     "canonicalize_header",
@@ -97,6 +102,16 @@ class DkimKeyError(ValueError):
     The message names the key file (or the domain/selector) and the problem, fit for
     ``FILE: key.path: problem`` config errors and for the CLI.
     """
+
+
+class UnsafeKeyFile(DkimKeyError, ConfigError):
+    """A DKIM key file that group or others may read: whoever can read it can sign mail as the domain.
+
+    Both a :class:`DkimKeyError` (callers that handle bad keys handle this one) and a
+    :class:`~relayd.errors.ConfigError` (the daemon refuses to start, exit 2, naming the file)."""
+
+    def __init__(self, message: str) -> None:
+        ConfigError.__init__(self, [message])
 
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -174,8 +189,9 @@ def load_key(domain: str, selector: str, key_file: Path, algorithm: str) -> Dkim
     """Read a PEM private key (PKCS#8, or PKCS#1 for rsa) for ``domain``/``selector``.
 
     Raises :class:`DkimKeyError` when the file cannot be read, holds no unencrypted private key, holds a key
-    of the other algorithm, or an rsa key shorter than 1024 bits (RFC 8301 §3.2). A key file that others
-    can read is loaded, with a warning.
+    of the other algorithm, or an rsa key shorter than 1024 bits (RFC 8301 §3.2). Raises
+    :class:`UnsafeKeyFile` for a usable key in a file with any group or other permission bits (checked after
+    the content, so a broken file is reported as broken first).
     """
     _check_algorithm(algorithm)
     name = _normalize_domain(domain)
@@ -185,8 +201,6 @@ def load_key(domain: str, selector: str, key_file: Path, algorithm: str) -> Dkim
         mode = key_file.stat().st_mode
     except OSError as exc:
         raise DkimKeyError(f"{key_file}: cannot read DKIM key: {exc.strerror or exc}") from exc
-    if mode & stat.S_IROTH:
-        log.warning("DKIM key %s is readable by all users; chmod 600 it", key_file)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError as exc:  # encrypted PEM and no password
@@ -201,9 +215,13 @@ def load_key(domain: str, selector: str, key_file: Path, algorithm: str) -> Dkim
                 f"{key_file}: rsa key has {key.key_size} bits, DKIM needs at least {_RSA_MIN_BITS}"
                 " (RFC 8301 §3.2)"
             )
-        return DkimKey(name, selector, algorithm, key)
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
         raise DkimKeyError(f"{key_file}: algorithm is ed25519 but the file holds {_describe(key)}")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UnsafeKeyFile(
+            f"{key_file}: dkim.key_file: readable by group or others (mode {stat.S_IMODE(mode):04o});"
+            " chmod 600 it"
+        )
     return DkimKey(name, selector, algorithm, key)
 
 

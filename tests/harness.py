@@ -180,6 +180,7 @@ def config_text(
     server_extra: str = "",
     http_port: int = 0,
     inbound_port: int = 0,
+    store: str | None = None,
 ) -> str:
     routes = routes or {}
     route_items = ", ".join(f'"{dom}" = "127.0.0.1:{p}"' for dom, p in routes.items())
@@ -213,7 +214,7 @@ listen = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
 
 [store]
-path = "{tmp}/relayd.db"
+{store or f'path = "{tmp}/relayd.db"'}
 
 [queue]
 path = "{tmp}/queue"

@@ -6,8 +6,14 @@ This is the transport seam of the queue: :meth:`Transport.send` either returns t
 * Opportunistic STARTTLS (``tls = "may"``, Postfix's ``smtp_tls_security_level = may``): used when offered,
   certificates not verified (there is no trust anchor for MX hosts without DANE/MTA-STS); a failed handshake
   is retried once in plaintext, as Postfix does, because an unencrypted delivery beats a bounce.
-* Connections are kept per host for ``messages_per_connection`` transactions (RSET between them) and closed
-  when idle: a bulk sender sends many messages to the same few MX hosts.
+* Connections are kept per (host, source address, EHLO name) for ``messages_per_connection`` transactions
+  (RSET between them) and closed when idle: a bulk sender sends many messages to the same few MX hosts, and a
+  connection opened from one pool's address must never carry another account's mail.
+* A :class:`Channel` names the source address to bind (dedicated IPs, ``[pools.NAME]``), the EHLO name, and
+  the shaping caps of its *lane* (destination x source address): the number of connections a lane holds open
+  -- in use or idle -- never exceeds ``max_connections``, because a receiver counts open sockets, not
+  transactions. A connection that has carried its last message is closed (QUIT answered) before its slot is
+  given back.
 """
 
 from __future__ import annotations
@@ -27,11 +33,31 @@ log = logging.getLogger(__name__)
 _IDLE_SECONDS = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """How one attempt connects: bound source ``address`` (None: the kernel picks), ``helo`` (None: the
+    transport's default), and the caps of its ``lane`` (None: the transport's defaults, no cap)."""
+
+    lane: str = ""
+    address: str | None = None
+    helo: str | None = None
+    messages_per_connection: int | None = None
+    max_connections: int | None = None
+
+
+_DEFAULT = Channel()
+
+_Key = tuple[str, int, str | None, str]  # host, port, source address, EHLO name
+
+
 @dataclass(slots=True)
 class _Conn:
     client: aiosmtplib.SMTP
     host: str
     port: int
+    key: _Key
+    lane: str
+    limit: int
     used: int = 0
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -67,30 +93,37 @@ class Transport:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._per_conn = messages_per_connection
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._idle: dict[_Key, list[_Conn]] = {}
+        self._open: dict[str, int] = {}  # lane -> connections open (in use or idle)
         self._no_tls: set[tuple[str, int]] = set()
         self._reaper: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Future[None]] = set()
 
-    async def _connect(self, host: str, port: int) -> _Conn:
+    def open_connections(self, lane: str) -> int:
+        """Connections the lane holds open now (in use or idle); for tests and gauges."""
+        return self._open.get(lane, 0)
+
+    async def _connect(self, host: str, port: int, ch: Channel) -> _Conn:
+        helo = ch.helo or self._helo
         use_tls = self._tls == "may" and (host, port) not in self._no_tls
         client = aiosmtplib.SMTP(
             hostname=host,
             port=port,
-            local_hostname=self._helo,
+            local_hostname=helo,
+            source_address=(ch.address, 0) if ch.address else None,
             timeout=self._command_timeout,
             start_tls=False,
             use_tls=False,
         )
+        source = f" from {ch.address}" if ch.address else ""
         try:
             await client.connect(timeout=self._connect_timeout)
             await client.ehlo()
         except aiosmtplib.SMTPResponseException as exc:
             client.close()
-            raise _fail(exc.code, exc.message, f"greeting from {host}:{port}") from exc
+            raise _fail(exc.code, exc.message, f"greeting from {host}:{port}{source}") from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
-            raise TemporaryFailure(f"connect to {host}:{port}: {exc}") from exc
+            raise TemporaryFailure(f"connect to {host}:{port}{source}: {exc}") from exc
         if use_tls and client.supports_extension("starttls"):
             try:
                 await client.starttls(validate_certs=False)
@@ -98,35 +131,61 @@ class Transport:
                 client.close()
                 log.warning("STARTTLS with %s:%d failed (%s); retrying without TLS", host, port, exc)
                 self._no_tls.add((host, port))
-                return await self._connect(host, port)
-        return _Conn(client, host, port)
+                return await self._connect(host, port, ch)
+        self._open[ch.lane] = self._open.get(ch.lane, 0) + 1
+        limit = ch.messages_per_connection or self._per_conn
+        return _Conn(client, host, port, (host, port, ch.address, helo), ch.lane, limit)
 
-    async def _checkout(self, host: str, port: int) -> _Conn:
-        pool = self._idle.get((host, port))
+    async def _checkout(self, host: str, port: int, ch: Channel) -> _Conn:
+        pool = self._idle.get((host, port, ch.address, ch.helo or self._helo))
         while pool:
             conn = pool.pop()
             if conn.client.is_connected and time.monotonic() - conn.idle_since < _IDLE_SECONDS:
                 return conn
-            conn.client.close()
-        return await self._connect(host, port)
+            self._drop(conn)
+        await self._make_room(ch)
+        return await self._connect(host, port, ch)
 
-    def _checkin(self, conn: _Conn) -> None:
+    async def _make_room(self, ch: Channel) -> None:
+        """Close idle connections of the lane (to its other hosts) until a new one fits under its cap."""
+        if ch.max_connections is None:
+            return
+        for conns in list(self._idle.values()):
+            while conns and self._open.get(ch.lane, 0) >= ch.max_connections:
+                idle = [c for c in conns if c.lane == ch.lane]
+                if not idle:
+                    break
+                conns.remove(idle[0])
+                await self._retire(idle[0])
+
+    def _drop(self, conn: _Conn) -> None:
+        """Close at once (the connection is broken, or the server said 421)."""
+        conn.client.close()
+        self._forget(conn)
+
+    async def _retire(self, conn: _Conn) -> None:
+        """QUIT and close; the lane's count drops only once the server has seen the end."""
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            if conn.client.is_connected:
+                await conn.client.quit(timeout=5)
+        self._drop(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        if conn.lane in self._open and conn.used >= 0:
+            self._open[conn.lane] -= 1
+            if not self._open[conn.lane]:
+                del self._open[conn.lane]
+        conn.used = -1  # counted out once, however many close paths it takes
+
+    async def _checkin(self, conn: _Conn) -> None:
         conn.used += 1
-        if conn.used >= self._per_conn or not conn.client.is_connected:
-            task = asyncio.ensure_future(self._quit(conn.client))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        if conn.used >= conn.limit or not conn.client.is_connected:
+            await self._retire(conn)
             return
         conn.idle_since = time.monotonic()
-        self._idle.setdefault((conn.host, conn.port), []).append(conn)
+        self._idle.setdefault(conn.key, []).append(conn)
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._reap())
-
-    @staticmethod
-    async def _quit(client: aiosmtplib.SMTP) -> None:
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            await client.quit(timeout=5)
-        client.close()
 
     async def _reap(self) -> None:
         while any(self._idle.values()):
@@ -134,29 +193,37 @@ class Transport:
             now = time.monotonic()
             for key, conns in list(self._idle.items()):
                 keep = [c for c in conns if now - c.idle_since < _IDLE_SECONDS and c.client.is_connected]
+                self._idle[key] = keep
                 for c in conns:
                     if c not in keep:
-                        await self._quit(c.client)
-                self._idle[key] = keep
+                        await self._retire(c)
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        for conns in self._idle.values():
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
             for c in conns:
-                await self._quit(c.client)
-        self._idle.clear()
+                await self._retire(c)
 
-    async def send(self, hosts: tuple[tuple[str, int], ...], mail_from: str, rcpt: str, data: bytes) -> str:
+    async def send(
+        self,
+        hosts: tuple[tuple[str, int], ...],
+        mail_from: str,
+        rcpt: str,
+        data: bytes,
+        channel: Channel = _DEFAULT,
+    ) -> str:
         """Deliver; return the final ``250`` reply text.
 
         The next host is tried only when a host can't be reached or refuses the session (RFC 5321 §5.1);
-        a reply to the transaction itself is final for this attempt.
+        a reply to the transaction itself is final for this attempt. The caller holds one of the lane's
+        ``max_connections`` slots for the whole call, so the lane never opens more than that.
         """
         last: TemporaryFailure | PermanentFailure | None = None
         for host, port in hosts:
             try:
-                conn = await self._checkout(host, port)
+                conn = await self._checkout(host, port, channel)
             except (TemporaryFailure, PermanentFailure) as exc:
                 last = exc
                 continue
@@ -166,7 +233,8 @@ class Transport:
                 # the server closed a pooled connection while it sat idle: not a failure of this delivery
                 pass
             try:
-                conn = await self._connect(host, port)
+                await self._make_room(channel)
+                conn = await self._connect(host, port, channel)
             except (TemporaryFailure, PermanentFailure) as exc:
                 last = exc
                 continue
@@ -190,16 +258,20 @@ class Transport:
         except aiosmtplib.SMTPResponseException as exc:
             err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step.split(" ")[0])
             if exc.code == 421 or not client.is_connected:
-                client.close()
+                self._drop(conn)
             else:
-                with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                try:
                     await client.rset()
-                    self._checkin(conn)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    self._drop(conn)
+                else:
+                    await self._checkin(conn)
             raise err from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            client.close()
-            if step == "MAIL FROM" and conn.used > 0:
+            stale = step == "MAIL FROM" and conn.used > 0
+            self._drop(conn)
+            if stale:
                 raise _StaleConnection(f"{conn.host}:{conn.port} closed an idle connection") from exc
             raise TemporaryFailure(f"{step} at {conn.host}:{conn.port}: {exc}") from exc
-        self._checkin(conn)
+        await self._checkin(conn)
         return f"{reply.code} {reply.message}"

@@ -5,10 +5,19 @@ Shape after Postfix's qmgr: fresh mail is handed straight to delivery when there
 periodic scan of the due index, a bounded number of rows at a time, so a queue of any length never has to
 fit in memory and a deferred backlog never slows fresh mail.
 
+Fairness between accounts: the due scan reads each account's rows on its own and interleaves them, every
+account may hold a reserve of the active window even when another account's backlog fills it, and attempts
+waiting for the same destination are served round-robin by account (relayd.queue.shaping). Dedicated IPs:
+an account's ``pool`` gives the source addresses (and EHLO names) its mail leaves from, round-robin.
+
 Outcomes (one transition each, written through the queue's group commit):
   250            -> delivered
   5xx, null MX   -> failed (permanent; recorded per recipient)
+  5xx block      -> deferred: a block list reply is about our source address, not the recipient; that
+                    address is suspended for the destination (event ``ip_suspended``) and the retry goes out
+                    through another address of the pool, or after the suspension
   4xx, timeouts  -> deferred to the next slot of ``retry_schedule``, or expired once older than ``max_age``
+  shaping        -> postponed: next attempt moved, no attempt counted, no SMTP traffic
   our own bug    -> deferred, logged with the queue id (a crash in a worker never drops mail)
 """
 
@@ -24,9 +33,19 @@ from enum import Enum
 from typing import Protocol
 
 from relayd.config import Config
-from relayd.errors import DeliveryError, PermanentFailure, StorageError, TemporaryFailure
+from relayd.errors import ConfigError, DeliveryError, PermanentFailure, StorageError, TemporaryFailure
 from relayd.queue.client import Transport
 from relayd.queue.routing import Router
+from relayd.queue.shaping import (
+    DEFAULT_SOURCES,
+    Grant,
+    Postponed,
+    Shaper,
+    ShapingTable,
+    Signal,
+    Source,
+    classify,
+)
 from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State
 from relayd.tokens import verp_address
 
@@ -36,7 +55,9 @@ _CACHE_BYTES = 64 * 1024 * 1024
 
 
 #: called after every attempt with (recipient, outcome, reply, seconds, error); outcome is one of
-#: delivered, deferred, bounced, expired, dropped. Its failures are logged, never fatal to delivery.
+#: delivered, deferred, bounced, expired, dropped -- and ``ip_suspended`` (before that attempt's
+#: ``deferred``) when its block reply suspended a source address for the destination; the reply then names
+#: the address, the destination and for how long. Its failures are logged, never fatal to delivery.
 Observer = Callable[[DueRecipient, str, str, float, DeliveryError | None], Awaitable[None]]
 
 
@@ -55,6 +76,15 @@ class _Verdict(Protocol):
 
 
 _PURGE_EVERY = 60.0
+
+
+def account_sources(cfg: Config) -> dict[str, tuple[Source, ...]]:
+    """Each pooled account's source addresses with their EHLO names; other accounts use the default."""
+    out: dict[str, tuple[Source, ...]] = {}
+    for name, acct in cfg.accounts.items():
+        if acct.pool is not None and acct.pool in cfg.pools:
+            out[name] = tuple(Source(ip, helo) for ip, helo in cfg.pools[acct.pool].sources())
+    return out
 
 
 class Scheduler:
@@ -88,7 +118,10 @@ class Scheduler:
         self._inflight: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sockets = asyncio.Semaphore(cfg.delivery.concurrency)
-        self._per_dest: dict[str, asyncio.Semaphore] = {}
+        self._shaping = ShapingTable.from_config(cfg)
+        self._shaper = Shaper()
+        self._sources = account_sources(cfg)
+        self._by_account: dict[str, int] = {}  # recipients in the active window, per account
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (queue id, index or -1)
         self._cache_bytes = 0
         self._wake = asyncio.Event()
@@ -98,10 +131,15 @@ class Scheduler:
     # --- entry points -------------------------------------------------------------------------------------
 
     def reload(self, cfg: Config) -> None:
-        """New routes, retry schedule and limits (SIGHUP); attempts in flight finish on the old route."""
+        """New routes, retry schedule, pools and shaping (SIGHUP); attempts in flight finish on the old
+        route. Lanes keep their adaptive state (a provider that asked us to slow down still wants that)."""
         self._cfg = cfg
         self._router = Router(cfg.delivery)
-        self._per_dest.clear()
+        self._sources = account_sources(cfg)
+        try:
+            self._shaping = ShapingTable.from_config(cfg)
+        except ConfigError as exc:  # the file changed again after the reload validated it
+            log.error("reload: shaping rules kept: %s", exc)
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="queue-scheduler")
@@ -116,6 +154,7 @@ class Scheduler:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._shaper.close()
         await self._transport.close()
 
     def submitted(self, msg: NewMessage, created_at: float) -> None:
@@ -126,7 +165,7 @@ class Scheduler:
             for i, rendered in enumerate(msg.per_recipient):
                 self._remember((msg.queue_id, i), rendered)
         for i, rcpt in enumerate(msg.recipients):
-            if len(self._inflight) >= self._cfg.queue.active_limit:
+            if not self._admits(msg.account):
                 self._wake.set()  # the scanner will pick the rest up as room frees
                 return
             if (msg.queue_id, i) in self._inflight:
@@ -138,6 +177,22 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def shaper(self) -> Shaper:
+        """The lanes and their state (suspended source addresses, current rates) for gauges."""
+        return self._shaper
+
+    def _reserve(self) -> int:
+        return max(1, self._cfg.queue.active_limit // 10)
+
+    def _admits(self, account: str) -> bool:
+        """Room in the active window -- and an account below its reserve always gets in, so another
+        account's backlog filling the window cannot keep its mail waiting (the window may then exceed
+        ``active_limit`` by at most one reserve per account)."""
+        if len(self._inflight) < self._cfg.queue.active_limit:
+            return True
+        return self._by_account.get(account, 0) < self._reserve()
 
     # --- the scan loop -----------------------------------------------------------------------------------
 
@@ -158,25 +213,28 @@ class Scheduler:
 
     async def _scan(self) -> None:
         room = self._cfg.queue.active_limit - len(self._inflight)
-        if room <= 0:
-            return
+        reserve = self._reserve()
+
+        def fetch(account: str) -> int:
+            held = self._by_account.get(account, 0)
+            want = max(room, reserve - held)
+            # in-flight recipients are still 'queued' on disk and may come back first: ask for enough rows
+            return want + held if want > 0 else 0
+
         # an attempt that ends while the query runs may come back as a stale 'queued' row: remember every
         # attempt that ends from now on and skip those rows (else the recipient would get a second copy)
         self._ended_during_scan = set()
-        # in-flight recipients are still 'queued' on disk and may come back first: ask for enough rows
-        rows = await self._store.due(self._clock(), room + len(self._inflight))
+        rows = await self._store.due(self._clock(), max(room, 0), per_account=fetch)
         ended, self._ended_during_scan = self._ended_during_scan, None
-        for item in rows:
-            if room <= 0:
-                break
+        for item in rows:  # interleaved by account: a full window still lets each account's reserve in
             key = (item.queue_id, item.index)
-            if key not in self._inflight and key not in ended:
+            if key not in self._inflight and key not in ended and self._admits(item.account):
                 self._dispatch(item)
-                room -= 1
 
     def _dispatch(self, item: DueRecipient) -> None:
         key = (item.queue_id, item.index)
         self._inflight.add(key)
+        self._by_account[item.account] = self._by_account.get(item.account, 0) + 1
         task = asyncio.create_task(self._attempt(item))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -201,12 +259,6 @@ class Scheduler:
             data = await self._store.recipient_data(item.queue_id, item.index)
         return data
 
-    def _dest_limit(self, nexthop: str) -> asyncio.Semaphore:
-        sem = self._per_dest.get(nexthop)
-        if sem is None:
-            sem = self._per_dest[nexthop] = asyncio.Semaphore(self._cfg.delivery.connections_per_destination)
-        return sem
-
     async def _attempt(self, item: DueRecipient) -> None:
         key = (item.queue_id, item.index)
         try:
@@ -216,6 +268,11 @@ class Scheduler:
             log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
         finally:
             self._inflight.discard(key)
+            n = self._by_account.get(item.account, 0) - 1
+            if n > 0:
+                self._by_account[item.account] = n
+            else:
+                self._by_account.pop(item.account, None)
             if self._ended_during_scan is not None:
                 self._ended_during_scan.add(key)
             if len(self._inflight) < self._cfg.queue.active_limit // 2:
@@ -240,15 +297,11 @@ class Scheduler:
                 _log_attempt(item, "dropped", verdict.reason, 0.0, item.attempts)
                 return
         attempts = item.attempts + 1
-        domain = item.address.rpartition("@")[2]
         started = time.monotonic()
         try:
-            route = await self._router.route(domain)
-            async with self._sockets, self._dest_limit(route.nexthop):
-                sender = verp_address(
-                    self._secret, self._verp_domain, item.queue_id, item.index, item.address
-                )
-                reply = await self._transport.send(route.hosts, sender, item.address, data)
+            reply = await self._send(item, data)
+            if reply is None:
+                return  # postponed by shaping: no attempt was made
         except PermanentFailure as exc:
             await self._store.finish(item.queue_id, item.index, State.FAILED, str(exc), attempts)
             _log_attempt(item, "bounced", str(exc), time.monotonic() - started, attempts, exc)
@@ -266,6 +319,68 @@ class Scheduler:
         elapsed = time.monotonic() - started
         _log_attempt(item, "delivered", reply, elapsed, attempts)
         await self._observe(item, "delivered", reply, elapsed)
+
+    async def _send(self, item: DueRecipient, data: bytes) -> str | None:
+        """Route, wait for a lane of the destination (fair by account, within its shaping), send.
+
+        Returns the final reply, or None when shaping postponed the recipient (its due time moved on disk,
+        nothing sent, no attempt counted). Raises Temporary/PermanentFailure; a block reply is raised as a
+        TemporaryFailure once its source address is suspended, because it says nothing about the recipient.
+        """
+        domain = item.address.rpartition("@")[2]
+        route = await self._router.route(domain)
+        destination, rule = self._shaping.destination(domain, route)
+        sources = self._sources.get(item.account, DEFAULT_SOURCES)
+        got = await self._shaper.acquire(destination, rule, item.account, sources)
+        if isinstance(got, Postponed):
+            await self._store.postpone(item.queue_id, item.index, self._clock() + got.delay)
+            log.debug(
+                "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
+                item.queue_id,
+                item.address,
+                item.account,
+                got.delay,
+                destination,
+                got.reason,
+            )
+            return None
+        signal, released = Signal.NONE, False
+        try:
+            async with self._sockets:
+                sender = verp_address(
+                    self._secret, self._verp_domain, item.queue_id, item.index, item.address
+                )
+                reply = await self._transport.send(route.hosts, sender, item.address, data, got.channel)
+            signal = Signal.OK
+            return reply
+        except (TemporaryFailure, PermanentFailure) as exc:
+            signal = classify(exc)
+            if signal is not Signal.BLOCKED:
+                raise
+            released = True
+            await self._blocked(item, got, destination, exc)
+            raise TemporaryFailure(
+                f"{exc} (source {got.lane.source.address or 'default'} suspended for {destination})",
+                exc.code,
+                exc.status,
+                command=exc.command,
+                text=exc.text,
+            ) from exc
+        finally:
+            if not released:
+                self._shaper.release(got, signal)
+
+    async def _blocked(self, item: DueRecipient, got: Grant, destination: str, exc: DeliveryError) -> None:
+        """Suspend the source address for the destination; the first block reply records the event."""
+        if self._shaper.release(got, Signal.BLOCKED):
+            source = got.lane.source.address or "default source"
+            await self._observe(
+                item,
+                "ip_suspended",
+                f"{source} suspended for {destination} for {got.lane.rule.suspend:.0f}s: {exc}",
+                0.0,
+                exc,
+            )
 
     async def _observe(
         self, item: DueRecipient, outcome: str, reply: str, seconds: float, error: DeliveryError | None = None

@@ -16,6 +16,13 @@ leaves it to be delivered again on restart (at-least-once, never lost).
 
 Failure: every sqlite3/OS error is raised as :class:`relayd.errors.StorageError`; the submission listener
 answers 451 and the client keeps its message.
+
+Disk full (Postfix's ``queue_minfree``): :meth:`QueueStore.enqueue` refuses a new message with
+:class:`InsufficientStorage` (answered ``452 4.3.1``) while the queue's filesystem has less than
+``[queue] min_free_space`` free, before it writes anything, so the space that is left goes to what the queue
+must still record: delivery outcomes, deferrals, WAL checkpoints. A write that hits ENOSPC anyway
+(``SQLITE_FULL``) raises the same error; the batch's transaction is rolled back, so nothing is half-written,
+and the next write after space returns simply succeeds (no restart, no repair).
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -56,12 +65,57 @@ CREATE TABLE IF NOT EXISTS recipients (
     updated_at   REAL NOT NULL,
     last_reply   TEXT,
     data         BLOB,
+    account      TEXT,
     PRIMARY KEY (msg_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (next_attempt) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS recipients_address ON recipients (address) WHERE state IN ('queued', 'held');
 CREATE INDEX IF NOT EXISTS recipients_done ON recipients (updated_at) WHERE state NOT IN ('queued', 'held');
 """
+
+#: fair queueing (see :meth:`QueueStore.due`): ``recipients.account`` repeats ``messages.account`` so that
+#: each account's due rows are one index range. Kept out of SCHEMA because SCHEMA must also run on a queue
+#: written by an older relayd, whose recipients table has no account column yet (:func:`migrate` adds it).
+_ACCOUNT_INDEX = (
+    "CREATE INDEX IF NOT EXISTS recipients_account ON recipients (account, next_attempt) "
+    "WHERE state = 'queued'"
+)
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a queue database to the current schema; idempotent, and cheap when there is nothing to do.
+
+    Adds ``recipients.account`` to a queue written by an older relayd, and fills it wherever it is missing
+    (a queue filled by another tool): a queued row without an account would still be delivered (see
+    :meth:`QueueStore.due`), but outside the fair rotation."""
+    db.executescript(SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(recipients)")}
+    if "account" not in columns:
+        db.execute("ALTER TABLE recipients ADD COLUMN account TEXT")
+    db.execute(_ACCOUNT_INDEX)
+    db.execute(
+        "UPDATE recipients SET account = (SELECT account FROM messages WHERE id = recipients.msg_id) "
+        "WHERE account IS NULL AND state IN ('queued', 'held')"
+    )
+
+
+class InsufficientStorage(StorageError):
+    """The queue's filesystem is (nearly) full: refuse new mail with ``452 4.3.1`` (RFC 3463 §3.4) until
+    space returns. Transient by nature: the client keeps its message and tries again."""
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to us on the filesystem holding ``path`` (``f_bavail``: without root's reserve)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL ("database or disk is full") or ENOSPC/EDQUOT from the OS."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == sqlite3.SQLITE_FULL  # primary code of an extended one
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class State(StrEnum):
@@ -178,7 +232,7 @@ class QueueStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
+        migrate(db)
         return db
 
     async def close(self) -> None:
@@ -250,7 +304,7 @@ class QueueStore:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
         except (sqlite3.Error, OSError, ValueError) as exc:
             log.error("queue write of %d operations failed: %s", len(batch), exc)
-            err = StorageError(f"queue write failed: {exc}")
+            err = (InsufficientStorage if _is_full(exc) else StorageError)(f"queue write failed: {exc}")
             for op in batch:
                 if not op.done.done():
                     op.done.set_exception(err)
@@ -259,13 +313,22 @@ class QueueStore:
             if not op.done.done():
                 op.done.set_result(None)
 
-    async def enqueue(self, msg: NewMessage, *, held: bool = False) -> None:
-        """Store ``msg`` durably; returns once committed. Raises StorageError."""
+    async def enqueue(self, msg: NewMessage, *, held: bool = False, min_free: int = 0) -> None:
+        """Store ``msg`` durably; returns once committed. Raises StorageError, or InsufficientStorage when
+        less than ``min_free`` bytes plus the message would be left on the queue's filesystem."""
         now = time.time()
         state = State.HELD if held else State.QUEUED
         per = msg.per_recipient
         if per is not None and len(per) != len(msg.recipients):
             raise ValueError("per_recipient must have one entry per recipient")
+        if min_free > 0:
+            size = sum(map(len, per)) if per is not None else len(msg.data)
+            try:
+                free = free_bytes(self.path.parent)
+            except OSError as exc:
+                raise StorageError(f"cannot stat the queue's filesystem: {exc}") from exc
+            if free < min_free + size:
+                raise InsufficientStorage(f"{free} bytes free on the queue filesystem, {min_free} kept back")
         await self._submit(
             [
                 self._op(
@@ -283,9 +346,18 @@ class QueueStore:
                 ),
                 self._op(
                     "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, "
-                    "updated_at, data) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                    "updated_at, data, account) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
                     [
-                        (msg.queue_id, i, rcpt, state, now, now, per[i] if per is not None else None)
+                        (
+                            msg.queue_id,
+                            i,
+                            rcpt,
+                            state,
+                            now,
+                            now,
+                            per[i] if per is not None else None,
+                            msg.account,
+                        )
                         for i, rcpt in enumerate(msg.recipients)
                     ],
                     many=True,
@@ -314,6 +386,20 @@ class QueueStore:
                     "UPDATE recipients SET next_attempt = ?, last_reply = ?, attempts = ?, updated_at = ? "
                     "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
                     (next_attempt, reply, attempts, time.time(), queue_id, index),
+                )
+            ]
+        )
+
+    async def postpone(self, queue_id: str, index: int, next_attempt: float) -> None:
+        """Wait without an attempt (traffic shaping held the recipient back): only the due time moves, so
+        neither ``attempts`` nor ``last_reply`` say anything happened -- retry schedule and expiry are
+        untouched."""
+        await self._submit(
+            [
+                self._op(
+                    "UPDATE recipients SET next_attempt = ? "
+                    "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
+                    (next_attempt, queue_id, index),
                 )
             ]
         )
@@ -411,15 +497,47 @@ class QueueStore:
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"queue read failed: {exc}") from exc
 
-    async def due(self, now: float, limit: int) -> list[DueRecipient]:
-        """The recipients whose next attempt is due, oldest first; only ids and envelope, never bodies."""
-        rows = await self._fetch(
-            "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at, "
-            "m.list_name FROM recipients r JOIN messages m ON m.id = r.msg_id "
-            "WHERE r.state = 'queued' AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?",
-            (now, limit),
-        )
-        return [DueRecipient(*row) for row in rows]
+    async def due(
+        self, now: float, limit: int, *, per_account: Callable[[str], int] | None = None
+    ) -> list[DueRecipient]:
+        """The recipients whose next attempt is due, fair between accounts; ids and envelope, never bodies.
+
+        Each account's due rows are read on their own, oldest first, at most ``per_account(account)`` of
+        them (default ``limit``; 0 skips the account), and the lists are interleaved round-robin: one
+        account's backlog of a million rows never hides another account's ten (KumoMTA keeps a scheduled
+        queue per tenant for the same reason). Each read is one range of the ``recipients_account`` index,
+        so a scan costs O(accounts x limit), not O(queue).
+        """
+        accounts: list[str | None] = []
+        last = ""
+        while True:  # a loose index scan: one short lookup per account that has queued rows
+            rows = await self._fetch(
+                "SELECT MIN(account) FROM recipients WHERE state = 'queued' AND account > ?", (last,)
+            )
+            if not rows or rows[0][0] is None:
+                break
+            last = rows[0][0]
+            accounts.append(last)
+        accounts.append(None)  # rows no migration could attribute (written by other tools): never stranded
+        found: list[list[DueRecipient]] = []
+        for account in accounts:
+            n = per_account(account) if per_account is not None and account is not None else limit
+            if n <= 0:
+                continue
+            where = "r.account = ?" if account is not None else "r.account IS NULL"
+            rows = await self._fetch(
+                "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at, "
+                "m.list_name FROM recipients r JOIN messages m ON m.id = r.msg_id "
+                f"WHERE {where} AND r.state = 'queued' AND r.next_attempt <= ? "
+                "ORDER BY r.next_attempt LIMIT ?",
+                (account, now, n) if account is not None else (now, n),
+            )
+            if rows:
+                found.append([DueRecipient(*row) for row in rows])
+        out: list[DueRecipient] = []
+        for i in range(max((len(rows) for rows in found), default=0)):
+            out.extend(rows[i] for rows in found if i < len(rows))
+        return out
 
     async def next_due_time(self) -> float | None:
         rows = await self._fetch("SELECT MIN(next_attempt) FROM recipients WHERE state = 'queued'", ())

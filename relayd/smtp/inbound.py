@@ -14,7 +14,10 @@ What it accepts, and why so little:
   sender can't use us for backscatter. Mail we cannot use is still answered ``250`` and kept as an event.
 * DATA goes through :class:`~relayd.smtp.protocol.StrictSMTP` (strict terminator, bare-LF refusal,
   timeouts, size limit ``[inbound] max_message_size`` -> ``552``), with the submission listener's timeouts
-  and their own connection limits.
+  and error limit and their own connection limits.
+* Each client address may start ``[inbound] rate_per_ip`` transactions (MAIL commands); beyond that it gets
+  ``421 4.7.0`` and is disconnected. Forged reports cost a store lookup each, so a flood of them must not
+  get unlimited lookups; a real MTA simply retries a 421 later, so nothing genuine is lost.
 
 On DATA the message is handed to :mod:`relayd.feedback` once per distinct role among its recipients; the
 ``250`` is sent once the effects are committed. A store or queue failure answers ``451 4.3.0`` so the remote
@@ -36,7 +39,8 @@ from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
 from relayd.feedback import on_arf, on_dsn, on_unsubscribe_mail
 from relayd.queue.store import QueueStore
-from relayd.smtp.protocol import ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.smtp.ratelimit import RateLimiter, source_key
 from relayd.store.base import Store
 from relayd.tokens import VERP_LOCAL, parse_token
 
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = ["InboundHandler", "InboundSMTP", "Role", "start_inbound"]
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
+RATE_LIMITED = "421 4.7.0 Too many messages from your address, try again later"
 #: Recipients per transaction: a report has one; a few more are tolerated (a FBL copying abuse@ and fbl@).
 MAX_RECIPIENTS = 20
 
@@ -86,10 +91,15 @@ class InboundHandler:
         self.queue = queue
         self.secret = secret
         self._domains = frozenset(cfg.inbound.domains)
+        rate = cfg.inbound.rate_per_ip
+        self.rate = RateLimiter(rate.events, rate.per)
 
     async def handle_MAIL(
         self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if not self.rate.allow(source_key(server.peer_ip)):
+            log.info("%s: MAIL refused: over [inbound] rate_per_ip", server.peer_ip)
+            return RATE_LIMITED  # a 421: StrictSMTP.push hangs up after it
         # "<>" is what aiosmtpd hands us for the null reverse path; keep it truthy so RCPT may follow
         envelope.mail_from = address or "<>"
         envelope.mail_options.extend(options)
@@ -124,6 +134,11 @@ class InboundHandler:
         except StorageError as exc:
             log.error("%s: inbound report not processed (will be retried): %s", server.peer_ip, exc)
             return TEMPFAIL
+        except RecursionError:
+            # MIME nested ~1000 deep exhausts the stdlib parser's stack: no report is built like that, and
+            # a 451 would only bring the same message back forever
+            log.info("%s: inbound message refused: MIME nested too deeply", server.peer_ip)
+            return "554 5.6.0 Message refused: MIME structure nested too deeply"
         except Exception:
             # our bug, not the sender's: 451 and a traceback, and the session stays in a sane state
             log.exception("%s: inbound report processing failed", server.peer_ip)
@@ -190,7 +205,11 @@ async def start_inbound(
         host, port = parse_hostport(spec)
         servers.append(
             await loop.create_server(
-                lambda: inbound_protocol(handler.cfg, handler, limits), host, port, reuse_port=reuse_port
+                lambda: inbound_protocol(handler.cfg, handler, limits),
+                host,
+                port,
+                reuse_port=reuse_port,
+                backlog=BACKLOG,
             )
         )
     return servers
@@ -202,6 +221,7 @@ def inbound_protocol(cfg: Config, handler: InboundHandler, limits: ConnectionLim
         handler,
         limits=limits,
         data_timeout=cfg.submission.data_timeout,
+        max_errors=cfg.submission.max_errors,
         hostname=cfg.server.hostname,
         ident="relayd",
         data_size_limit=cfg.inbound.max_message_size,

@@ -13,12 +13,33 @@ What this subclass changes, and why:
 * Connection limits (total and per client IP) are checked before the greeting and answered ``421 4.7.0``.
 * An exception in our own code answers ``451 4.3.0`` (our fault, temporary) and never shows its text;
   aiosmtpd's default is a ``500`` with the exception message.
+
+Hostile clients (issue 10), and what bounds the memory each one can make us use:
+
+* Idle and slow clients (slowloris) hold a connection slot, nothing else: the per-IP limit stops one source
+  from taking them all, and ``command_timeout`` only restarts on a complete, recognised command, so dripping
+  bytes buys nothing. The listen backlog is :data:`BACKLOG` so a connection flood does not make the kernel
+  drop a real client's SYN.
+* Pipelining floods: replies go through ``drain()``, so a client that writes and never reads stops us
+  reading from it once its unread replies reach the transport's high-water mark; the StreamReader pauses the
+  socket at twice the line limit. Neither side's buffer grows with the number of commands.
+* Errors: every protocol error (``500``-``504``, ``530``, ``452 4.5.3``) counts; at ``max_errors`` since the
+  last accepted message the client gets ``421 4.7.0`` and is disconnected (Postfix's
+  ``smtpd_hard_error_limit``). Policy refusals (``550 5.7.1 ... suppressed``) do not count: a bulk sender
+  meets many of them in a healthy session. An over-long command line is ``500 5.5.2`` (aiosmtpd reads it
+  away in chunks, never whole).
+* Every ``421`` we send is followed by closing the connection (RFC 5321 §3.8), after a short lingering
+  read so that the client still sees the reply (:meth:`StrictSMTP.hang_up`).
+* Header bombs: more than :data:`MAX_HEADER_FIELDS` header fields or :data:`MAX_HEADER_BYTES` of header
+  section are refused ``554 5.6.0`` after the terminator, without keeping the message (no MIME parser ever
+  sees it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import inspect
 import logging
 import re
@@ -28,9 +49,27 @@ from typing import Any, ClassVar, cast
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relayd.smtp.ratelimit import source_key
+
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1000  # 998 octets + CRLF, RFC 5322 §2.1.1
+#: Header fields / bytes of header section accepted in one message. Real mail has a few dozen fields and a
+#: few KB; a long Received chain stays far below. More is an attack on whatever parses headers later.
+MAX_HEADER_FIELDS = 1000
+MAX_HEADER_BYTES = 256 * 1024
+#: listen() backlog: aiosmtpd's default of 100 overflows in a connection flood, and a dropped SYN costs a
+#: real client a 1 s retransmit (the kernel caps this at net.core.somaxconn).
+BACKLOG = 1024
+#: After a 421 we read and discard the client's input this long (seconds) before closing; see hang_up().
+LINGER = 2.0
+
+LINE_TOO_LONG = "500 5.5.2 Error: line too long"
+HEADER_TOO_LARGE = (
+    f"554 5.6.0 Message header too large (over {MAX_HEADER_FIELDS} fields or {MAX_HEADER_BYTES // 1024} KiB)"
+)
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+_ERROR_CODES = frozenset({"500", "501", "502", "503", "504", "530"})
 
 # A plain ``<local@domain>`` path (dot-atom local part, hostname domain): what nearly every MAIL/RCPT is.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -71,6 +110,30 @@ class _MemberCache:
         return [*cls._cached(obj, "handle_"), *cls._cached(obj, "smtp_")]
 
 
+class _RedactAuth(logging.Filter):
+    """Blanks AUTH arguments in aiosmtpd's own log lines (``mail.log``, at DEBUG and INFO).
+
+    aiosmtpd logs every command line it reads, and ``AUTH PLAIN <base64>`` carries the password: with
+    ``--log-level debug`` it would land in the journal. The line keeps its mechanism only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(
+            isinstance(a, bytes | str) and a[:5].upper() in (b"AUTH ", "AUTH ") for a in args
+        ):
+            record.args = tuple(_redact_auth(a) for a in args)
+        return True
+
+
+def _redact_auth(arg: object) -> object:
+    if isinstance(arg, bytes) and arg[:5].upper() == b"AUTH ":
+        return b" ".join(arg.split()[:2]) + b" <redacted>"
+    if isinstance(arg, str) and arg[:5].upper() == "AUTH ":
+        return " ".join(arg.split()[:2]) + " <redacted>"
+    return arg
+
+
+logging.getLogger("mail.log").addFilter(_RedactAuth())
 aiosmtpd.smtp.inspect = _MemberCache  # type: ignore[assignment,attr-defined]
 aiosmtpd.smtp.dir = _MemberCache.dir  # type: ignore[attr-defined]
 
@@ -85,7 +148,9 @@ class ConnectionLimits:
         self._open = 0
 
     def admit(self, ip: str) -> str | None:
-        """Register a connection, or return the reply that refuses it."""
+        """Register a connection, or return the reply that refuses it. IPv6 clients count by /64
+        (:func:`~relayd.smtp.ratelimit.source_key`)."""
+        ip = source_key(ip)
         if self._open >= self.total:
             return "421 4.7.0 Too many connections, try again later"
         if self._by_ip[ip] >= self.per_ip:
@@ -95,6 +160,7 @@ class ConnectionLimits:
         return None
 
     def release(self, ip: str) -> None:
+        ip = source_key(ip)
         self._open -= 1
         self._by_ip[ip] -= 1
         if self._by_ip[ip] <= 0:
@@ -131,12 +197,17 @@ class StrictSMTP(SMTP):
         limits: ConnectionLimits,
         data_timeout: float,
         on_close: Any = None,
+        max_errors: int = 20,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._data_timeout = data_timeout
         self._on_close = on_close
+        self._max_errors = max_errors
+        self._errors = 0  # protocol errors since the last accepted message
+        self._hung_up = False
+        self._hung_up_transport: asyncio.BaseTransport | None = None
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
@@ -165,18 +236,74 @@ class StrictSMTP(SMTP):
         refusal = self._limits.admit(ip)
         if refusal is not None:
             log.warning("%s: %s", ip, refusal)
-            await self.push(refusal)
-            if self.transport is not None:
-                self.transport.close()
+            await self.push(refusal)  # a 421: hangs up
+            await self._linger()
             return
         try:
             await super()._handle_client()
+            await self._linger()
         finally:
             self._limits.release(ip)
             if self._on_close is not None:
                 self._on_close(self)
 
+    def hang_up(self) -> None:
+        """End the session after what was already written; later replies are dropped.
+
+        Setting ``transport`` to None ends aiosmtpd's command loop after the current command, and
+        :meth:`_linger` closes the connection. Closing right away would lose our last reply to a client that
+        pipelined more than we read: a socket closed with unread input sends RST, and on RST the peer's
+        kernel throws away what it had received but not yet handed to the client."""
+        if self._hung_up:
+            return
+        self._hung_up = True
+        self._hung_up_transport = self.transport
+        self.transport = None
+
+    async def _linger(self) -> None:
+        """After a hang-up: send FIN, read and discard input for up to :data:`LINGER` seconds (or until
+        the client closes), then close (Apache's "lingering close", for the same reason)."""
+        # uvloop's transports are not asyncio.WriteTransport subclasses, so a cast, not isinstance()
+        transport = cast(asyncio.WriteTransport | None, self._hung_up_transport if self._hung_up else None)
+        if transport is None or transport.is_closing():
+            return
+        try:
+            if transport.can_write_eof():  # plain TCP; a TLS transport cannot half-close
+                transport.write_eof()
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    async with asyncio.timeout(LINGER):
+                        while await self._reader.read(65536):
+                            pass
+        finally:
+            transport.close()
+
+    async def push(self, status: str | bytes) -> None:
+        """aiosmtpd's push, plus: an enhanced code for an over-long line, the error limit, and a hang-up
+        after every 421."""
+        if self._hung_up:
+            await asyncio.sleep(0)  # let connection_lost() cancel the command loop
+            return
+        if status == "500 Command line too long":  # aiosmtpd's text, for a line over the reader limit
+            status = LINE_TOO_LONG
+        if isinstance(status, bytes):  # aiosmtpd's AUTH challenges ("334 ...")
+            await super().push(status)
+            return
+        await super().push(status)
+        code = status[:9]
+        if code[:3] == "421":
+            self.hang_up()
+        elif code[:3] in _ERROR_CODES or code == "452 4.5.3":
+            self._errors += 1
+            if self._errors >= self._max_errors:
+                log.warning("%s: %d protocol errors, disconnecting", self.peer_ip, self._errors)
+                await super().push(TOO_MANY_ERRORS)
+                self.hang_up()
+
     def _timeout_cb(self) -> None:
+        if self._hung_up:  # the command timeout ran out while lingering
+            if self._hung_up_transport is not None:
+                self._hung_up_transport.close()
+            return
         # uvloop's transports are not asyncio.WriteTransport subclasses, so no isinstance() here
         transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is not None and not transport.is_closing():
@@ -203,6 +330,8 @@ class StrictSMTP(SMTP):
         limit = self.data_size_limit
         problem: str | None = None
         continuation = False  # the previous read ended inside an over-long line
+        in_header = True
+        header_fields = header_bytes = 0
         while self.transport is not None:
             try:
                 line = await self._reader.readuntil(b"\r\n")
@@ -229,6 +358,16 @@ class StrictSMTP(SMTP):
                 problem = f"552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
                 lines.clear()
             else:
+                if in_header:
+                    if line == b"\r\n":
+                        in_header = False  # RFC 5322 §2.1: the empty line ends the header section
+                    else:
+                        header_bytes += len(line)
+                        header_fields += line[:1] not in (b" ", b"\t")
+                        if header_fields > MAX_HEADER_FIELDS or header_bytes > MAX_HEADER_BYTES:
+                            problem = HEADER_TOO_LARGE
+                            lines.clear()
+                            continue
                 lines.append(line[1:] if line[:1] == b"." else line)  # RFC 5321 §4.5.2 dot-unstuffing
         else:
             return
@@ -243,4 +382,6 @@ class StrictSMTP(SMTP):
         self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if isinstance(status, str) and status.startswith("250"):
+            self._errors = 0  # the error limit counts from the last accepted message
         await self.push(status if isinstance(status, str) else "451 4.3.0 Internal error, try again later")

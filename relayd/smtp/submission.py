@@ -7,6 +7,16 @@ relayd an open relay, whatever the policy rules later say.
 
 The ``250`` after DATA is sent only when the queue's commit holding the message has returned; a storage
 error answers ``451 4.3.0`` and the client keeps the message.
+
+Password guessing (issue 10) is slowed and then stopped by :class:`~relayd.smtp.ratelimit.AuthGuard`: each
+failure waits longer before its ``535``, ``[submission] auth_max_failures`` failures from one client within
+``auth_failure_window`` get ``421 4.7.0`` and a closed connection, and ``auth_account_max_failures``
+against one account name lock it for clients that have never logged in to it (the real application keeps
+working from its usual address). Failures are logged with client and login name, never the password.
+
+TLS (STARTTLS): TLS 1.2 and 1.3 only, forward-secret AEAD ciphers only (Mozilla's "intermediate" profile,
+minus the finite-field DHE suites that need a parameter file). The context lives on the handler and is read
+for every new connection, so a certificate renewed on disk is served after SIGHUP (``Daemon.reload``).
 """
 
 from __future__ import annotations
@@ -30,14 +40,21 @@ from relayd.passwords import check_plain, verify_password
 from relayd.policy.model import Action
 from relayd.policy.pipeline import AllDropped, MimeError, Pipeline
 from relayd.queue.scheduler import Scheduler
-from relayd.queue.store import NewMessage, QueueStore
-from relayd.smtp.protocol import ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore
+from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.smtp.ratelimit import TOO_MANY_FAILURES, AuthGuard, AuthVerdict
 from relayd.tokens import new_queue_id
 
 log = logging.getLogger(__name__)
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
+#: TLS 1.2 suites offered (1.3 suites are all AEAD and forward-secret; OpenSSL picks among them itself).
+TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:" + (
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
+MIME_TOO_DEEP = "554 5.6.0 Message refused: MIME structure nested too deeply"
+INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"  # RFC 3463 §3.4; Postfix says the same
 
 
 def _valid_address(address: str) -> bool:
@@ -48,6 +65,28 @@ def _valid_address(address: str) -> bool:
         return True
     labels = domain.rstrip(".").split(".")
     return len(labels) >= 2 and all(0 < len(lbl) <= 63 for lbl in labels)
+
+
+class SubmissionSMTP(StrictSMTP):
+    """StrictSMTP with the AUTH throttle: the handler decides a failed AUTH's reply (``auth_verdict``), and
+    this protocol waits the verdict's delay before sending it, without blocking other sessions."""
+
+    def __init__(self, handler: SubmissionHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.guard = handler.auth_guard
+        self.auth_verdict: AuthVerdict | None = None
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.guard.client_locked(self.peer_ip):
+            log.warning("%s: AUTH refused: too many failed authentications", self.peer_ip)
+            await self.push(TOO_MANY_FAILURES)  # a 421: push() hangs up
+            return
+        self.auth_verdict = None
+        await super().smtp_AUTH(arg)
+        verdict, self.auth_verdict = self.auth_verdict, None
+        if verdict is not None:
+            await asyncio.sleep(verdict.delay)
+            await self.push(verdict.reply)
 
 
 class SubmissionHandler:
@@ -62,6 +101,15 @@ class SubmissionHandler:
         self.pipeline = pipeline
         self._passwords = self._read_passwords(cfg)
         self._sessions: dict[str, set[int]] = {}
+        sub = cfg.submission
+        self.auth_guard = AuthGuard(
+            max_failures=sub.auth_max_failures,
+            account_max_failures=sub.auth_account_max_failures,
+            window=sub.auth_failure_window,
+            delay=sub.auth_failure_delay,
+        )
+        #: STARTTLS context for new connections; set by start_submission, replaced by Daemon.reload
+        self.tls_context: ssl.SSLContext | None = None
 
     @staticmethod
     def _read_passwords(cfg: Config) -> dict[str, str]:
@@ -75,6 +123,13 @@ class SubmissionHandler:
         """Swap config and policy (SIGHUP); sessions in progress use them from their next command on."""
         passwords = self._read_passwords(cfg)
         self.cfg, self.pipeline, self._passwords = cfg, pipeline, passwords
+        sub = cfg.submission
+        self.auth_guard.configure(
+            max_failures=sub.auth_max_failures,
+            account_max_failures=sub.auth_account_max_failures,
+            window=sub.auth_failure_window,
+            delay=sub.auth_failure_delay,
+        )
 
     # --- identity ------------------------------------------------------------------------------------------
 
@@ -92,12 +147,31 @@ class SubmissionHandler:
             self._sessions[account].discard(id(server))
 
     def authenticate(
-        self, server: StrictSMTP, session: RelaySession, envelope: Envelope, mechanism: str, auth_data: Any
+        self,
+        server: SubmissionSMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: Any,
     ) -> AuthResult:
+        """Check a login. A failure is answered by ``server`` after the guard's delay (``handled=True``
+        tells aiosmtpd not to answer itself); the password never reaches a log line."""
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         login = auth_data.login.decode("utf-8", "replace")
         password = auth_data.password.decode("utf-8", "replace")
+        ip = server.peer_ip
+        if self.auth_guard.account_locked(login, ip):
+            # no password check at all: a guesser learns nothing while the account is under attack
+            server.auth_verdict = verdict = self.auth_guard.failed(ip, login, count_account=False)
+            log.warning(
+                "%s: AUTH %s for %r refused: account locked after repeated failures (client failures=%d)",
+                ip,
+                mechanism,
+                login[:64],
+                verdict.failures,
+            )
+            return AuthResult(success=False, handled=True)
         acct = self.cfg.accounts.get(login)
         ok = False
         if acct is not None:
@@ -110,10 +184,17 @@ class SubmissionHandler:
                 password, "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAA"
             )  # same cost either way
         if not ok:
-            log.warning("%s: AUTH %s failed for %r", server.peer_ip, mechanism, login)
-            return AuthResult(
-                success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+            server.auth_verdict = verdict = self.auth_guard.failed(ip, login)
+            log.warning(
+                "%s: AUTH %s failed for %r (client failures=%d%s)",
+                ip,
+                mechanism,
+                login[:64],
+                verdict.failures,
+                ", disconnecting" if verdict.close else "",
             )
+            return AuthResult(success=False, handled=True)
+        self.auth_guard.succeeded(ip, login)
         if not self._claim_session(server, login):
             return AuthResult(
                 success=False,
@@ -254,6 +335,11 @@ class SubmissionHandler:
             except MimeError as exc:
                 log.info("%s: account=%s refused: broken MIME: %s", queue_id, session.account, exc)
                 return f"554 5.6.0 Message refused: malformed MIME ({_one_line(str(exc))})"
+            except RecursionError:
+                # the stdlib MIME parser recurses once per multipart level: ~1000 levels exhaust the stack.
+                # The message is the problem, not us: a permanent refusal, not the 451 of our own bugs.
+                log.info("%s: account=%s refused: MIME nested too deeply", queue_id, session.account)
+                return MIME_TOO_DEEP
             except AllDropped as exc:
                 return exc.reply
             except StorageError as exc:
@@ -269,7 +355,10 @@ class SubmissionHandler:
                 per_recipient=tuple(received + r for r in done.rendered),
             )
         try:
-            await self.queue.enqueue(msg)
+            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
+        except InsufficientStorage as exc:  # issue 10: disk (nearly) full; the client keeps its message
+            log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
+            return INSUFFICIENT_STORAGE
         except StorageError as exc:
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
             return "451 4.3.0 Temporary storage failure, try again later"
@@ -346,6 +435,10 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    )  # CRIME; client-initiated renegotiation DoS
     ctx.load_cert_chain(sub.tls_cert, sub.tls_key)
     return ctx
 
@@ -356,24 +449,25 @@ async def start_submission(
     """Bind every ``[submission] listen`` address; return the servers (closing them stops accepting)."""
     loop = asyncio.get_running_loop()
     sub = cfg.submission
-    ctx = tls_context(cfg)
+    handler.tls_context = tls_context(cfg)
     servers = []
     for spec in sub.listen:
         host, port = parse_hostport(spec)
         plaintext_ok = sub.plaintext_auth == "loopback" and _is_loopback(host)
 
-        def factory(plaintext_ok: bool = plaintext_ok) -> StrictSMTP:
-            return StrictSMTP(
+        def factory(plaintext_ok: bool = plaintext_ok) -> SubmissionSMTP:
+            return SubmissionSMTP(
                 handler,
                 limits=limits,
                 data_timeout=sub.data_timeout,
+                max_errors=sub.max_errors,
                 on_close=handler.connection_closed,
                 hostname=cfg.server.hostname,
                 ident="relayd",
                 data_size_limit=sub.max_message_size,
                 enable_SMTPUTF8=True,
                 decode_data=False,
-                tls_context=ctx,
+                tls_context=handler.tls_context,  # read per connection: SIGHUP may have replaced it
                 require_starttls=False,
                 timeout=sub.command_timeout,
                 auth_required=False,
@@ -383,6 +477,8 @@ async def start_submission(
             )
 
         servers.append(
-            await loop.create_server(factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port)
+            await loop.create_server(
+                factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port, backlog=BACKLOG
+            )
         )
     return servers
