@@ -69,7 +69,8 @@ class DeliveryRecorder:
         self, item: DueRecipient, outcome: str, reply: str, seconds: float, error: DeliveryError | None
     ) -> None:
         domain = item.address.rpartition("@")[2]
-        metrics.DELIVERIES.labels(outcome, metrics.domain_label(domain)).inc()
+        if outcome != "ip_suspended":  # about our source address, not a delivery outcome
+            metrics.DELIVERIES.labels(outcome, metrics.domain_label(domain)).inc()
         if outcome in ("delivered", "bounced"):
             metrics.DELIVERY_SECONDS.observe(seconds)
         if outcome == "dropped":
@@ -104,10 +105,16 @@ class DeliveryRecorder:
             )
 
 
-async def refresh_gauges(queue: QueueStore, store: Store, stop: asyncio.Event) -> None:
+async def refresh_gauges(queue: QueueStore, store: Store, stop: asyncio.Event, scheduler: Scheduler) -> None:
     """Queue depth every few seconds, suppression entries every minute (a full count is not free)."""
     n = 0
     while not stop.is_set():
+        now = time.monotonic()
+        suspended: dict[str, int] = {}
+        for lane in scheduler.shaper.lanes():
+            suspended[lane.destination] = suspended.get(lane.destination, 0) + (lane.suspended_until > now)
+        for destination, count in suspended.items():
+            metrics.SUSPENDED_SOURCES.labels(destination).set(count)
         try:
             counts = await queue.counts()
             for state in ("queued", "held", "delivered", "failed", "expired", "dropped"):
@@ -185,7 +192,9 @@ class Daemon:
             create_app(cfg, self.store, self.secret, self.queue), host, port, reuse_port=self.workers > 1
         )
         log.info("http listening on %s:%d", host, port)
-        self._tasks.append(asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop)))
+        self._tasks.append(
+            asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop, self.scheduler))
+        )
         self._tasks.append(asyncio.create_task(watchdog(self.stop)))
 
     def reload(self) -> bool:

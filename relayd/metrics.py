@@ -79,6 +79,31 @@ ACCOUNT_BOUNCES = Counter(
 ACCOUNT_COMPLAINTS = Counter(
     "relayd_account_complaints_total", "Complaints attributed to an account", ["account"], registry=REGISTRY
 )
+SHAPING_POSTPONED = Counter(
+    "relayd_shaping_postponed_total",
+    "Recipients postponed by traffic shaping (no SMTP traffic), by destination and reason",
+    ["destination", "reason"],
+    registry=REGISTRY,
+)
+SHAPING_SLOWDOWNS = Counter(
+    "relayd_shaping_slowdowns_total",
+    "Times a destination asked us to slow down (421, 4.7.x throttling) and the rate was cut",
+    ["destination"],
+    registry=REGISTRY,
+)
+IP_SUSPENSIONS = Counter(
+    "relayd_ip_suspensions_total",
+    "Source addresses suspended for a destination after a block reply",
+    ["destination", "source"],
+    registry=REGISTRY,
+)
+SUSPENDED_SOURCES = Gauge(
+    "relayd_shaping_suspended_sources",
+    "Source addresses currently suspended, by destination",
+    ["destination"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 QUEUE_RECIPIENTS = Gauge(
     "relayd_queue_recipients",
     "Recipients in the queue by state",

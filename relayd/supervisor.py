@@ -45,7 +45,7 @@ def merge_orphan_shards(queue_dir: Path, workers: int) -> int:
 
     One transaction per shard; ``INSERT OR IGNORE`` makes a repeat after a crash between the commit and the
     unlink harmless (the rows are already there)."""
-    from relayd.queue.store import SCHEMA
+    from relayd.queue.store import migrate
 
     moved = 0
     main = shard_path(queue_dir, 0)
@@ -54,7 +54,12 @@ def merge_orphan_shards(queue_dir: Path, workers: int) -> int:
             continue
         conn = sqlite3.connect(main, isolation_level=None)
         try:
-            conn.executescript(SCHEMA)
+            migrate(conn)  # both sides at the current schema, so the column lists match
+            orphan = sqlite3.connect(shard, isolation_level=None)
+            try:
+                migrate(orphan)
+            finally:
+                orphan.close()
             conn.execute("ATTACH DATABASE ? AS orphan", (str(shard),))
             conn.execute("BEGIN IMMEDIATE")
             moved += conn.execute("INSERT OR IGNORE INTO messages SELECT * FROM orphan.messages").rowcount

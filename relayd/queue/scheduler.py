@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Protocol
 
+from relayd import metrics
 from relayd.config import Config
 from relayd.errors import ConfigError, DeliveryError, PermanentFailure, StorageError, TemporaryFailure
 from relayd.queue.client import Transport
@@ -333,6 +334,7 @@ class Scheduler:
         sources = self._sources.get(item.account, DEFAULT_SOURCES)
         got = await self._shaper.acquire(destination, rule, item.account, sources)
         if isinstance(got, Postponed):
+            metrics.SHAPING_POSTPONED.labels(destination, got.reason).inc()
             await self._store.postpone(item.queue_id, item.index, self._clock() + got.delay)
             log.debug(
                 "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
@@ -374,6 +376,7 @@ class Scheduler:
         """Suspend the source address for the destination; the first block reply records the event."""
         if self._shaper.release(got, Signal.BLOCKED):
             source = got.lane.source.address or "default source"
+            metrics.IP_SUSPENSIONS.labels(destination, source).inc()
             await self._observe(
                 item,
                 "ip_suspended",

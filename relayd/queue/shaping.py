@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from relayd import metrics
 from relayd.config import Config, ShapingConfig, load_shaping_file
 from relayd.errors import DeliveryError
 from relayd.queue.client import Channel
@@ -370,6 +371,7 @@ class Shaper:
             lane.succeeded()
         elif signal is Signal.SLOW_DOWN:
             if lane.slow_down(now, grant.started):
+                metrics.SHAPING_SLOWDOWNS.labels(lane.destination).inc()
                 log.info(
                     "shaping: %s from %s asked to slow down: %.3f msg/s, pause %.0fs",
                     lane.destination,
