@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from relayd.errors import PermanentFailure, TemporaryFailure
+from relayd.queue.smtpclient import LeanSMTP
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _Key = tuple[str, int, str | None, str]  # host, port, source address, EHLO name
 
 @dataclass(slots=True)
 class _Conn:
-    client: aiosmtplib.SMTP
+    client: LeanSMTP
     host: str
     port: int
     key: _Key
@@ -105,14 +106,12 @@ class Transport:
     async def _connect(self, host: str, port: int, ch: Channel) -> _Conn:
         helo = ch.helo or self._helo
         use_tls = self._tls == "may" and (host, port) not in self._no_tls
-        client = aiosmtplib.SMTP(
+        client = LeanSMTP(
             hostname=host,
             port=port,
             local_hostname=helo,
             source_address=(ch.address, 0) if ch.address else None,
             timeout=self._command_timeout,
-            start_tls=False,
-            use_tls=False,
         )
         source = f" from {ch.address}" if ch.address else ""
         try:
@@ -248,15 +247,11 @@ class Transport:
             options.append("BODY=8BITMIME")
         if client.supports_extension("size"):
             options.append(f"SIZE={len(data)}")
-        step = "MAIL FROM"
         try:
-            await client.mail(mail_from, options=options)
-            step = "RCPT TO"
-            await client.rcpt(rcpt)
-            step = "DATA"
-            reply = await client.data(data)
+            code, text = await client.send(mail_from, rcpt, data, options)
         except aiosmtplib.SMTPResponseException as exc:
-            err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step.split(" ")[0])
+            step = getattr(exc, "command", "DATA")
+            err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step)
             if exc.code == 421 or not client.is_connected:
                 self._drop(conn)
             else:
@@ -268,10 +263,11 @@ class Transport:
                     await self._checkin(conn)
             raise err from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            stale = step == "MAIL FROM" and conn.used > 0
+            # nothing answered on a connection that had been idle in the pool: the server closed it
+            stale = not client.replied and conn.used > 0
             self._drop(conn)
             if stale:
                 raise _StaleConnection(f"{conn.host}:{conn.port} closed an idle connection") from exc
-            raise TemporaryFailure(f"{step} at {conn.host}:{conn.port}: {exc}") from exc
+            raise TemporaryFailure(f"transaction at {conn.host}:{conn.port}: {exc}") from exc
         await self._checkin(conn)
-        return f"{reply.code} {reply.message}"
+        return f"{code} {text}"
