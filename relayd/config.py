@@ -426,16 +426,21 @@ class ShapingFile(_Model):
         return _check_shaping(v)
 
 
-def load_shaping_file(path: Path) -> dict[str, ShapingConfig]:
-    """Read a shaping file; raise :class:`ConfigError` naming this file and the key for every problem."""
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML; :class:`ConfigError` naming the file for an unreadable file or bad syntax."""
     try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: (syntax): {exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: (file): not UTF-8: {exc}"]) from exc
+
+
+def load_shaping_file(path: Path) -> dict[str, ShapingConfig]:
+    """Read a shaping file; raise :class:`ConfigError` naming this file and the key for every problem."""
+    raw = _read_toml(path)
     try:
         return ShapingFile.model_validate(raw).shaping
     except ValidationError as exc:
@@ -550,14 +555,7 @@ def _file_checks(path: Path, cfg: Config) -> list[str]:
 def load(path: Path | str) -> Config:
     """Read and validate ``path``; raise :class:`ConfigError` listing every problem found."""
     path = Path(path)
-    try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: (syntax): {exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: (file): not UTF-8: {exc}"]) from exc
+    raw = _read_toml(path)
     try:
         cfg = Config.model_validate({**raw, "source": path})
     except ValidationError as exc:

@@ -40,7 +40,6 @@ from typing import Any, TextIO
 
 from relayd import config as config_mod
 from relayd.address import AddressError, normalize
-from relayd.errors import ConfigError, RelaydError
 from relayd.policy.listid import list_name
 from relayd.store.base import ConsentRecord, ConsentStore, Store, as_utc, utcnow
 
@@ -49,7 +48,6 @@ __all__ = [
     "ImportResult",
     "export_consents",
     "import_consents",
-    "main",
     "record_json",
     "register",
     "run",
@@ -365,23 +363,3 @@ async def _main(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return 2
     finally:
         await store.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m relayd.consent_cli ACTION ...``: the same commands without ``relayd.cli``."""
-    parser = argparse.ArgumentParser(prog="relayd")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.fn(args))
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return 2
-    except RelaydError as exc:
-        print(f"relayd: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

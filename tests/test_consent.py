@@ -691,7 +691,7 @@ require_consent = true
 def consent_cli(relayd: Relayd, *args: str) -> subprocess.CompletedProcess[str]:
     """``relayd consent ARGS --config ...`` (through the module until relayd.cli wires it in)."""
     return subprocess.run(
-        [sys.executable, "-m", "relayd.consent_cli", "consent", *args, "--config", str(relayd.config)],
+        [sys.executable, "-m", "relayd", "consent", *args, "--config", str(relayd.config)],
         capture_output=True,
         text=True,
         cwd=relayd.tmp,
