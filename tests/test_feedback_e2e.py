@@ -18,10 +18,13 @@ INBOUND = "bounces.example.test"
 
 
 @pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Relayd, Sink]]:
+def peers(
+    tmp_path_factory: pytest.TempPathFactory, store_config: str | None
+) -> Iterator[tuple[Relayd, Sink]]:
+    """Runs once on SQLite and once on PostgreSQL (issue 7: every inbound behaviour on both backends)."""
     with Sink() as sink:
         tmp = tmp_path_factory.mktemp("feedback")
-        with Relayd(tmp, routes={"example.test": sink.port}) as relayd:
+        with Relayd(tmp, routes={"example.test": sink.port}, store=store_config) as relayd:
             yield relayd, sink
 
 
@@ -176,9 +179,13 @@ def test_one_click_post_unsubscribes_from_that_list(peers: tuple[Relayd, Sink]) 
     _deliver(relayd, sink, rcpt, list_id="offers")
 
 
-def test_complaints_past_the_rate_suspend_the_account(tmp_path: Path, sink: Sink) -> None:
+def test_complaints_past_the_rate_suspend_the_account(
+    tmp_path: Path, sink: Sink, fresh_store_config: str | None
+) -> None:
     thresholds = "[policy.thresholds]\nminimum_sent = 5\ncomplaint_suspend = 0.1\ncomplaint_warn = 0.05\n"
-    with Relayd(tmp_path, routes={"example.test": sink.port}, extra=thresholds) as relayd:
+    with Relayd(
+        tmp_path, routes={"example.test": sink.port}, extra=thresholds, store=fresh_store_config
+    ) as relayd:
         delivered = {f"r{i}@example.test": _deliver(relayd, sink, f"r{i}@example.test") for i in range(8)}
         # one complaint in 8 sent is 12.5 %, past the (test) suspend rate of 10 %
         arf = _arf("r0@example.test", delivered["r0@example.test"])

@@ -72,20 +72,28 @@ domains = ["other.example.test"]
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[Sink]:
+def sink(store_config: str | None) -> Iterator[Sink]:  # one sink per backend run
     with Sink() as s:
         yield s
 
 
-def _relayd(tmp: Path, sink: Sink) -> Relayd:
+def _relayd(tmp: Path, sink: Sink, store: str | None) -> Relayd:
     return Relayd(
-        tmp, routes={"example.test": sink.port}, extra=POLICY, accounts=ACCOUNTS, retry_schedule='["1h"]'
+        tmp,
+        routes={"example.test": sink.port},
+        extra=POLICY,
+        accounts=ACCOUNTS,
+        retry_schedule='["1h"]',
+        store=store,
     )
 
 
 @pytest.fixture(scope="module")
-def relayd(tmp_path_factory: pytest.TempPathFactory, sink: Sink) -> Iterator[Relayd]:
-    with _relayd(tmp_path_factory.mktemp("policy"), sink) as r:
+def relayd(
+    tmp_path_factory: pytest.TempPathFactory, sink: Sink, store_config: str | None
+) -> Iterator[Relayd]:
+    """The suite runs once on SQLite and once on PostgreSQL (issue 7: every policy behaviour on both)."""
+    with _relayd(tmp_path_factory.mktemp("policy"), sink, store_config) as r:
         yield r
 
 
@@ -353,8 +361,10 @@ def _account(relayd: Relayd, action: str, expect: str) -> None:
     assert out.returncode == 0 and expect in out.stdout, out.stdout + out.stderr
 
 
-def test_suspended_account_is_refused_at_mail_from_until_reinstated(tmp_path: Path, sink: Sink) -> None:
-    with _relayd(tmp_path, sink) as relayd:
+def test_suspended_account_is_refused_at_mail_from_until_reinstated(
+    tmp_path: Path, sink: Sink, fresh_store_config: str | None
+) -> None:
+    with _relayd(tmp_path, sink, fresh_store_config) as relayd:
         assert _mail_from(relayd, "acme", ACME)[0] == 250
         _account(relayd, "suspend", "account acme suspended")
         # the daemon re-reads suspensions every second
@@ -365,11 +375,11 @@ def test_suspended_account_is_refused_at_mail_from_until_reinstated(tmp_path: Pa
 
 
 def test_queued_mail_is_held_while_suspended_and_delivered_after_reinstatement(
-    tmp_path: Path, sink: Sink
+    tmp_path: Path, sink: Sink, fresh_store_config: str | None
 ) -> None:
     address = "suspend-held@example.test"
     sink.handler.script[address] = ["451 4.3.0 try again later", "250"]
-    with _relayd(tmp_path, sink) as relayd:
+    with _relayd(tmp_path, sink, fresh_store_config) as relayd:
         tx = submit_each(relayd, make_message("queued before suspension"), to=[address])
         qid = tx.queue_id
         assert wait_until(lambda: queue_state(relayd, qid)[address]["attempts"] == 1)
