@@ -434,6 +434,36 @@ def cmd_arf_parse(args: argparse.Namespace) -> int:
     return int(command.run(args.files, args.json))
 
 
+#: one example per subcommand, shown at the end of its --help (those given inline above win)
+SUBCOMMAND_EXAMPLES = {
+    "serve": "relayd serve --config /etc/relayd/relayd.toml --log-level info",
+    "queue show": "relayd queue show agrarjeztjjtitkc --config conf/relayd.toml",
+    "queue retry": "relayd queue retry --config conf/relayd.toml   (every deferred recipient, now)",
+    "queue drop": "relayd queue drop agrarjeztjjtitkc --config conf/relayd.toml",
+    "account hash-password": "echo 'change-me' | relayd account hash-password",
+    "account list": "relayd account list --json --config conf/relayd.toml",
+    "suppress remove": "relayd suppress remove a@example.test --scope global --config conf/relayd.toml",
+    "suppress import": "relayd suppress import suppressions.csv --config conf/relayd.toml",
+    "suppress export": "relayd suppress export backup.csv --config conf/relayd.toml",
+    "consent import": "relayd consent import consents.csv --config conf/relayd.toml",
+    "consent export": "relayd consent export --account acme --list news --config conf/relayd.toml",
+    "consent show": "relayd consent show a@example.test --json --config conf/relayd.toml",
+    "store migrate": "relayd store migrate --config conf/relayd.toml",
+    "dsn classify": "relayd dsn classify --json bounce1.eml bounce2.eml",
+    "arf parse": "relayd arf parse --json complaint.eml",
+}
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for name, child in action.choices.items():
+            _add_examples(child, (*path, name))
+    example = SUBCOMMAND_EXAMPLES.get(" ".join(path))
+    if not subs and example and not parser.epilog:
+        parser.epilog = f"example: {example}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="relayd",
@@ -625,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("files", nargs="+")
     sp.set_defaults(fn=cmd_arf_parse)
+    _add_examples(p)
     return p
 
 
