@@ -295,6 +295,9 @@ async def serve(cfg: Config, config_path: Path | None = None, *, worker: int = 0
         loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     sd_notify("READY=1")
-    log.info("relayd ready" if workers == 1 else "relayd worker %d of %d ready", worker, workers)
+    if workers == 1:
+        log.info("relayd ready")
+    else:
+        log.info("relayd worker %d of %d ready", worker, workers)
     await daemon.stop.wait()
     await daemon.shutdown()

@@ -311,7 +311,12 @@ class _Walker:
     def _text(self, ent: Entity, node: Message, subtype: str) -> tuple[list[bytes], bytes, list[Segment]]:
         _check_unique(ent.fields)
         # RFC 2045 §6.1: a token, possibly followed by a comment; absent means 7bit.
-        cte = str(node.get("content-transfer-encoding", "")).partition("(")[0].strip().lower() or "7bit"
+        # strip only blanks: str.strip() would also eat C0 separators (\x1c-\x1f), taking "base64\x1d" --
+        # not an encoding any reader knows -- for base64 (found by the fuzzer)
+        cte = (
+            str(node.get("content-transfer-encoding", "")).partition("(")[0].strip(" \t\r\n").lower()
+            or "7bit"
+        )
         result = rewrite_part(
             ent.body,
             subtype=subtype,

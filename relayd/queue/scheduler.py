@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from relayd import metrics
 from relayd.config import Config
@@ -127,6 +127,7 @@ class Scheduler:
         self._cache_bytes = 0
         self._wake = asyncio.Event()
         self._ended_during_scan: set[tuple[str, int]] | None = None
+        self._unrecorded: dict[tuple[str, int], Callable[[], Awaitable[Any]]] = {}
         self._runner: asyncio.Task[None] | None = None
 
     # --- entry points -------------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class Scheduler:
         last_purge = 0.0
         while True:
             try:
+                await self._write_unrecorded()
                 await self._scan()
                 now = self._clock()
                 if now - last_purge > _PURGE_EVERY:
@@ -229,7 +231,12 @@ class Scheduler:
         ended, self._ended_during_scan = self._ended_during_scan, None
         for item in rows:  # interleaved by account: a full window still lets each account's reserve in
             key = (item.queue_id, item.index)
-            if key not in self._inflight and key not in ended and self._admits(item.account):
+            if (
+                key not in self._inflight
+                and key not in ended
+                and key not in self._unrecorded
+                and self._admits(item.account)
+            ):
                 self._dispatch(item)
 
     def _dispatch(self, item: DueRecipient) -> None:
@@ -259,6 +266,29 @@ class Scheduler:
         if data is None:
             data = await self._store.recipient_data(item.queue_id, item.index)
         return data
+
+    async def _record(self, item: DueRecipient, write: Callable[[], Awaitable[Any]]) -> None:
+        """Write an attempt's outcome. When the queue can't take it now (disk full), the outcome is kept
+        in memory and written as soon as it can be; until then the recipient is not attempted again,
+        which would deliver it once more on every scan (seen in the endurance run on a full disk)."""
+        try:
+            await write()
+        except StorageError as exc:
+            log.error(
+                "%s: recipient %d: outcome not written yet (%s); kept until it can be",
+                item.queue_id,
+                item.index,
+                exc,
+            )
+            self._unrecorded[(item.queue_id, item.index)] = write
+
+    async def _write_unrecorded(self) -> None:
+        for key, write in list(self._unrecorded.items()):
+            try:
+                await write()
+            except StorageError:
+                return  # still full: try again at the next scan
+            del self._unrecorded[key]
 
     async def _attempt(self, item: DueRecipient) -> None:
         key = (item.queue_id, item.index)
@@ -293,7 +323,10 @@ class Scheduler:
                 )
                 return
             if verdict.decision.value == "drop":
-                await self._store.drop_recipient(item.queue_id, item.index, verdict.reason)
+                reason = verdict.reason
+                await self._record(
+                    item, lambda: self._store.drop_recipient(item.queue_id, item.index, reason)
+                )
                 await self._observe(item, "dropped", verdict.reason, 0.0)
                 _log_attempt(item, "dropped", verdict.reason, 0.0, item.attempts)
                 return
@@ -304,7 +337,10 @@ class Scheduler:
             if reply is None:
                 return  # postponed by shaping: no attempt was made
         except PermanentFailure as exc:
-            await self._store.finish(item.queue_id, item.index, State.FAILED, str(exc), attempts)
+            failed = str(exc)
+            await self._record(
+                item, lambda: self._store.finish(item.queue_id, item.index, State.FAILED, failed, attempts)
+            )
             _log_attempt(item, "bounced", str(exc), time.monotonic() - started, attempts, exc)
             await self._observe(item, "bounced", str(exc), time.monotonic() - started, exc)
             return
@@ -316,7 +352,9 @@ class Scheduler:
             log.exception("%s: delivery to <%s> crashed; deferring", item.queue_id, item.address)
             await self._temporary(item, attempts, f"internal error: {type(exc).__name__}")
             return
-        await self._store.finish(item.queue_id, item.index, State.DELIVERED, reply, attempts)
+        await self._record(
+            item, lambda: self._store.finish(item.queue_id, item.index, State.DELIVERED, reply, attempts)
+        )
         elapsed = time.monotonic() - started
         _log_attempt(item, "delivered", reply, elapsed, attempts)
         await self._observe(item, "delivered", reply, elapsed)
@@ -335,7 +373,8 @@ class Scheduler:
         got = await self._shaper.acquire(destination, rule, item.account, sources)
         if isinstance(got, Postponed):
             metrics.SHAPING_POSTPONED.labels(destination, got.reason).inc()
-            await self._store.postpone(item.queue_id, item.index, self._clock() + got.delay)
+            until = self._clock() + got.delay
+            await self._record(item, lambda: self._store.postpone(item.queue_id, item.index, until))
             log.debug(
                 "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
                 item.queue_id,
@@ -402,13 +441,17 @@ class Scheduler:
         now = self._clock()
         deadline = item.created_at + self._cfg.queue.max_age
         if now >= deadline:
-            await self._store.finish(item.queue_id, item.index, State.EXPIRED, reply, attempts)
+            await self._record(
+                item, lambda: self._store.finish(item.queue_id, item.index, State.EXPIRED, reply, attempts)
+            )
             _log_attempt(item, "expired", reply, None, attempts, error)
             return "expired"
         schedule = self._cfg.queue.retry_schedule
         delay = schedule[min(attempts - 1, len(schedule) - 1)]
         next_attempt = min(now + delay, deadline)
-        await self._store.defer(item.queue_id, item.index, next_attempt, reply, attempts)
+        await self._record(
+            item, lambda: self._store.defer(item.queue_id, item.index, next_attempt, reply, attempts)
+        )
         _log_attempt(item, "deferred", reply, None, attempts, error, retry_in=next_attempt - now)
         return "deferred"
 

@@ -40,7 +40,7 @@ from relayd.passwords import check_plain, verify_password
 from relayd.policy.model import Action
 from relayd.policy.pipeline import AllDropped, MimeError, Pipeline
 from relayd.queue.scheduler import Scheduler
-from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore
+from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
 from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
 from relayd.smtp.ratelimit import TOO_MANY_FAILURES, AuthGuard, AuthVerdict
 from relayd.tokens import new_queue_id
@@ -310,6 +310,12 @@ class SubmissionHandler:
         queue_id = new_queue_id()
         received = self._received(server, session, queue_id)
         recipients = [r for r in envelope.rcpt_tos if r not in envelope.dropped]
+        if self._short_of_space(len(content) * max(1, len(recipients))):
+            # before the policy writes anything (caps, ledger): a full disk answers 452, not 451
+            log.error(
+                "%s: account=%s not queued: queue filesystem below min_free_space", queue_id, session.account
+            )
+            return INSUFFICIENT_STORAGE
         if not recipients:
             # only spam traps: answer as for any message, deliver nothing (the traps are already recorded)
             log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
@@ -385,6 +391,16 @@ class SubmissionHandler:
         self.scheduler.submitted(msg, time.time())
         metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _short_of_space(self, size: int) -> bool:
+        """Postfix's queue_minfree, checked before any work is done for the message."""
+        min_free = self.cfg.queue.min_free_space
+        if min_free <= 0:
+            return False
+        try:
+            return free_bytes(self.queue.path.parent) < min_free + size
+        except OSError:
+            return False  # can't tell: let the write itself decide (it answers 451/452 on failure)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("submission session failed")

@@ -1,0 +1,1 @@
+"""Endurance under faults: see tests/endurance/run.py."""

@@ -1,0 +1,1 @@
+"""atheris fuzz targets for the parsers and codecs; see README.md."""
