@@ -17,6 +17,7 @@ answers 451 and the client keeps its message; a policy we could not evaluate nev
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -49,6 +50,8 @@ from relayd.store.base import Event, SentRecord, Store
 from relayd.tokens import make_token
 
 log = logging.getLogger(__name__)
+
+_BIG_MESSAGE = 256 * 1024
 
 _HEADERS = BytesHeaderParser(policy=compat32)
 
@@ -169,9 +172,13 @@ class Pipeline:
         if optin:  # consent (issue 9): {{confirm_url}} is the body's link
             template = prepare_confirmation(raw, acct.imprint, feedback_id)
         else:
-            template = prepare(
-                raw, FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, acct.imprint), feedback_id
-            )
+            spec = FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, acct.imprint)
+            if len(raw) > _BIG_MESSAGE:
+                # a multi-megabyte parse takes seconds of CPU: on a thread, the interpreter switches to the
+                # event loop every few milliseconds, so other sessions' small messages keep moving
+                template = await asyncio.to_thread(prepare, raw, spec, feedback_id)
+            else:
+                template = prepare(raw, spec, feedback_id)
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
         rules = self.optin_rules if optin else self.message_rules  # consent (issue 9)
