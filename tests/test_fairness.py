@@ -77,6 +77,33 @@ async def test_queue_of_an_older_relayd_is_migrated(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_queue_of_the_first_relayd_without_per_recipient_data_is_migrated(tmp_path: Path) -> None:
+    """The first queue schema had no ``recipients.data``: its mail is still delivered after an upgrade."""
+    path = tmp_path / "queue.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE messages (id TEXT PRIMARY KEY, account TEXT NOT NULL, mail_from TEXT NOT NULL,
+            list_name TEXT, created_at REAL NOT NULL, size INTEGER NOT NULL, data BLOB);
+        CREATE TABLE recipients (msg_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL,
+            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
+            updated_at REAL NOT NULL, last_reply TEXT, PRIMARY KEY (msg_id, idx)) WITHOUT ROWID;
+        INSERT INTO messages VALUES ('first', 'acme', 'a@acme.example.test', NULL, 1.0, 3, 'abc');
+        INSERT INTO recipients VALUES ('first', 0, 'x@example.test', 'queued', 0, 1.0, 1.0, NULL);
+        """
+    )
+    db.commit()
+    db.close()
+    store = QueueStore(path)
+    await store.open()
+    try:
+        [row] = await store.due(time.time(), 10)
+        assert (row.queue_id, row.account) == ("first", "acme")
+        assert await store.recipient_data("first", 0) == b"abc"
+    finally:
+        await store.close()
+
+
 def test_small_account_is_not_stuck_behind_a_big_backlog_to_the_same_destination(tmp_path: Path) -> None:
     relayd = Relayd(tmp_path, routes={"example.test": 0})
     asyncio.run(_fill(shard_path(tmp_path / "queue", 0), [_msg("acme", i) for i in range(5000)]))

@@ -85,13 +85,15 @@ _ACCOUNT_INDEX = (
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a queue database to the current schema; idempotent, and cheap when there is nothing to do.
 
-    Adds ``recipients.account`` to a queue written by an older relayd, and fills it wherever it is missing
-    (a queue filled by another tool): a queued row without an account would still be delivered (see
-    :meth:`QueueStore.due`), but outside the fair rotation."""
+    Adds the columns later versions added (``recipients.data`` for per-recipient renderings,
+    ``recipients.account`` for fair queueing) to a queue written by an older relayd, and fills ``account``
+    wherever it is missing (a queue filled by another tool): a queued row without an account would still be
+    delivered (see :meth:`QueueStore.due`), but outside the fair rotation."""
     db.executescript(SCHEMA)
     columns = {row[1] for row in db.execute("PRAGMA table_info(recipients)")}
-    if "account" not in columns:
-        db.execute("ALTER TABLE recipients ADD COLUMN account TEXT")
+    for name, decl in (("data", "BLOB"), ("account", "TEXT")):
+        if name not in columns:
+            db.execute(f"ALTER TABLE recipients ADD COLUMN {name} {decl}")
     db.execute(_ACCOUNT_INDEX)
     db.execute(
         "UPDATE recipients SET account = (SELECT account FROM messages WHERE id = recipients.msg_id) "
