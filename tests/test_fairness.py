@@ -88,7 +88,7 @@ async def test_queue_of_the_first_relayd_without_per_recipient_data_is_migrated(
         CREATE TABLE recipients (msg_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL,
             state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
             updated_at REAL NOT NULL, last_reply TEXT, PRIMARY KEY (msg_id, idx)) WITHOUT ROWID;
-        INSERT INTO messages VALUES ('first', 'acme', 'a@acme.example.test', NULL, 1.0, 3, 'abc');
+        INSERT INTO messages VALUES ('first', 'acme', 'a@acme.example.test', NULL, 1.0, 3, X'616263');
         INSERT INTO recipients VALUES ('first', 0, 'x@example.test', 'queued', 0, 1.0, 1.0, NULL);
         """
     )
