@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from relayd import config as config_mod
@@ -43,6 +44,7 @@ from relayd.webhooks import WebhookDispatcher
 log = logging.getLogger(__name__)
 
 _GRACE = 10.0
+_STEP_TIMEOUT = 3.0
 
 
 def sd_notify(message: str) -> None:
@@ -261,16 +263,30 @@ class Daemon:
         deadline = loop.time() + _GRACE
         while (self.limits.open or self.inbound_limits.open) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        await self.web.cleanup()
+        if self.limits.open or self.inbound_limits.open:
+            log.info("%d session(s) still open after %.0fs; closing them", self.limits.open, _GRACE)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.scheduler.stop()
+        # Each step is bounded and named: a stop must end (systemd's TimeoutStopSec would kill us anyway,
+        # and nothing here may hold the rest up). The queue is closed before anything that could wait on
+        # it; a step cut short leaves recipients 'queued' on disk, delivered after the restart.
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("http", self.web.cleanup),
+            ("delivery", self.scheduler.stop),
+            ("queue", self.queue.close),
+            ("account gate", self.gate.stop),
+        ]
         if self.webhooks is not None:
-            await self.webhooks.stop()
-        await self.queue.close()
-        await self.gate.stop()
-        await self.store.close()
+            steps.append(("webhooks", self.webhooks.stop))
+        steps.append(("store", self.store.close))
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step(), timeout=_STEP_TIMEOUT)
+            except TimeoutError:
+                log.error("shutdown: %s did not finish within %.0fs; going on", name, _STEP_TIMEOUT)
+            except Exception:
+                log.exception("shutdown: %s failed; going on", name)
         log.info("relayd stopped")
 
 

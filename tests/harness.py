@@ -275,7 +275,11 @@ class Relayd:
             return 0
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(20)
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # never leave a running process behind for the garbage collector to find
+            self.proc.wait(10)
+            raise
         finally:
             self.proc = None
 
