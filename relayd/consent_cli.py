@@ -32,7 +32,7 @@ import csv
 import ipaddress
 import json
 import sys
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from relayd import config as config_mod
 from relayd.address import AddressError, normalize
 from relayd.policy.listid import list_name
 from relayd.store.base import ConsentRecord, ConsentStore, Store, as_utc, utcnow
+from relayd.store.csvio import RowError, read_batch
 
 __all__ = [
     "COLUMNS",
@@ -74,10 +75,6 @@ class ImportResult:
 
     imported: int
     errors: list[tuple[int, str]] = field(default_factory=list)
-
-
-class _RowError(ValueError):
-    pass
 
 
 def _evidence(text: str) -> str:
@@ -140,31 +137,31 @@ class _Parser:
 
     def _record(self, row: list[str]) -> ConsentRecord:
         if len(row) != len(self._index):
-            raise _RowError(f"expected {len(self._index)} fields, got {len(row)}")
+            raise RowError(f"expected {len(self._index)} fields, got {len(row)}")
         for name in sorted(_REQUIRED):
             if not self._cell(row, name):
-                raise _RowError(f"{name}: required")
+                raise RowError(f"{name}: required")
         try:
             address = normalize(self._cell(row, "address"))
         except AddressError as exc:
-            raise _RowError(f"address: {exc}") from None
+            raise RowError(f"address: {exc}") from None
         account = self._cell(row, "account")
         if self._accounts is not None and account not in self._accounts:
-            raise _RowError(f"account: {account!r} is not configured")
+            raise RowError(f"account: {account!r} is not configured")
         lname = self._cell(row, "list")
         if list_name(lname) != lname.lower() or "." in lname:
-            raise _RowError(f"list: {lname!r} is not a list name (letters, digits, '_', '-')")
+            raise RowError(f"list: {lname!r} is not a list name (letters, digits, '_', '-')")
         text = self._cell(row, "confirmed_at")
         try:
             confirmed = as_utc(datetime.fromisoformat(text))
         except ValueError:
-            raise _RowError(f"confirmed_at: not an ISO 8601 time: {text!r}") from None
+            raise RowError(f"confirmed_at: not an ISO 8601 time: {text!r}") from None
         if confirmed > self._now:
-            raise _RowError(f"confirmed_at: {text!r} is in the future")
+            raise RowError(f"confirmed_at: {text!r} is in the future")
         try:
             ip = str(ipaddress.ip_address(self._cell(row, "ip")))
         except ValueError:
-            raise _RowError(f"ip: {self._cell(row, 'ip')!r} is not an IP address") from None
+            raise RowError(f"ip: {self._cell(row, 'ip')!r} is not an IP address") from None
         return ConsentRecord(
             account=account,
             list=lname.lower(),
@@ -177,23 +174,7 @@ class _Parser:
         )
 
     def next_batch(self, size: int) -> list[ConsentRecord]:
-        batch: list[ConsentRecord] = []
-        rows: Iterator[list[str]] = self._reader
-        while len(batch) < size:
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                self.errors.append((self._reader.line_num, f"malformed CSV: {exc}"))
-                continue
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            try:
-                batch.append(self._record(row))
-            except _RowError as exc:
-                self.errors.append((self._reader.line_num, str(exc)))
-        return batch
+        return read_batch(self._reader, self.errors, size, self._record)
 
 
 async def import_consents(

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 from relayd.address import AddressError, normalize
 
@@ -53,31 +53,58 @@ class ImportResult:
     errors: list[tuple[int, str]] = field(default_factory=list)
 
 
-class _RowError(ValueError):
-    pass
+T = TypeVar("T")
+
+
+class RowError(ValueError):
+    """One CSV row is unusable; the message is reported with its line number and the row is skipped."""
+
+
+def read_batch(
+    reader: Any, errors: list[tuple[int, str]], size: int, parse: Callable[[list[str]], T]
+) -> list[T]:
+    """Up to ``size`` parsed rows from a ``csv.reader``. Malformed CSV and rows ``parse`` rejects with
+    :class:`RowError` are recorded in ``errors`` as (line number, problem) and skipped; blank lines are
+    skipped silently. Shared by every CSV import (suppressions, consent) so they report alike."""
+    batch: list[T] = []
+    while len(batch) < size:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.append((reader.line_num, f"malformed CSV: {exc}"))
+            continue
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # blank line
+        try:
+            batch.append(parse(row))
+        except RowError as exc:
+            errors.append((reader.line_num, str(exc)))
+    return batch
 
 
 def _parse_time(text: str, column: str) -> datetime:
     try:
         return as_utc(datetime.fromisoformat(text))
     except ValueError:
-        raise _RowError(f"{column}: not an ISO 8601 time: {text!r}") from None
+        raise RowError(f"{column}: not an ISO 8601 time: {text!r}") from None
 
 
 def _parse_row(row: list[str], has_source: bool, default_source: str, now: datetime) -> SuppressionEntry:
     width = len(_HEADER_WITH_SOURCE) if has_source else len(HEADER)
     if len(row) != width:
-        raise _RowError(f"expected {width} fields, got {len(row)}")
+        raise RowError(f"expected {width} fields, got {len(row)}")
     try:
         address = normalize(row[0])
     except AddressError as exc:
-        raise _RowError(f"address: {exc}") from None
+        raise RowError(f"address: {exc}") from None
     scope = _SCOPES.get(row[1].strip().lower())
     if scope is None:
-        raise _RowError(f"scope: {row[1]!r} is not one of {', '.join(_SCOPES)}")
+        raise RowError(f"scope: {row[1]!r} is not one of {', '.join(_SCOPES)}")
     reason = _REASONS.get(row[4].strip().lower())
     if reason is None:
-        raise _RowError(f"reason: {row[4]!r} is not one of {', '.join(_REASONS)}")
+        raise RowError(f"reason: {row[4]!r} is not one of {', '.join(_REASONS)}")
     created = row[5].strip()
     expires = row[6].strip()
     source = (row[7].strip() if has_source else "") or default_source
@@ -92,10 +119,10 @@ def _parse_row(row: list[str], has_source: bool, default_source: str, now: datet
             created_at=_parse_time(created, "created_at") if created else now,
             expires_at=_parse_time(expires, "expires_at") if expires else None,
         )
-    except _RowError:
+    except RowError:
         raise
     except ValueError as exc:  # scope/account/list inconsistency
-        raise _RowError(str(exc)) from None
+        raise RowError(str(exc)) from None
 
 
 class _BatchParser:
@@ -128,23 +155,12 @@ class _BatchParser:
         return False
 
     def next_batch(self, batch_size: int) -> list[SuppressionEntry]:
-        batch: list[SuppressionEntry] = []
-        rows: Iterator[list[str]] = self._reader
-        while len(batch) < batch_size:
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                self.errors.append((self._reader.line_num, f"malformed CSV: {exc}"))
-                continue
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            try:
-                batch.append(_parse_row(row, self.has_source, self._default_source, self._now))
-            except _RowError as exc:
-                self.errors.append((self._reader.line_num, str(exc)))
-        return batch
+        return read_batch(
+            self._reader,
+            self.errors,
+            batch_size,
+            lambda row: _parse_row(row, self.has_source, self._default_source, self._now),
+        )
 
 
 async def import_csv(
