@@ -154,6 +154,7 @@ def main() -> None:
                     [
                         "py-spy",
                         "record",
+                        "--subprocesses",
                         "--format",
                         "raw",
                         "-r",

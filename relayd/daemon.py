@@ -28,6 +28,7 @@ from relayd.dkim import DkimKeyError, Signer, load_key
 from relayd.errors import ConfigError, DeliveryError
 from relayd.policy.dequeue import DequeueCheck
 from relayd.policy.pipeline import Pipeline
+from relayd.policy.render import Renderer
 from relayd.policy.suspension import AccountGate
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import DueRecipient, QueueStore
@@ -164,15 +165,17 @@ class Daemon:
         self.queue = QueueStore(shard_path(cfg.queue.path, self.worker))
         await self.queue.open()
         self.recorder = DeliveryRecorder(self.store, self.queue, cfg)
+        self.renderer = Renderer(cfg, self.secret, signer)  # each recipient's copy, made at delivery
         self.scheduler = Scheduler(
             cfg,
             self.queue,
             self.secret,
             gate=DequeueCheck(self.store, self.gate),
             observer=self.recorder,
+            renderer=self.renderer,
         )
         self.scheduler.start()
-        self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate)
+        self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate, self.renderer)
         self.handler = SubmissionHandler(cfg, self.queue, self.scheduler, self.pipeline)
         # with several workers each holds its share of the connection limit (the kernel spreads connections)
         self.limits = ConnectionLimits(
@@ -227,7 +230,8 @@ class Daemon:
         for key in ("submission", "inbound", "http", "store", "queue"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", key)
-        pipeline = Pipeline(new, self.store, self.secret, signer, self.gate)
+        self.renderer.reload(new, signer)
+        pipeline = Pipeline(new, self.store, self.secret, signer, self.gate, self.renderer)
         self.handler.reload(new, pipeline)
         self.handler.tls_context = tls  # TLS (issue 10): new STARTTLS sessions use the re-read certificate
         self.scheduler.reload(new)

@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.policy import compat32
@@ -36,6 +37,7 @@ from relayd.config import Config
 from relayd.consent_cli import COLUMNS, export_consents, import_consents
 from relayd.dkim import Signer
 from relayd.policy.consent import OPTIN_WINDOW, OptinHeaderError
+from relayd.policy.model import Verdict
 from relayd.policy.pipeline import AllDropped, Pipeline, Processed
 from relayd.policy.suspension import AccountGate
 from relayd.store import Reason, Scope, SqliteStore, SuppressionEntry
@@ -264,7 +266,27 @@ def mail(
     ).encode()
 
 
-async def run(p: Pipeline, raw: bytes, *recipients: str, now: datetime = T0) -> tuple[str, Processed]:
+@dataclass(frozen=True)
+class Done:
+    """A processed message and every recipient's copy, made as delivery makes them."""
+
+    processed: Processed
+    rendered: tuple[bytes, ...]
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return self.processed.recipients
+
+    @property
+    def dropped(self) -> dict[str, Verdict]:
+        return self.processed.dropped
+
+    @property
+    def list_name(self) -> str | None:
+        return self.processed.list_name
+
+
+async def run(p: Pipeline, raw: bytes, *recipients: str, now: datetime = T0) -> tuple[str, Done]:
     qid = new_queue_id()
     done = await p.process(
         queue_id=qid,
@@ -274,7 +296,7 @@ async def run(p: Pipeline, raw: bytes, *recipients: str, now: datetime = T0) -> 
         raw=raw,
         now=now,
     )
-    return qid, done
+    return qid, Done(done, tuple(p.render(done, i) for i in range(len(done.recipients))))
 
 
 def dropped_total(reason: str) -> float:

@@ -7,7 +7,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from relayd.queue.store import NewMessage, QueueStore
+from relayd.queue.store import NewMessage, QueueStore, StoredData
 from relayd.supervisor import shard_path
 from tests.harness import Relayd, message, wait_until
 from tests.test_shaping import CountingSink, submit_many
@@ -99,7 +99,40 @@ async def test_queue_of_the_first_relayd_without_per_recipient_data_is_migrated(
     try:
         [row] = await store.due(time.time(), 10)
         assert (row.queue_id, row.account) == ("first", "acme")
-        assert await store.recipient_data("first", 0) == b"abc"
+        assert await store.recipient_data("first", 0) == StoredData(b"abc", render=False)
+    finally:
+        await store.close()
+
+
+async def test_queue_with_finished_per_recipient_copies_delivers_them_as_they_are(tmp_path: Path) -> None:
+    """Before copies were made at delivery, relayd stored each recipient's finished copy in
+    ``recipients.data``: after an upgrade those are delivered unchanged, never rendered a second time."""
+    path = tmp_path / "queue.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE messages (id TEXT PRIMARY KEY, account TEXT NOT NULL, mail_from TEXT NOT NULL,
+            list_name TEXT, created_at REAL NOT NULL, size INTEGER NOT NULL, data BLOB);
+        CREATE TABLE recipients (msg_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL,
+            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
+            updated_at REAL NOT NULL, last_reply TEXT, data BLOB, account TEXT,
+            PRIMARY KEY (msg_id, idx)) WITHOUT ROWID;
+        INSERT INTO messages VALUES ('old', 'acme', 'a@acme.example.test', NULL, 1.0, 3, NULL);
+        INSERT INTO recipients VALUES ('old', 0, 'x@t.test', 'queued', 0, 1, 1, NULL, X'783021', 'acme');
+        INSERT INTO recipients VALUES ('old', 1, 'y@t.test', 'queued', 0, 1, 1, NULL, X'793121', 'acme');
+        """
+    )
+    db.commit()
+    db.close()
+    store = QueueStore(path)
+    await store.open()
+    try:
+        assert await store.recipient_data("old", 0) == StoredData(b"x0!", render=False)
+        assert await store.recipient_data("old", 1) == StoredData(b"y1!", render=False)
+        await store.enqueue(
+            NewMessage("new", "acme", "a@acme.example.test", ("z@example.test",), b"zz", render=True)
+        )
+        assert await store.recipient_data("new", 0) == StoredData(b"zz", render=True)
     finally:
         await store.close()
 

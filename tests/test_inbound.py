@@ -24,7 +24,7 @@ from relayd.dkim import Signer
 from relayd.errors import StorageError
 from relayd.policy.pipeline import Pipeline
 from relayd.policy.suspension import AccountGate
-from relayd.queue.store import NewMessage, QueueStore
+from relayd.queue.store import DueRecipient, NewMessage, QueueStore
 from relayd.smtp.inbound import InboundHandler, inbound_protocol, role_of, start_inbound
 from relayd.smtp.protocol import ConnectionLimits
 from relayd.smtp.submission import SubmissionHandler, start_submission
@@ -48,6 +48,7 @@ class Live:
     handler: InboundHandler
     inbound_port: int
     submission_port: int
+    pipeline: Pipeline
 
     async def inbound(self, fn: Callable[[smtplib.SMTP], Any]) -> Any:
         def run() -> Any:
@@ -95,8 +96,15 @@ class Live:
         return await asyncio.to_thread(run)
 
     async def delivered_headers(self, queue_id: str) -> bytes:
-        data = await self.queue.recipient_data(queue_id, 0)
-        assert data is not None
+        """The header section of recipient 0's copy, made as delivery makes it from the queue."""
+        stored = await self.queue.recipient_data(queue_id, 0)
+        msg = await self.queue.show(queue_id)
+        assert stored is not None and stored.render and msg is not None
+        rcpt = msg.recipients[0]
+        item = DueRecipient(
+            queue_id, 0, rcpt.address, 0, msg.account, msg.mail_from, msg.created_at, msg.list_name
+        )
+        data = await self.pipeline.renderer.render(item, stored.data)
         return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
 
 
@@ -130,6 +138,7 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
             handler,
             inbound.sockets[0].getsockname()[1],
             submission[0].sockets[0].getsockname()[1],
+            pipeline,
         )
     finally:
         for srv in [inbound, *submission]:

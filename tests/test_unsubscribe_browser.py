@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from relayd.policy.pipeline import unsubscribe_url
+from relayd.policy.render import unsubscribe_url
 from relayd.queue.store import QueueStore
 from relayd.store import Reason, Scope, SqliteStore
 from relayd.web import create_app, start_web

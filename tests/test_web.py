@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from relayd.config import Config
-from relayd.policy.pipeline import unsubscribe_url
+from relayd.policy.render import unsubscribe_url
 from relayd.queue.store import MessageRow, NewMessage, QueueStore
 from relayd.store import Reason, Scope, SentRecord, SqliteStore, SuppressionEntry
 from relayd.store.base import Event

@@ -47,7 +47,7 @@ from relayd.queue.shaping import (
     Source,
     classify,
 )
-from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State
+from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State, StoredData
 from relayd.tokens import verp_address
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,13 @@ class Gate(Protocol):
     """The policy's last word before an attempt (relayd.policy.dequeue); the queue knows no policy."""
 
     async def check(self, item: DueRecipient) -> _Verdict: ...
+
+
+class CopyMaker(Protocol):
+    """Makes a recipient's own copy from the stored message (relayd.policy.render: footer link, trace
+    token, DKIM signature); the queue only knows that some messages need one."""
+
+    async def render(self, item: DueRecipient, data: bytes) -> bytes: ...
 
 
 class _Verdict(Protocol):
@@ -100,6 +107,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         gate: Gate | None = None,
         observer: Observer | None = None,
+        renderer: CopyMaker | None = None,
     ) -> None:
         self._cfg = cfg
         self._store = store
@@ -115,6 +123,7 @@ class Scheduler:
         self._clock = clock
         self._gate = gate
         self._observer = observer
+        self._renderer = renderer
         self._verp_domain = cfg.inbound.domains[0]
         self._inflight: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,7 +132,8 @@ class Scheduler:
         self._shaper = Shaper()
         self._sources = account_sources(cfg)
         self._by_account: dict[str, int] = {}  # recipients in the active window, per account
-        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (queue id, index or -1)
+        #: just-submitted messages for their recipients' first attempts: queue id -> (data, uses left)
+        self._cache: OrderedDict[str, tuple[StoredData, int]] = OrderedDict()
         self._cache_bytes = 0
         self._wake = asyncio.Event()
         self._ended_during_scan: set[tuple[str, int]] | None = None
@@ -161,11 +171,7 @@ class Scheduler:
 
     def submitted(self, msg: NewMessage, created_at: float) -> None:
         """A message was just committed: start its deliveries now if the active window has room."""
-        if msg.per_recipient is None:
-            self._remember((msg.queue_id, -1), msg.data)
-        else:
-            for i, rendered in enumerate(msg.per_recipient):
-                self._remember((msg.queue_id, i), rendered)
+        self._remember(msg.queue_id, StoredData(msg.data, msg.render), len(msg.recipients))
         for i, rcpt in enumerate(msg.recipients):
             if not self._admits(msg.account):
                 self._wake.set()  # the scanner will pick the rest up as room frees
@@ -249,22 +255,25 @@ class Scheduler:
 
     # --- one attempt ---------------------------------------------------------------------------------------
 
-    def _remember(self, key: tuple[str, int], data: bytes) -> None:
-        self._cache[key] = data
-        self._cache_bytes += len(data)
+    def _remember(self, queue_id: str, data: StoredData, uses: int) -> None:
+        self._cache[queue_id] = (data, uses)
+        self._cache_bytes += len(data.data)
         while self._cache_bytes > _CACHE_BYTES and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
+            _, (old, _) = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old.data)
 
-    async def _data(self, item: DueRecipient) -> bytes | None:
-        """The exact bytes for this recipient: memory if it was just submitted, else the queue."""
-        data = self._cache.pop((item.queue_id, item.index), None)
-        if data is not None:
-            self._cache_bytes -= len(data)  # one recipient, one attempt from memory; retries read the queue
+    async def _data(self, item: DueRecipient) -> StoredData | None:
+        """This recipient's data: from memory for the first attempts after submission (each recipient
+        uses it once), else from the queue."""
+        entry = self._cache.get(item.queue_id)
+        if entry is None:
+            return await self._store.recipient_data(item.queue_id, item.index)
+        data, uses = entry
+        if uses <= 1:
+            del self._cache[item.queue_id]
+            self._cache_bytes -= len(data.data)
         else:
-            data = self._cache.get((item.queue_id, -1))
-        if data is None:
-            data = await self._store.recipient_data(item.queue_id, item.index)
+            self._cache[item.queue_id] = (data, uses - 1)
         return data
 
     async def _record(self, item: DueRecipient, write: Callable[[], Awaitable[Any]]) -> None:
@@ -310,8 +319,8 @@ class Scheduler:
                 self._wake.set()
 
     async def _attempt_inner(self, item: DueRecipient) -> None:
-        data = await self._data(item)
-        if data is None:
+        stored = await self._data(item)
+        if stored is None:
             log.warning("%s: message data missing; recipient %d left as is", item.queue_id, item.index)
             return
         if self._gate is not None:
@@ -333,6 +342,9 @@ class Scheduler:
         attempts = item.attempts + 1
         started = time.monotonic()
         try:
+            data = stored.data
+            if stored.render and self._renderer is not None:
+                data = await self._renderer.render(item, data)
             reply = await self._send(item, data)
             if reply is None:
                 return  # postponed by shaping: no attempt was made

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS messages (
     list_name   TEXT,
     created_at  REAL NOT NULL,
     size        INTEGER NOT NULL,
-    data        BLOB
+    data        BLOB,
+    render      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipients (
     msg_id       TEXT NOT NULL,
@@ -86,7 +87,8 @@ def migrate(db: sqlite3.Connection) -> None:
     """Bring a queue database to the current schema; idempotent, and cheap when there is nothing to do.
 
     Adds the columns later versions added (``recipients.data`` for per-recipient renderings,
-    ``recipients.account`` for fair queueing) to a queue written by an older relayd, and fills ``account``
+    ``recipients.account`` for fair queueing, ``messages.render`` for copies made at delivery) to a queue
+    written by an older relayd, and fills ``account``
     wherever it is missing (a queue filled by another tool): a queued row without an account would still be
     delivered (see :meth:`QueueStore.due`), but outside the fair rotation."""
     db.executescript(SCHEMA)
@@ -94,6 +96,8 @@ def migrate(db: sqlite3.Connection) -> None:
     for name, decl in (("data", "BLOB"), ("account", "TEXT")):
         if name not in columns:
             db.execute(f"ALTER TABLE recipients ADD COLUMN {name} {decl}")
+    if "render" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+        db.execute("ALTER TABLE messages ADD COLUMN render INTEGER NOT NULL DEFAULT 0")
     db.execute(_ACCOUNT_INDEX)
     db.execute(
         "UPDATE recipients SET account = (SELECT account FROM messages WHERE id = recipients.msg_id) "
@@ -142,10 +146,20 @@ class NewMessage:
     recipients: tuple[str, ...]
     data: bytes
     list_name: str | None = None
-    #: when the policy pipeline made the content differ per recipient (unsubscribe link, trace token,
-    #: DKIM signature), the exact bytes to deliver to each recipient, in recipient order; ``data`` (the
-    #: message as submitted) is then not stored: the message is on disk once per recipient, never twice
-    per_recipient: tuple[bytes, ...] | None = None
+    #: each recipient gets its own copy, made from ``data`` at delivery (relayd.policy.render: unsubscribe
+    #: link, trace token, DKIM signature); False: ``data`` is delivered as it is
+    render: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredData:
+    """What delivery reads for one recipient: bytes, and whether a copy must be rendered from them.
+
+    A queue written before copies were made at delivery holds finished per-recipient copies
+    (``recipients.data``); those are delivered as they are."""
+
+    data: bytes
+    render: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,11 +334,8 @@ class QueueStore:
         less than ``min_free`` bytes plus the message would be left on the queue's filesystem."""
         now = time.time()
         state = State.HELD if held else State.QUEUED
-        per = msg.per_recipient
-        if per is not None and len(per) != len(msg.recipients):
-            raise ValueError("per_recipient must have one entry per recipient")
         if min_free > 0:
-            size = sum(map(len, per)) if per is not None else len(msg.data)
+            size = len(msg.data)
             try:
                 free = free_bytes(self.path.parent)
             except OSError as exc:
@@ -334,8 +345,8 @@ class QueueStore:
         await self._submit(
             [
                 self._op(
-                    "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data, "
+                    "render) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         msg.queue_id,
                         msg.account,
@@ -343,23 +354,15 @@ class QueueStore:
                         msg.list_name,
                         now,
                         len(msg.data),
-                        msg.data if per is None else None,
+                        msg.data,
+                        int(msg.render),
                     ),
                 ),
                 self._op(
                     "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, "
-                    "updated_at, data, account) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                    "updated_at, account) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
                     [
-                        (
-                            msg.queue_id,
-                            i,
-                            rcpt,
-                            state,
-                            now,
-                            now,
-                            per[i] if per is not None else None,
-                            msg.account,
-                        )
+                        (msg.queue_id, i, rcpt, state, now, now, msg.account)
                         for i, rcpt in enumerate(msg.recipients)
                     ],
                     many=True,
@@ -545,14 +548,20 @@ class QueueStore:
         rows = await self._fetch("SELECT MIN(next_attempt) FROM recipients WHERE state = 'queued'", ())
         return rows[0][0] if rows and rows[0][0] is not None else None
 
-    async def recipient_data(self, queue_id: str, index: int) -> bytes | None:
-        """The bytes to deliver to one recipient: its own rendering if it has one, else the message."""
+    async def recipient_data(self, queue_id: str, index: int) -> StoredData | None:
+        """What to deliver to one recipient: its own finished copy if an older relayd stored one, else
+        the message (with whether a copy is to be rendered from it)."""
         rows = await self._fetch(
-            "SELECT COALESCE(r.data, m.data) FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "SELECT r.data, m.data, m.render FROM recipients r JOIN messages m ON m.id = r.msg_id "
             "WHERE r.msg_id = ? AND r.idx = ?",
             (queue_id, index),
         )
-        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+        if not rows:
+            return None
+        own, shared, render = rows[0]
+        if own is not None:
+            return StoredData(bytes(own), False)
+        return StoredData(bytes(shared), bool(render)) if shared is not None else None
 
     async def show(self, queue_id: str) -> MessageRow | None:
         msgs = await self._fetch(

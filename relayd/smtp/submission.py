@@ -358,7 +358,7 @@ class SubmissionHandler:
                 recipients=done.recipients,
                 data=received + content,
                 list_name=done.list_name,
-                per_recipient=tuple(received + r for r in done.rendered),
+                render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
             )
         try:
             await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
@@ -388,6 +388,8 @@ class SubmissionHandler:
                 }
             },
         )
+        if self.pipeline is not None and msg.render:
+            self.pipeline.renderer.keep(queue_id, done.prepared, len(msg.recipients))
         self.scheduler.submitted(msg, time.time())
         metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
         return f"250 2.0.0 Ok: queued as {queue_id}"

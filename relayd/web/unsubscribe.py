@@ -56,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The token purpose mixed into the MAC (:func:`relayd.policy.pipeline.unsubscribe_url` mints with it).
+#: The token purpose mixed into the MAC (:func:`relayd.policy.render.unsubscribe_url` mints with it).
 PURPOSE = "unsub"
 
 # The exact token alphabet (lower-case RFC 4648 base32, decimal index). Checked before parse_token because

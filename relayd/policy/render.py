@@ -1,0 +1,216 @@
+"""Each recipient's copy, made at delivery: the rewritten message filled in for that recipient and signed.
+
+Why at delivery and not before the ``250``: every recipient gets a copy of their own (unsubscribe link in
+``List-Unsubscribe`` and in the footer, trace token, and so a DKIM signature of its own, one RSA operation
+each). Made before the reply, a message to 10 recipients kept its client waiting for 10 signatures and the
+queue wrote and fsynced 10 copies. Now the queue holds the message once, as accepted (our ``Received``
+field + the content), and a copy is a pure function of it, the account's config, the secret and (queue id,
+index, address): a retry or a restart makes the same copy again. What differs is deliberate: the DKIM
+``t=`` is the time of that attempt, and the key is the one configured then (a rotated key signs the mail
+still queued; Postfix + OpenDKIM sign before queueing and would send the old key's signature).
+
+The rewrite of the message (:class:`Prepared`) is done once at submission, which is also where broken MIME
+is refused; it is kept in memory until each recipient's first attempt has used it. A retry after that, or
+after a restart, prepares it again from the stored message: the same code on the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from relayd import metrics
+from relayd.config import Config
+from relayd.dkim import Signer
+from relayd.policy.consent import confirm_url, optin_list, prepare_confirmation
+from relayd.policy.listid import campaign_id, list_name
+from relayd.policy.rewrite import (
+    DEFAULT_HTML_TEMPLATE,
+    DEFAULT_TEXT_TEMPLATE,
+    FooterSpec,
+    Template,
+    format_feedback_id,
+    prepare,
+)
+from relayd.queue.store import DueRecipient
+from relayd.tokens import make_token
+
+log = logging.getLogger(__name__)
+
+#: above this a rewrite runs on a thread: a multi-megabyte parse takes seconds of CPU, and on a thread the
+#: interpreter switches back to the event loop every few milliseconds, so other sessions keep moving
+BIG_MESSAGE = 256 * 1024
+
+#: prepared messages kept for their first attempts (bytes of template text, all workers' share each)
+_CACHE_BYTES = 64 * 1024 * 1024
+
+_HEADERS = BytesHeaderParser(policy=compat32)
+
+
+def unsubscribe_url(public_url: str, secret: bytes, queue_id: str, index: int, address: str) -> str:
+    return f"{public_url.rstrip('/')}/u/{make_token(secret, 'unsub', queue_id, index, address)}"
+
+
+def unsubscribe_mailto(domain: str, secret: bytes, queue_id: str, index: int, address: str) -> str:
+    return f"unsubscribe+{make_token(secret, 'unsub', queue_id, index, address)}@{domain}"
+
+
+def relayd_id(secret: bytes, queue_id: str, index: int, address: str) -> str:
+    return make_token(secret, "trace", queue_id, index, address)
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What the policy reads from a message's header before deciding anything."""
+
+    headers: Message
+    #: the list the message is mail of: List-Id's, or the one a confirmation mail's X-Relayd-Optin names
+    list_name: str | None
+    optin: bool  # a confirmation mail (issue 9): the body's link is the confirm link
+    campaign: str | None
+
+
+def read_meta(raw: bytes) -> Meta:
+    """Raises OptinHeaderError (a MimeError: 554 5.6.0) for a malformed X-Relayd-Optin."""
+    headers = _HEADERS.parsebytes(raw)
+    lname = list_name(headers.get("List-Id"))
+    optin = optin_list(headers, lname)
+    return Meta(headers, optin or lname, optin is not None, campaign_id(headers.get("X-Campaign-ID")))
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One message rewritten, with holes for each recipient's values, and whose key signs it."""
+
+    template: Template
+    optin: bool
+    domain: str | None  # DKIM d=; None: no key for it, sent unsigned (logged at submission)
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.template.segments if isinstance(s, bytes))
+
+
+def prepare_message(cfg: Config, signer: Signer, account: str, meta: Meta, raw: bytes) -> Prepared:
+    """Rewrite ``raw`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
+
+    An account no longer configured (removed while its mail was queued) still gets the footer, without
+    an imprint, and the DKIM key of its From domain if there is one."""
+    acct = cfg.accounts.get(account)
+    imprint = acct.imprint if acct is not None else ""
+    feedback_id = format_feedback_id(
+        meta.campaign or "", meta.list_name or "", account, cfg.server.feedback_sender_id
+    )
+    if meta.optin:
+        template = prepare_confirmation(raw, imprint, feedback_id)
+    else:
+        spec = FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, imprint)
+        template = prepare(raw, spec, feedback_id)
+    return Prepared(template, meta.optin, signing_domain(cfg, signer, account, meta.headers.get("From")))
+
+
+def signing_domain(cfg: Config, signer: Signer, account: str, from_header: str | None) -> str | None:
+    """d= is the From domain when we hold a key for it (DMARC alignment), else the account's
+    ``signing_domain``; None when neither has a key."""
+    _, addr = email.utils.parseaddr(from_header or "")
+    from_domain = addr.rpartition("@")[2].lower().rstrip(".")
+    keyed = signer.domains()
+    if from_domain in keyed:
+        return from_domain
+    acct = cfg.accounts.get(account)
+    if acct is not None and acct.signing_domain and acct.signing_domain.lower() in keyed:
+        return acct.signing_domain.lower()
+    return None
+
+
+def split_trace(data: bytes) -> tuple[bytes, bytes]:
+    """Our ``Received`` field (the first field of every stored message, folded) and the content after it.
+
+    Stored data without one (written by a test or a tool) is all content."""
+    if not data.startswith(b"Received:"):
+        return b"", data
+    pos = 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            return b"", data
+        if data[end + 2 : end + 3] not in (b" ", b"\t"):
+            return data[: end + 2], data[end + 2 :]
+        pos = end + 2
+
+
+class Renderer:
+    """Makes the copy for one recipient; holds the prepared messages between submission and delivery."""
+
+    def __init__(self, cfg: Config, secret: bytes, signer: Signer) -> None:
+        self.cfg = cfg
+        self.secret = secret
+        self.signer = signer
+        self._cache: OrderedDict[str, tuple[Prepared, int]] = OrderedDict()  # queue id -> (prepared, uses)
+        self._cache_bytes = 0
+
+    def reload(self, cfg: Config, signer: Signer) -> None:
+        """New accounts, imprints or keys: messages already prepared are prepared again when next sent."""
+        self.cfg, self.signer = cfg, signer
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    def keep(self, queue_id: str, prepared: Prepared, uses: int) -> None:
+        """Hold ``prepared`` for the first attempt of each of the message's ``uses`` recipients."""
+        self._cache[queue_id] = (prepared, uses)
+        self._cache_bytes += prepared.size
+        while self._cache_bytes > _CACHE_BYTES and self._cache:
+            _, (old, _) = self._cache.popitem(last=False)
+            self._cache_bytes -= old.size
+
+    def _take(self, queue_id: str) -> Prepared | None:
+        entry = self._cache.get(queue_id)
+        if entry is None:
+            return None
+        prepared, uses = entry
+        if uses <= 1:
+            del self._cache[queue_id]
+            self._cache_bytes -= prepared.size
+        else:
+            self._cache[queue_id] = (prepared, uses - 1)
+        return prepared
+
+    def copy(self, prepared: Prepared, queue_id: str, index: int, address: str) -> bytes:
+        """The signed copy (without our ``Received`` field) for recipient ``index``, ``address``."""
+        cfg, secret = self.cfg, self.secret
+        public = cfg.http.public_url
+        body = prepared.template.render(
+            unsubscribe_url=unsubscribe_url(public, secret, queue_id, index, address),
+            unsubscribe_mailto=unsubscribe_mailto(cfg.inbound.domains[0], secret, queue_id, index, address),
+            relayd_id=relayd_id(secret, queue_id, index, address),
+            # consent (issue 9): the confirm link, tied to this ledger record (queue id, index)
+            body_url=confirm_url(public, secret, queue_id, index, address) if prepared.optin else None,
+        )
+        if prepared.domain is None:
+            return body
+        t0 = time.perf_counter()
+        signature = self.signer.sign(body, prepared.domain)
+        metrics.DKIM_SECONDS.observe(time.perf_counter() - t0)
+        return signature + body
+
+    async def render(self, item: DueRecipient, data: bytes) -> bytes:
+        """The exact bytes to deliver to ``item``, from the message as stored. Raises MimeError only if
+        a stored message no longer parses, which it did at submission (a bug: the attempt is deferred)."""
+        received, content = split_trace(data)
+        prepared = self._take(item.queue_id)
+        if prepared is None:
+            meta = read_meta(content)
+            if len(content) > BIG_MESSAGE:
+                prepared = await asyncio.to_thread(
+                    prepare_message, self.cfg, self.signer, item.account, meta, content
+                )
+            else:
+                prepared = prepare_message(self.cfg, self.signer, item.account, meta, content)
+        return received + self.copy(prepared, item.queue_id, item.index, item.address)
