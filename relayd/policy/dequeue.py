@@ -4,6 +4,11 @@ Things change while mail waits in the queue: a recipient bounces hard on another
 unsubscribes; an account gets suspended. So the suppression check runs again at dequeue (all scopes, the
 message's list included), and a suspended account's mail is held instead of sent.
 
+A first attempt within :data:`FRESH` seconds of acceptance skips the suppression lookup: the recipient
+passed it at RCPT (and the list scope at DATA) a moment ago, and mail that goes straight out would
+otherwise pay a second store query per recipient for nothing. Mail that waited longer (a backlog, a retry,
+a restart, a held account released) is looked up again. Postfix looks nothing up at dequeue.
+
 When the store can't answer (PostgreSQL unreachable from this node), queued mail keeps going out on the
 last known state: the recipient passed every check when it was accepted, and the suspension set is the
 gate's last good copy. Holding all mail for the length of a database outage would turn a store problem into
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -38,6 +44,9 @@ class DequeueVerdict:
 
 
 SEND = DequeueVerdict(Decision.SEND)
+
+#: seconds after acceptance during which a first attempt trusts the checks made at submission
+FRESH = 30.0
 
 
 class DequeueCheck:
@@ -65,6 +74,8 @@ class DequeueCheck:
             state = await self._store.get_account_state(item.account)
             if state is not None and state.suspended:
                 return DequeueVerdict(Decision.HOLD, "suspended")
+        if item.attempts == 0 and time.time() - item.created_at < FRESH:
+            return SEND
         now = datetime.now(UTC)
         hits = await self._store.check([item.address], item.account, item.list_name, now)
         if self._degraded:

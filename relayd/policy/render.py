@@ -130,19 +130,18 @@ def signing_domain(cfg: Config, signer: Signer, account: str, from_header: str |
     return None
 
 
-def split_trace(data: bytes) -> tuple[bytes, bytes]:
-    """Our ``Received`` field (the first field of every stored message, folded) and the content after it.
-
-    Stored data without one (written by a test or a tool) is all content."""
+def trace_end(data: bytes) -> int:
+    """Where our ``Received`` field (the first field of every stored message, folded) ends and the
+    content as submitted begins; 0 for stored data without one (written by a test or a tool)."""
     if not data.startswith(b"Received:"):
-        return b"", data
+        return 0
     pos = 0
     while True:
         end = data.find(b"\r\n", pos)
         if end < 0:
-            return b"", data
+            return 0
         if data[end + 2 : end + 3] not in (b" ", b"\t"):
-            return data[: end + 2], data[end + 2 :]
+            return end + 2
         pos = end + 2
 
 
@@ -170,6 +169,12 @@ class Renderer:
             _, (old, _) = self._cache.popitem(last=False)
             self._cache_bytes -= old.size
 
+    def forget(self, queue_id: str) -> None:
+        """The message was not queued after all."""
+        entry = self._cache.pop(queue_id, None)
+        if entry is not None:
+            self._cache_bytes -= entry[0].size
+
     def _take(self, queue_id: str) -> Prepared | None:
         entry = self._cache.get(queue_id)
         if entry is None:
@@ -186,9 +191,10 @@ class Renderer:
         """The signed copy (without our ``Received`` field) for recipient ``index``, ``address``."""
         cfg, secret = self.cfg, self.secret
         public = cfg.http.public_url
+        unsub = make_token(secret, "unsub", queue_id, index, address)  # the link's and the mailto's
         body = prepared.template.render(
-            unsubscribe_url=unsubscribe_url(public, secret, queue_id, index, address),
-            unsubscribe_mailto=unsubscribe_mailto(cfg.inbound.domains[0], secret, queue_id, index, address),
+            unsubscribe_url=f"{public.rstrip('/')}/u/{unsub}",
+            unsubscribe_mailto=f"unsubscribe+{unsub}@{cfg.inbound.domains[0]}",
             relayd_id=relayd_id(secret, queue_id, index, address),
             # consent (issue 9): the confirm link, tied to this ledger record (queue id, index)
             body_url=confirm_url(public, secret, queue_id, index, address) if prepared.optin else None,
@@ -203,9 +209,10 @@ class Renderer:
     async def render(self, item: DueRecipient, data: bytes) -> bytes:
         """The exact bytes to deliver to ``item``, from the message as stored. Raises MimeError only if
         a stored message no longer parses, which it did at submission (a bug: the attempt is deferred)."""
-        received, content = split_trace(data)
+        cut = trace_end(data)
         prepared = self._take(item.queue_id)
         if prepared is None:
+            content = data[cut:]
             meta = read_meta(content)
             if len(content) > BIG_MESSAGE:
                 prepared = await asyncio.to_thread(
@@ -213,4 +220,4 @@ class Renderer:
                 )
             else:
                 prepared = prepare_message(self.cfg, self.signer, item.account, meta, content)
-        return received + self.copy(prepared, item.queue_id, item.index, item.address)
+        return data[:cut] + self.copy(prepared, item.queue_id, item.index, item.address)

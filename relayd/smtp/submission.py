@@ -360,13 +360,19 @@ class SubmissionHandler:
                 list_name=done.list_name,
                 render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
             )
+        renderer = self.pipeline.renderer if self.pipeline is not None and msg.render else None
+        if renderer is not None:
+            # before the commit: a scan running right after it may start the first attempts before we
+            # are back here, and they should find the message rewritten already
+            renderer.keep(queue_id, done.prepared, len(msg.recipients))
         try:
             await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
-        except InsufficientStorage as exc:  # issue 10: disk (nearly) full; the client keeps its message
+        except StorageError as exc:  # InsufficientStorage too (issue 10): the client keeps its message
+            if renderer is not None:
+                renderer.forget(queue_id)
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
-            return INSUFFICIENT_STORAGE
-        except StorageError as exc:
-            log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
+            if isinstance(exc, InsufficientStorage):
+                return INSUFFICIENT_STORAGE
             return "451 4.3.0 Temporary storage failure, try again later"
         log.info(
             "%s: accepted account=%s from=<%s> nrcpt=%d size=%d",
@@ -388,8 +394,6 @@ class SubmissionHandler:
                 }
             },
         )
-        if self.pipeline is not None and msg.render:
-            self.pipeline.renderer.keep(queue_id, done.prepared, len(msg.recipients))
         self.scheduler.submitted(msg, time.time())
         metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
         return f"250 2.0.0 Ok: queued as {queue_id}"
