@@ -34,6 +34,12 @@ profile A 1 recipient per message, profile B 10. Measured per contender and prof
   process, which overstates a server of many processes: Postfix runs ~50); PSS: the largest sum of PSS seen
   (shared pages divided among their sharers), the fairer memory figure.
 
+Then the 250 latency at a given load, the same for both contenders: an open-loop generator
+(bench.loadgen.run_paced, its own process) offers messages at Postfix's delivered msg/s of that profile for
+``--paced-seconds``, one per connection, at most ``--concurrency`` connections at once, with the bench list's
+List-Id (list suppression and caps run too); every message's end of DATA -> reply is timed. The saturation
+runs above say how fast each can go; this says how long a client waits when the load is one both can carry.
+
 accepted/s and delivered/s count the probe's messages too (they took server capacity); the probe runs
 exactly while smtp-source does.
 
@@ -46,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import multiprocessing
 import os
 import shutil
 import signal
@@ -59,13 +66,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import postfix_instance  # noqa: E402
 from bench.keeping_sink import KeepingSink  # noqa: E402
-from bench.loadgen import make_message  # noqa: E402
+from bench.loadgen import make_message, run_paced  # noqa: E402
 from bench.submit import free_port, pipeline_config, wait_port, write_config  # noqa: E402
 
 DOMAIN = "acme.example.test"
@@ -377,6 +385,87 @@ def measure(
     return res
 
 
+@dataclass
+class Paced:
+    contender: str
+    profile: str
+    rate: float
+    messages: int
+    rcpts: int
+    accepted: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    cpu_s: float = 0.0
+    complete: bool = False
+
+
+def _paced_child(conn: Any, port: int, kwargs: dict[str, Any]) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    res = asyncio.run(run_paced(port, **kwargs))
+    conn.send((res.accepted, res.elapsed, res.latencies, res.errors + res.refused))
+    conn.close()
+
+
+def measure_paced(
+    contender: str,
+    profile: str,
+    port: int,
+    roots: Callable[[], list[int]],
+    sink: KeepingSink,
+    *,
+    rate: float,
+    seconds: float,
+    rcpts: int,
+    sessions: int,
+    size: int,
+) -> Paced:
+    """The 250 latency at a given load: messages offered at ``rate`` (open loop, bench.loadgen.run_paced,
+    in a process of its own) for ``seconds``, with the List-Id of the bench list (so list suppression and
+    caps run too), each recipient unique."""
+    wait_quiet(sink)
+    n = max(20, int(rate * seconds))
+    res = Paced(contender, profile, rate, n, rcpts)
+    r0 = sink.recipients
+    cpu0 = trees_cpu(roots())
+    parent, child = multiprocessing.get_context("fork").Pipe()
+    tag = f"paced-{contender.split('+')[0]}{profile[0]}{time.time_ns() % 10**9}"
+    kwargs = dict(rate=rate, messages=n, concurrency=sessions, size=size, recipients=rcpts, tag=tag)
+    proc = multiprocessing.get_context("fork").Process(target=_paced_child, args=(child, port, kwargs))
+    proc.start()
+    if parent.poll(seconds * 5 + 120):
+        res.accepted, res.elapsed, res.latencies, res.errors = parent.recv()
+    proc.join(30)
+    deadline = time.time() + 120
+    while sink.recipients - r0 < res.accepted * rcpts and time.time() < deadline:
+        time.sleep(0.01)
+    res.complete = sink.recipients - r0 >= res.accepted * rcpts and res.accepted == n
+    res.cpu_s = trees_cpu(roots()) - cpu0
+    return res
+
+
+def paced_table(rows: list[Paced]) -> str:
+    head = (
+        f"{'contender':<17} {'profile':<9} {'offered/s':>9} {'msgs':>6} {'accepted/s':>10} {'250 p50':>8} "
+        f"{'p99':>8} {'max':>8} {'CPU ms/msg':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        flag = "" if r.complete else f"  INCOMPLETE ({r.accepted}/{r.messages} accepted, {r.errors} errors)"
+        lines.append(
+            f"{r.contender:<17} {r.profile:<9} {r.rate:>9.0f} {r.messages:>6} "
+            f"{r.accepted / r.elapsed if r.elapsed else 0:>10.0f} {pct(r.latencies, 50):>6.1f}ms "
+            f"{pct(r.latencies, 99):>6.1f}ms {max(r.latencies, default=0) * 1000:>6.1f}ms "
+            f"{1000 * r.cpu_s / max(1, r.accepted):>10.2f}{flag}"
+        )
+    return "\n".join(lines)
+
+
 def warm_up(port: int, sink: KeepingSink, sessions: int, size: int) -> None:
     """Start worker processes, load keys, fill caches: a small unmeasured run."""
     r0 = sink.recipients
@@ -461,7 +550,9 @@ class Relayd:
 
     def start(self) -> None:
         log = (self.tmp / "relayd.log").open("wb")
-        cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(self.cfg), "--log-level", "warning"]
+        # info, relayd's default: a line per submission and per delivery attempt, as Postfix logs to its
+        # maillog_file in this bench
+        cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(self.cfg), "--log-level", "info"]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
         try:
             wait_port(self.port, 60)
@@ -616,6 +707,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--verify", type=int, help="DKIM-verify the first N messages per contender (100, quick 20)"
     )
+    ap.add_argument(
+        "--paced-seconds",
+        type=float,
+        help="length of each open-loop run at Postfix's rate (default 10, quick 4; 0: none)",
+    )
+    ap.add_argument(
+        "--paced-rate",
+        type=float,
+        nargs=2,
+        metavar=("A", "B"),
+        help="offered msg/s of the open-loop runs (default: Postfix's delivered msg/s in each profile)",
+    )
     ap.add_argument("--relayd-only", action="store_true", help="skip Postfix + OpenDKIM")
     ap.add_argument("--scale", action="store_true", help="also the store-size runs (default on full runs)")
     ap.add_argument("--no-scale", action="store_true", help="no store-size runs")
@@ -639,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     msgs_a = args.messages or (1000 if q else 5000)
     msgs_b = args.messages_b or (200 if q else 1000)
     n_verify = args.verify if args.verify is not None else (20 if q else 100)
+    paced_seconds = args.paced_seconds if args.paced_seconds is not None else (4 if q else 10)
     scale = (args.scale or args.scale_only or not q) and not args.no_scale
     scale_big = args.scale_entries or (1_000_000 if q else 3_000_000)
     scale_msgs = args.scale_messages or (500 if q else 3000)
@@ -712,6 +816,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}, {profile}: done in {r.deliver_s:.1f} s", flush=True)
                 if not r.complete and name.startswith("postfix"):
                     print(pf.log_tail(10))
+        paced: list[Paced] = []
+        by = {(r.contender, r.profile): r for r in results}
+        for k, (profile, rc) in enumerate((("A 1 rcpt", 1), ("B 10 rcpt", 10))):
+            ref = by.get(("postfix+opendkim", profile))
+            rate = args.paced_rate[k] if args.paced_rate else (ref.delivered_rate if ref else 0.0)
+            if paced_seconds <= 0 or rate <= 0:
+                continue
+            for name, port, roots, _tag in contenders:
+                pr = measure_paced(
+                    name,
+                    profile,
+                    port,
+                    roots,
+                    sink,
+                    rate=rate,
+                    seconds=paced_seconds,
+                    rcpts=rc,
+                    sessions=args.concurrency,
+                    size=args.size,
+                )
+                paced.append(pr)
+                print(f"  {name}, {profile}, paced at {rate:.0f} msg/s: done", flush=True)
         for stop in reversed(running):
             stop()
         running.clear()
@@ -734,6 +860,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"accepted msg/s {a.accepted_rate / b.accepted_rate:.2f}x, "
                         f"CPU/msg {a.cpu_ms_per_msg / b.cpu_ms_per_msg:.1f}x"
                     )
+            if paced:
+                print()
+                print(
+                    "250 latency at the same offered load: open loop (bench.loadgen.run_paced, List-Id of "
+                    "the bench list), paced at Postfix's delivered msg/s of the profile:"
+                )
+                print(paced_table(paced))
             if verified:
                 print(
                     f"DKIM, first {n_verify} messages of profile A at the sink, Perl Mail::DKIM "

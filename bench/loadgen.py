@@ -127,3 +127,48 @@ async def run_load(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     res.elapsed = time.perf_counter() - t0
     return res
+
+
+async def run_paced(
+    port: int,
+    *,
+    rate: float,
+    messages: int,
+    concurrency: int,
+    size: int = 5120,
+    recipients: int = 1,
+    tag: str = "paced",
+    domain: str = "example.test",
+    sender: str = "bench@acme.example.test",
+) -> LoadResult:
+    """Open loop: message k starts at ``k / rate`` seconds whatever the server does, each on a connection of
+    its own, at most ``concurrency`` at once (an arrival that finds them all busy waits for one, which a
+    server keeping up never causes). Measures the 250 latency a server has *at a given load*, where the
+    closed loop of :func:`run_load` (as fast as the server answers) measures it at saturation."""
+    res = LoadResult()
+    payloads = [make_message(size, i, f"r{i}@{domain}") for i in range(64)]
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(n: int) -> None:
+        rcpts = [f"{tag}-{n}-{k}@{domain}" for k in range(recipients)]
+        try:
+            await _one(port, sender, rcpts, payloads[n % len(payloads)], None, res)
+        except (OSError, ConnectionError):
+            res.errors += 1
+        finally:
+            slots.release()
+
+    t0 = time.perf_counter()
+    for n in range(messages):
+        delay = t0 + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await slots.acquire()
+        task = asyncio.create_task(one(n))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    res.elapsed = time.perf_counter() - t0
+    return res
