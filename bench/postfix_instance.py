@@ -90,6 +90,9 @@ append_dot_mydomain = no
 # Mail from the bench must not wait in the incoming/deferred queues for a retry timer.
 queue_run_delay = 10s
 minimal_backoff_time = 10s
+"""
+
+MILTER_CF = """\
 smtpd_milters = inet:127.0.0.1:{milter_port}
 non_smtpd_milters =
 milter_default_action = tempfail
@@ -149,8 +152,19 @@ def available() -> str | None:
 
 class PostfixInstance:
     def __init__(
-        self, port: int, sink_port: int, *, domain: str, selector: str, bits: int = 2048, keep: bool = False
+        self,
+        port: int,
+        sink_port: int,
+        *,
+        domain: str,
+        selector: str,
+        bits: int = 2048,
+        keep: bool = False,
+        milter: bool = True,
+        main_cf: str = "",
     ) -> None:
+        """``milter=False``: Postfix alone, as a receiving MTA for tests (no OpenDKIM needed);
+        ``main_cf``: lines appended to main.cf."""
         # Not under /tmp: OpenDKIM refuses a config file (and key) with a world-writable directory on its
         # path, sticky bit or not. /run is root's, mode 0755, and on this machine the same disk as /tmp.
         parent = Path("/run") if _safe_dir(Path("/run")) else None
@@ -171,6 +185,8 @@ class PostfixInstance:
         self.milter_port = _free_port()
         self.opendkim: subprocess.Popen[bytes] | None = None
         self.key_file = self.dkim_dir / f"{selector}.private"
+        self.milter = milter
+        self.main_cf = main_cf
         self.started = False
 
     # --- setup -----------------------------------------------------------------------------------------
@@ -196,13 +212,16 @@ class PostfixInstance:
                 data=self.data,
                 log=self.log,
                 sink_port=self.sink_port,
-                milter_port=self.milter_port,
             )
+            + (MILTER_CF.format(milter_port=self.milter_port) if self.milter else "")
+            + self.main_cf
         )
         # `postfix check` creates the missing queue and data directories of THIS instance with the owners
         # Postfix wants (post-install create-missing). Not `set-permissions`: that would also re-chown and
         # re-chmod the system's Postfix binaries and man pages listed in /etc/postfix/postfix-files.
         self._run("postfix", "-c", str(self.etc), "check")
+        if not self.milter:
+            return
 
         genkey = ["opendkim-genkey", "-b", str(self.bits), "-d", self.domain, "-s", self.selector]
         self._run(*genkey, "-D", str(self.dkim_dir))
@@ -221,13 +240,14 @@ class PostfixInstance:
 
     def start(self) -> None:
         self.setup()
-        log = (self.dkim_dir / "opendkim.log").open("wb")
-        self.opendkim = subprocess.Popen(
-            ["opendkim", "-f", "-x", str(self.dkim_dir / "opendkim.conf")], stdout=log, stderr=log
-        )
-        if not _wait_port(self.milter_port, 15):
-            self.stop()
-            raise RuntimeError(f"opendkim did not listen: {(self.dkim_dir / 'opendkim.log').read_text()}")
+        if self.milter:
+            log = (self.dkim_dir / "opendkim.log").open("wb")
+            self.opendkim = subprocess.Popen(
+                ["opendkim", "-f", "-x", str(self.dkim_dir / "opendkim.conf")], stdout=log, stderr=log
+            )
+            if not _wait_port(self.milter_port, 15):
+                self.stop()
+                raise RuntimeError(f"opendkim did not listen: {(self.dkim_dir / 'opendkim.log').read_text()}")
         self._run("postfix", "-c", str(self.etc), "start")
         self.started = True
         if not _wait_port(self.port, 20):

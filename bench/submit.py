@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=5120)
     ap.add_argument("--recipients", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="relayd worker processes ([server] workers)")
+    ap.add_argument("--log-level", default="info", help="relayd's --log-level (default info, its default)")
     ap.add_argument("--auth", action="store_true", help="AUTH PLAIN on every connection (default: networks)")
     ap.add_argument(
         "--profile", metavar="FILE", help="run relayd under py-spy, write collapsed stacks to FILE"
@@ -140,7 +141,7 @@ def main() -> None:
         port = free_port()
         cfg = write_config(tmp, port, sink.port, pipeline_config(tmp), args.workers)
         log = (tmp / "relayd.log").open("wb")
-        cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(cfg), "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(cfg), "--log-level", args.log_level]
         proc = subprocess.Popen(
             cmd,
             stdout=log,

@@ -36,6 +36,12 @@ from tests.test_feedback import CORPUS, INBOUND, SECRET, arf_report, corpus, dsn
 class NoDelivery:
     """Stands in for the scheduler: these tests look at what is queued, not at delivery."""
 
+    def expect(self, queue_id: str) -> None:
+        pass
+
+    def forget(self, queue_id: str) -> None:
+        pass
+
     def submitted(self, msg: NewMessage, created_at: float) -> None:
         pass
 

@@ -138,6 +138,12 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._ended_during_scan: set[tuple[str, int]] | None = None
         self._unrecorded: dict[tuple[str, int], Callable[[], Awaitable[Any]]] = {}
+        #: messages being committed by a submission, which hands them over itself (:meth:`expect`)
+        self._expected: set[str] = set()
+        #: may due rows be waiting that no attempt holds? (a full window, a restart, a full last scan);
+        #: if not, an ending attempt does not start a scan: new mail comes through :meth:`submitted`,
+        #: retries come due with the periodic scan
+        self._backlog = True
         self._runner: asyncio.Task[None] | None = None
 
     # --- entry points -------------------------------------------------------------------------------------
@@ -169,11 +175,23 @@ class Scheduler:
         self._shaper.close()
         await self._transport.close()
 
+    def expect(self, queue_id: str) -> None:
+        """A submission is about to commit ``queue_id`` and will call :meth:`submitted` (or :meth:`forget`):
+        a scan meanwhile leaves its rows alone. Without this, under load the scanner found most fresh
+        rows first and read each recipient's message back from disk instead of taking it from memory."""
+        self._expected.add(queue_id)
+
+    def forget(self, queue_id: str) -> None:
+        """The expected message was not committed after all."""
+        self._expected.discard(queue_id)
+
     def submitted(self, msg: NewMessage, created_at: float) -> None:
         """A message was just committed: start its deliveries now if the active window has room."""
+        self._expected.discard(msg.queue_id)
         self._remember(msg.queue_id, StoredData(msg.data, msg.render), len(msg.recipients))
         for i, rcpt in enumerate(msg.recipients):
             if not self._admits(msg.account):
+                self._backlog = True
                 self._wake.set()  # the scanner will pick the rest up as room frees
                 return
             if (msg.queue_id, i) in self._inflight:
@@ -235,10 +253,14 @@ class Scheduler:
         self._ended_during_scan = set()
         rows = await self._store.due(self._clock(), max(room, 0), per_account=fetch)
         ended, self._ended_during_scan = self._ended_during_scan, None
+        # fewer rows than asked for: nothing else is due now
+        self._backlog = room <= 0 or len(rows) >= room
+        expected = self._expected
         for item in rows:  # interleaved by account: a full window still lets each account's reserve in
             key = (item.queue_id, item.index)
             if (
-                key not in self._inflight
+                item.queue_id not in expected
+                and key not in self._inflight
                 and key not in ended
                 and key not in self._unrecorded
                 and self._admits(item.account)
@@ -315,7 +337,7 @@ class Scheduler:
                 self._by_account.pop(item.account, None)
             if self._ended_during_scan is not None:
                 self._ended_during_scan.add(key)
-            if len(self._inflight) < self._cfg.queue.active_limit // 2:
+            if self._backlog and len(self._inflight) < self._cfg.queue.active_limit // 2:
                 self._wake.set()
 
     async def _attempt_inner(self, item: DueRecipient) -> None:

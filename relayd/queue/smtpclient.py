@@ -144,7 +144,7 @@ class LeanSMTP:
         if "pipelining" in self._extensions:
             # RFC 2920 §3.1: MAIL, RCPT and DATA may go in one write; the replies come back in order
             self._write(f"{mail}\r\n{rcpt_cmd}\r\nDATA\r\n".encode())
-            replies = [await self._reply() for _ in range(3)]
+            replies = await self._replies(3)
         else:
             replies = [await self._command(mail)]
             if replies[0][0] == 250:
@@ -174,7 +174,7 @@ class LeanSMTP:
         three replies back -- one round trip instead of two, and no dot-stuffing. A server that refused
         MAIL or RCPT still reads the chunk and refuses the BDAT (§2), so the connection stays in step."""
         self._write(f"{mail}\r\n{rcpt_cmd}\r\nBDAT {len(body)} LAST\r\n".encode() + body)
-        replies = [await self._reply() for _ in range(3)]
+        replies = await self._replies(3)
         for (code, text), (command, ok) in zip(replies, _BDAT_EXPECTED, strict=True):
             if code not in ok:
                 raise ReplyError(code, text, command)
@@ -193,15 +193,20 @@ class LeanSMTP:
 
     async def _reply(self) -> tuple[int, str]:
         """One (possibly multi-line) reply: ``(code, text)`` with the lines joined by ``\\n``."""
+        return (await self._replies(1))[0]
+
+    async def _replies(self, n: int) -> list[tuple[int, str]]:
+        """The replies to a group of ``n`` pipelined commands, which arrive together: the group gets
+        ``timeout`` (one round trip), like a single command."""
         reader = self._reader
         if reader is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        out: list[tuple[int, str]] = []
         lines: list[str] = []
         try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every readline in a new Task,
-            # four per transaction -- measurable when delivery makes one transaction per recipient
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every readline in a new Task
             async with asyncio.timeout(self.timeout):
-                while True:
+                while len(out) < n:
                     raw = await reader.readline()
                     if not raw:
                         self.close()
@@ -215,7 +220,9 @@ class LeanSMTP:
                     lines.append(line[4:])
                     if line[3:4] != "-":
                         self.replied = True
-                        return int(line[:3]), "\n".join(lines)
+                        out.append((int(line[:3]), "\n".join(lines)))
+                        lines = []
+            return out
         except TimeoutError as exc:
             self.close()
             raise aiosmtplib.SMTPTimeoutError("Timed out waiting for server response") from exc

@@ -362,12 +362,14 @@ class SubmissionHandler:
             )
         renderer = self.pipeline.renderer if self.pipeline is not None and msg.render else None
         if renderer is not None:
-            # before the commit: a scan running right after it may start the first attempts before we
-            # are back here, and they should find the message rewritten already
+            # before the commit: should an attempt start before we are back here (a scan), it finds the
+            # message rewritten already
             renderer.keep(queue_id, done.prepared, len(msg.recipients))
+        self.scheduler.expect(queue_id)  # we hand the message over ourselves, from memory
         try:
             await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
         except StorageError as exc:  # InsufficientStorage too (issue 10): the client keeps its message
+            self.scheduler.forget(queue_id)
             if renderer is not None:
                 renderer.forget(queue_id)
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
