@@ -32,16 +32,22 @@ def fill(db_path: Path, n: int) -> None:
     db = sqlite3.connect(db_path)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(SCHEMA)
-    body = make_message(5120, 0, "r@example.test")
+    # as relayd stores an accepted message: its Received field + the content, each recipient's copy to be
+    # rendered (footer, List-Unsubscribe) and DKIM-signed at delivery -- recovery pays that for every message
+    received = (
+        b"Received: from app.test ([127.0.0.1])\r\n\tby relayd.bench (relayd) with ESMTPA id restart;\r\n"
+        b"\tMon, 23 Nov 2026 12:00:00 +0000\r\n"
+    )
+    body = received + make_message(5120, 0, "r@example.test")
     now = time.time() - 60
     batch = 20_000
     for start in range(0, n, batch):
         msgs, rcpts = [], []
         for i in range(start, min(n, start + batch)):
             qid = f"restart{i:09d}"
-            msgs.append((qid, "acme", "bench@acme.example.test", None, now, len(body), body))
+            msgs.append((qid, "acme", "bench@acme.example.test", "news", now, len(body), body, 1))
             rcpts.append((qid, 0, f"r{i}@example.test", "queued", 0, now, now))
-        db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", msgs)
+        db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", msgs)
         db.executemany(
             "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -118,14 +118,38 @@ def test_swaks_submission_to_postfix_smtp_sink(tmp_path: Path) -> None:
 
 
 def test_delivery_survives_restart_and_graceful_stop(tmp_path: Path, sink: Sink) -> None:
-    """Mail queued while the receiving side is down is delivered after a clean restart of relayd."""
+    """Mail queued while the receiving side is down is delivered after a clean restart of relayd, and the
+    copy made then (from the stored message: the rewrite kept in memory is gone) is what a first attempt
+    makes: the application's fields and body byte for byte, relayd's fields, the footer with this
+    recipient's link, a trace token that verifies for this recipient."""
     with Sink() as down:
         port = down.port
     relayd = Relayd(tmp_path, routes={"example.test": port}, queue_extra="")
     relayd.start()
-    assert relayd.submit(message("queued while down"), to=["dave@example.test"])[0] == 250
+    msg = message("queued while down", "Body line.\r\n.dot line\r\n")
+    code, resp = relayd.submit(msg, to=["dave@example.test"])
+    assert code == 250
+    queue_id = resp.decode().rsplit(" ", 1)[1]
     assert relayd.stop() == 0
     relayd.config.write_text(relayd.config.read_text().replace(f"127.0.0.1:{port}", f"127.0.0.1:{sink.port}"))
     with relayd:
         assert wait_until(lambda: sink.handler.count() == 1)
-    assert sink.messages[0].rcpt_tos == ["dave@example.test"]
+    [got] = sink.messages
+    assert got.rcpt_tos == ["dave@example.test"]
+    added, headers, body = split_delivered(got.data)
+    sent_head, _, sent_body = msg.partition(b"\r\n\r\n")
+    assert headers == sent_head + b"\r\n"
+    assert sorted(added) == [
+        "feedback-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "received",
+        "x-relayd-id",
+    ]
+    assert body.startswith(sent_body)
+    [link] = re.findall(rb"Unsubscribe: (http://\S+/u/([a-z0-9-]+))\r\n", body[len(sent_body) :])
+    assert link[0] in added["list-unsubscribe"][0]
+    assert verify_token(_secret(tmp_path), "unsub", link[1].decode(), "dave@example.test") is not None
+    trace = added["x-relayd-id"][0].split(b":", 1)[1].strip().decode()
+    ref = verify_token(_secret(tmp_path), "trace", trace, "dave@example.test")
+    assert ref is not None and ref.queue_id == queue_id
