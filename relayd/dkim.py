@@ -22,6 +22,7 @@ header section; :func:`split_message` cuts a message that way.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -344,6 +345,13 @@ def canonicalize_header(field_: bytes) -> bytes:
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
+@functools.lru_cache(maxsize=2048)
+def _canonical_field(field_: bytes) -> bytes:
+    """:func:`canonicalize_header`, remembered: the copies of one message (one per recipient) share all
+    their fields but the per-recipient ones, so each of those is canonicalized once, not once per copy."""
+    return canonicalize_header(field_)
+
+
 @dataclass(frozen=True, slots=True)
 class BodyHash:
     """SHA-256 of the relaxed-canonical body (RFC 6376 §3.7 step 1), the ``bh=`` tag.
@@ -388,7 +396,7 @@ def _select_headers(header_section: bytes) -> tuple[list[bytes], bytes]:
         if not instances:
             continue
         for raw in reversed(instances):
-            canonical.append(canonicalize_header(raw))
+            canonical.append(_canonical_field(raw))
         names.extend([name] * (len(instances) + 1))
     return names, b"".join(canonical)
 
