@@ -38,13 +38,19 @@ def test_e2e_relayd_only_prints_figures() -> None:
         "30",
         "--verify",
         "5",
+        "--paced-seconds",
+        "2",
+        "--paced-rate",
+        "20",
+        "5",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
+    saturated, _, paced = out.partition("250 latency at the same offered load")
     rows = {
         m.group(1): m.group(0)
-        for m in re.finditer(r"^relayd\s+(A 1 rcpt|B 10 rcpt)\s+\d+\s+\d+.*$", out, re.M)
+        for m in re.finditer(r"^relayd\s+(A 1 rcpt|B 10 rcpt)\s+\d+\s+\d+.*$", saturated, re.M)
     }
     assert set(rows) == {"A 1 rcpt", "B 10 rcpt"}, out
     assert not any("INCOMPLETE" in row or "smtp-source:" in row for row in rows.values()), out
@@ -52,3 +58,12 @@ def test_e2e_relayd_only_prints_figures() -> None:
         accepted, delivered = (int(x) for x in row.split()[5:7])
         assert accepted > 0 and delivered > 0, row
     assert "relayd: 5/5 verified" in out, out
+    # the open-loop runs: every message offered was accepted, each with a latency figure
+    paced_rows = re.findall(
+        r"^relayd\s+(A 1 rcpt|B 10 rcpt)\s+(\d+)\s+(\d+)\s+\d+\s+[\d.]+ms\s.*$", paced, re.M
+    )
+    assert [(p, int(rate), int(n)) for p, rate, n in paced_rows] == [
+        ("A 1 rcpt", 20, 40),
+        ("B 10 rcpt", 5, 20),
+    ], paced
+    assert "INCOMPLETE" not in paced, paced
