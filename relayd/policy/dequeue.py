@@ -4,10 +4,9 @@ Things change while mail waits in the queue: a recipient bounces hard on another
 unsubscribes; an account gets suspended. So the suppression check runs again at dequeue (all scopes, the
 message's list included), and a suspended account's mail is held instead of sent.
 
-A first attempt within :data:`FRESH` seconds of acceptance skips the suppression lookup: the recipient
-passed it at RCPT (and the list scope at DATA) a moment ago, and mail that goes straight out would
-otherwise pay a second store query per recipient for nothing. Mail that waited longer (a backlog, a retry,
-a restart, a held account released) is looked up again. Postfix looks nothing up at dequeue.
+The lookups are batched: the recipients of a message start their first attempts together, and those
+that ask in the same turn of the event loop share one store query (one ``IN (...)`` per account and
+list) instead of one each -- measured at ~4 % of relayd's CPU with 10 recipients a message.
 
 When the store can't answer (PostgreSQL unreachable from this node), queued mail keeps going out on the
 last known state: the recipient passed every check when it was accepted, and the suspension set is the
@@ -17,16 +16,16 @@ a delivery outage, which is worse for everyone (DESIGN: "queued mail keeps being
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
 from relayd.policy.suspension import AccountGate
 from relayd.queue.store import DueRecipient
-from relayd.store.base import Event, Store, StoreError
+from relayd.store.base import Event, Store, StoreError, SuppressionEntry
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,7 @@ class DequeueVerdict:
 
 SEND = DequeueVerdict(Decision.SEND)
 
-#: seconds after acceptance during which a first attempt trusts the checks made at submission
-FRESH = 30.0
+_Waiters = list[tuple[str, "asyncio.Future[SuppressionEntry | None]"]]
 
 
 class DequeueCheck:
@@ -54,6 +52,8 @@ class DequeueCheck:
         self._store = store
         self._gate = gate
         self._degraded = False
+        self._pending: dict[tuple[str, str | None], _Waiters] = {}  # (account, list) -> who waits
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def check(self, item: DueRecipient) -> DequeueVerdict:
         """Never raises for a store failure: then the last known state decides (see the module doc)."""
@@ -74,14 +74,11 @@ class DequeueCheck:
             state = await self._store.get_account_state(item.account)
             if state is not None and state.suspended:
                 return DequeueVerdict(Decision.HOLD, "suspended")
-        if item.attempts == 0 and time.time() - item.created_at < FRESH:
-            return SEND
         now = datetime.now(UTC)
-        hits = await self._store.check([item.address], item.account, item.list_name, now)
+        entry = await self._lookup(item)
         if self._degraded:
             log.info("store reachable again at dequeue")
             self._degraded = False
-        entry = hits.get(item.address)
         if entry is None:
             return SEND
         reason = f"suppressed:{entry.reason}"
@@ -106,3 +103,32 @@ class DequeueCheck:
                 exc,
             )
         return DequeueVerdict(Decision.DROP, reason)
+
+    async def _lookup(self, item: DueRecipient) -> SuppressionEntry | None:
+        """The entry suppressing ``item`` (all scopes, its list included), or None; raises StoreError."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[SuppressionEntry | None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)  # after the other attempts that are ready to run have asked
+        self._pending.setdefault((item.account, item.list_name), []).append((item.address, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, {}
+        task = asyncio.create_task(self._query(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _query(self, batch: dict[tuple[str, str | None], _Waiters]) -> None:
+        now = datetime.now(UTC)
+        for (account, list_name), waiters in batch.items():
+            try:
+                hits = await self._store.check([a for a, _ in waiters], account, list_name, now)
+            except Exception as exc:  # StoreError for each waiter (and any bug reaches them too)
+                for _, fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for address, fut in waiters:
+                if not fut.done():
+                    fut.set_result(hits.get(address))

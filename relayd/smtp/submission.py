@@ -368,14 +368,19 @@ class SubmissionHandler:
         self.scheduler.expect(queue_id)  # we hand the message over ourselves, from memory
         try:
             await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
-        except StorageError as exc:  # InsufficientStorage too (issue 10): the client keeps its message
+        except BaseException as exc:
+            # not handed over: if it was committed after all (cancelled while the commit ran), the scan
+            # delivers it from disk
             self.scheduler.forget(queue_id)
             if renderer is not None:
                 renderer.forget(queue_id)
+            if not isinstance(exc, StorageError):
+                raise
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
-            if isinstance(exc, InsufficientStorage):
+            if isinstance(exc, InsufficientStorage):  # issue 10: the client keeps its message
                 return INSUFFICIENT_STORAGE
             return "451 4.3.0 Temporary storage failure, try again later"
+        self.scheduler.submitted(msg, time.time())
         log.info(
             "%s: accepted account=%s from=<%s> nrcpt=%d size=%d",
             queue_id,
@@ -396,7 +401,6 @@ class SubmissionHandler:
                 }
             },
         )
-        self.scheduler.submitted(msg, time.time())
         metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
