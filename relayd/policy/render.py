@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 #: interpreter switches back to the event loop every few milliseconds, so other sessions keep moving
 BIG_MESSAGE = 256 * 1024
 
-#: prepared messages kept for their first attempts (bytes of template text, all workers' share each)
-_CACHE_BYTES = 64 * 1024 * 1024
+#: prepared messages kept for their first attempts, in bytes of template text per worker process (the
+#: scheduler keeps the messages themselves as well, up to 64 MiB): a burst bigger than this is prepared
+#: again from disk at delivery, which costs CPU, not correctness
+_CACHE_BYTES = 32 * 1024 * 1024
 
 _HEADERS = BytesHeaderParser(policy=compat32)
 
