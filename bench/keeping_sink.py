@@ -1,12 +1,11 @@
 """A counting SMTP sink that also counts recipients, remembers when the last message arrived and can keep
 the first N messages on disk (for DKIM verification after a benchmark run).
 
-Like :class:`bench.sinks.CountingSink` it runs in its own process (uvloop when available) and checks
-nothing. With ``chunking=True`` it also offers CHUNKING (RFC 3030, ``BDAT``), as Gmail, Microsoft and
-Postfix's smtpd do; a client that doesn't use it ends messages with ``<CRLF>.<CRLF>`` as usual. Counters are
-shared through ``multiprocessing.Value``; set :attr:`KeepingSink.keep` to N and :attr:`KeepingSink.tag` to
-a number before a run and the next N messages are written (dot-unstuffed, as the client meant them) to
-``<keep_dir>/<tag>-<seq>.eml``.
+It runs in its own process (uvloop when available), so it doesn't compete with the load generator for the
+GIL, and checks nothing. With ``chunking=True`` it also offers CHUNKING (RFC 3030, ``BDAT``), as Gmail,
+Microsoft and Postfix's smtpd do; a client that doesn't use it ends messages with ``<CRLF>.<CRLF>`` as
+usual. Counters are shared through ``multiprocessing.Value``; :meth:`KeepingSink.start_keeping` makes it
+write the next N messages (dot-unstuffed, as the client meant them) to ``<keep_dir>/<tag>-<seq>.eml``.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.keeping_sink import KeepingSink
 from bench.loadgen import make_message
-from bench.sinks import CountingSink
 from bench.submit import free_port, proc_cpu_and_rss, wait_port, write_config
 from relayd.queue.store import SCHEMA
 
@@ -62,9 +62,9 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=200_000)
     ap.add_argument("--watch", type=float, default=10.0, help="seconds to watch deliveries after the first")
     args = ap.parse_args()
-    sink = CountingSink()
     with tempfile.TemporaryDirectory(prefix="relayd-restart-") as d:
         tmp = Path(d)
+        sink = KeepingSink(tmp / "kept")  # counts; keeps nothing unless asked
         port = free_port()
         cfg = write_config(tmp, port, sink.port, "", 1)
         t0 = time.perf_counter()
@@ -83,13 +83,13 @@ def main() -> None:
             env={**os.environ},
         )
         try:
-            while sink.count == 0 and time.perf_counter() - start < 60:
+            while sink.messages == 0 and time.perf_counter() - start < 60:
                 time.sleep(0.005)
             first = time.perf_counter() - start
             wait_port(port)
-            c0 = sink.count
+            c0 = sink.messages
             time.sleep(args.watch)
-            rate = (sink.count - c0) / args.watch
+            rate = (sink.messages - c0) / args.watch
             _, rss = proc_cpu_and_rss(proc.pid)
         finally:
             proc.terminate()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.keeping_sink import KeepingSink
 from bench.loadgen import run_load
-from bench.sinks import CountingSink
 from relayd.passwords import hash_password
 
 
@@ -135,9 +135,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    sink = CountingSink()
     with tempfile.TemporaryDirectory(prefix="relayd-bench-") as d:
         tmp = Path(d)
+        sink = KeepingSink(tmp / "kept")  # counts; keeps nothing unless asked
         port = free_port()
         cfg = write_config(tmp, port, sink.port, pipeline_config(tmp), args.workers)
         log = (tmp / "relayd.log").open("wb")
@@ -184,7 +184,7 @@ def main() -> None:
                 )
             )
             expected = res.accepted * args.recipients
-            while sink.count < expected and time.perf_counter() - t0 < res.elapsed + 120:
+            while sink.messages < expected and time.perf_counter() - t0 < res.elapsed + 120:
                 time.sleep(0.01)
             t_done = time.perf_counter() - t0
             cpu1, rss = proc_cpu_and_rss(proc.pid)
@@ -194,7 +194,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
             sink.stop()
-        delivered = sink.count
+        delivered = sink.messages
         print(
             f"relayd, whole pipeline (DKIM rsa-2048, footer+imprint, caps, discard), {args.size} B messages, "
             f"{args.recipients} rcpt, {args.concurrency} clients, "
