@@ -57,11 +57,16 @@ _HEADERS = BytesHeaderParser(policy=compat32)
 
 
 def unsubscribe_url(public_url: str, secret: bytes, queue_id: str, index: int, address: str) -> str:
-    return f"{public_url.rstrip('/')}/u/{make_token(secret, 'unsub', queue_id, index, address)}"
+    """The RFC 8058 one-click target (and footer link) of one recipient's copy."""
+    return _unsubscribe_url(public_url, make_token(secret, "unsub", queue_id, index, address))
 
 
-def unsubscribe_mailto(domain: str, secret: bytes, queue_id: str, index: int, address: str) -> str:
-    return f"unsubscribe+{make_token(secret, 'unsub', queue_id, index, address)}@{domain}"
+def _unsubscribe_url(public_url: str, token: str) -> str:
+    return f"{public_url.rstrip('/')}/u/{token}"
+
+
+def _unsubscribe_mailto(domain: str, token: str) -> str:
+    return f"unsubscribe+{token}@{domain}"
 
 
 def relayd_id(secret: bytes, queue_id: str, index: int, address: str) -> str:
@@ -195,8 +200,8 @@ class Renderer:
         public = cfg.http.public_url
         unsub = make_token(secret, "unsub", queue_id, index, address)  # the link's and the mailto's
         body = prepared.template.render(
-            unsubscribe_url=f"{public.rstrip('/')}/u/{unsub}",
-            unsubscribe_mailto=f"unsubscribe+{unsub}@{cfg.inbound.domains[0]}",
+            unsubscribe_url=_unsubscribe_url(public, unsub),
+            unsubscribe_mailto=_unsubscribe_mailto(cfg.inbound.domains[0], unsub),
             relayd_id=relayd_id(secret, queue_id, index, address),
             # consent (issue 9): the confirm link, tied to this ledger record (queue id, index)
             body_url=confirm_url(public, secret, queue_id, index, address) if prepared.optin else None,
