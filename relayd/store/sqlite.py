@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
-import contextlib
 import functools
 import itertools
 import logging
@@ -246,6 +245,51 @@ class _OneHopWriter:
         self._thread.shutdown(wait=True)
 
 
+class _GroupInsert:
+    """Group commit for one INSERT: rows added while a batch is being written go together into the next
+    transaction, and each caller returns once its rows are committed (or gets that batch's error)."""
+
+    def __init__(self, sql: str, writer: Callable[[], _OneHopWriter]) -> None:
+        self._sql = sql
+        self._writer = writer
+        self._buffer: builtins.list[tuple[builtins.list[Row], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def add(self, rows: builtins.list[Row]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buffer.append((rows, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        while self._buffer:
+            await asyncio.sleep(0)  # let concurrent callers join this batch
+            batch, self._buffer = self._buffer, []
+            try:
+                rows = [row for rows, _ in batch for row in rows]
+                await self._writer().run(functools.partial(_insert_many, self._sql, rows))
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def drain(self, path: Path) -> None:
+        """Wait for the batch being written; its error already went to its callers."""
+        if self._flusher is not None:
+            try:
+                await self._flusher
+            except Exception:
+                log.debug("%s: group commit failed during close", path, exc_info=True)
+            self._flusher = None
+
+
 class SqliteStore:
     """The policy store in one SQLite file; implements :class:`relayd.store.base.Store`.
 
@@ -262,11 +306,9 @@ class SqliteStore:
         self._reader_cycle: Iterator[aiosqlite.Connection] = iter(())
         self._write_lock = asyncio.Lock()
         self._synchronous = ""
-        self._event_buffer: builtins.list[tuple[Event, asyncio.Future[None]]] = []
-        self._event_flusher: asyncio.Task[None] | None = None
-        self._sent_buffer: builtins.list[tuple[builtins.list[Row], asyncio.Future[None]]] = []
+        self._events = _GroupInsert(_INSERT_EVENT, self._require_hot)
+        self._sent = _GroupInsert(_INSERT_SENT, self._require_hot)
         self._inline: sqlite3.Connection | None = None
-        self._sent_flusher: asyncio.Task[None] | None = None
         self._hot: _OneHopWriter | None = None
 
     def __repr__(self) -> str:
@@ -318,16 +360,8 @@ class SqliteStore:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
-        if self._sent_flusher is not None:
-            with contextlib.suppress(BaseException):
-                await self._sent_flusher
-            self._sent_flusher = None
-        if self._event_flusher is not None:
-            try:
-                await self._event_flusher
-            except Exception:  # already reported to the callers waiting on those events
-                log.debug("%s: event flush failed during close", self.path, exc_info=True)
-            self._event_flusher = None
+        await self._sent.drain(self.path)
+        await self._events.drain(self.path)
         if self._hot is not None:
             hot, self._hot = self._hot, None
             await hot.close()
@@ -726,30 +760,7 @@ class SqliteStore:
     # -- events ----------------------------------------------------------------------------------------
 
     async def record_event(self, event: Event) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._event_buffer.append((event, done))
-        if self._event_flusher is None or self._event_flusher.done():
-            self._event_flusher = asyncio.create_task(self._flush_events())
-        await asyncio.shield(done)
-
-    async def _flush_events(self) -> None:
-        """Write buffered events until the buffer is empty; events arriving meanwhile join the next batch."""
-        while self._event_buffer:
-            await asyncio.sleep(0)  # let concurrent record_event calls add to this batch
-            async with self._write_lock:
-                batch, self._event_buffer = self._event_buffer, []
-            try:
-                await self.record_events(e for e, _ in batch)
-            except BaseException as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+        await self._events.add([_event_row(event)])
 
     async def record_events(self, events: Iterable[Event]) -> None:
         rows = [_event_row(e) for e in events]
@@ -788,31 +799,8 @@ class SqliteStore:
         rows: builtins.list[Row] = [
             (r.queue_id, r.index, r.account, r.list or "", r.address, _us(r.sent_at)) for r in records
         ]
-        if not rows:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sent_buffer.append((rows, done))
-        if self._sent_flusher is None or self._sent_flusher.done():
-            self._sent_flusher = asyncio.create_task(self._flush_sent())
-        await asyncio.shield(done)
-
-    async def _flush_sent(self) -> None:
-        while self._sent_buffer:
-            await asyncio.sleep(0)  # let concurrent callers join this batch
-            batch, self._sent_buffer = self._sent_buffer, []
-            try:
-                all_rows = [row for rows, _ in batch for row in rows]
-                await self._require_hot().run(functools.partial(_insert_many, _INSERT_SENT, all_rows))
-            except BaseException as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+        if rows:
+            await self._sent.add(rows)
 
     async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:
         rows = await self._fetch(
