@@ -81,6 +81,7 @@ from .base import (
     utcnow,
 )
 from .migrations import LATEST_VERSION, pending
+from .query import ENTRY_COLUMNS, suppression_list
 
 __all__ = ["CHANNEL_ACCOUNT", "CHANNEL_SUPPRESSION", "ChangeCallback", "PostgresStore"]
 
@@ -126,9 +127,8 @@ _SCHEMA_TABLE: Final = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
 )
-_ENTRY_COLUMNS: Final = "address, scope, account, list_name, reason, source, created_at, expires_at"
 _UPSERT_SUPPRESSION: Final = (
-    f"INSERT INTO suppression ({_ENTRY_COLUMNS})"
+    f"INSERT INTO suppression ({ENTRY_COLUMNS})"
     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
     " $7::int8[], $8::int8[])"
     " ON CONFLICT (address, scope, account, list_name) DO UPDATE SET"
@@ -136,7 +136,7 @@ _UPSERT_SUPPRESSION: Final = (
     " created_at = excluded.created_at, expires_at = excluded.expires_at"
 )
 _CHECK: Final = (
-    f"SELECT {_ENTRY_COLUMNS} FROM suppression WHERE address = ANY($1::text[])"
+    f"SELECT {ENTRY_COLUMNS} FROM suppression WHERE address = ANY($1::text[])"
     " AND (scope = 'global' OR (scope = 'account' AND account = $2)"
     " OR (scope = 'list' AND account = $2 AND list_name = $3))"
     " AND (expires_at IS NULL OR expires_at > $4)"
@@ -787,28 +787,17 @@ class PostgresStore:
         limit: int = 100,
         offset: int = 0,
     ) -> builtins.list[SuppressionEntry]:
-        where: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        for column, value in (
-            ("address", address),
-            ("scope", None if scope is None else Scope(scope).value),
-            ("account", account),
-            ("list_name", list_name),
-            ("reason", None if reason is None else Reason(reason).value),
-        ):
-            if value is not None:
-                params.append(value)
-                where.append(f"{column} = ${len(params)}")
-        if account is not None and scope is None:
-            where.append("scope <> 'global'")  # lets the planner use the partial index on account
-        if not include_expired:
-            params.append(_us(now or utcnow()))
-            where.append(f"(expires_at IS NULL OR expires_at > ${len(params)})")
-        sql = f"SELECT {_ENTRY_COLUMNS} FROM suppression"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        params += [limit, offset]
-        sql += f" ORDER BY address, scope, account, list_name LIMIT ${len(params) - 1} OFFSET ${len(params)}"
+        sql, params = suppression_list(
+            lambda n: f"${n}",
+            address=address,
+            scope=scope,
+            account=account,
+            list_name=list_name,
+            reason=reason,
+            not_expired_at_us=None if include_expired else _us(now or utcnow()),
+            limit=limit,
+            offset=offset,
+        )
         return [_entry(row) for row in await self._fetch(sql, *params)]
 
     async def count(self, *, scope: Scope | None = None) -> int:
@@ -842,14 +831,14 @@ class PostgresStore:
     async def scan(self, *, batch_size: int = 10_000) -> AsyncIterator[builtins.list[SuppressionEntry]]:
         # Keyset pagination: each batch is one index range read; no long-lived transaction or cursor.
         order = " ORDER BY address, scope, account, list_name LIMIT "
-        rows = await self._fetch(f"SELECT {_ENTRY_COLUMNS} FROM suppression{order}$1", batch_size)
+        rows = await self._fetch(f"SELECT {ENTRY_COLUMNS} FROM suppression{order}$1", batch_size)
         while rows:
             yield [_entry(row) for row in rows]
             if len(rows) < batch_size:
                 return
             last = rows[-1]
             rows = await self._fetch(
-                f"SELECT {_ENTRY_COLUMNS} FROM suppression"
+                f"SELECT {ENTRY_COLUMNS} FROM suppression"
                 f" WHERE (address, scope, account, list_name) > ($1, $2, $3, $4){order}$5",
                 last[0],
                 last[1],

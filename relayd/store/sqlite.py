@@ -67,6 +67,7 @@ from .base import (
     utcnow,
 )
 from .migrations import LATEST_VERSION, SCHEMA_TABLE_SQLITE, pending
+from .query import ENTRY_COLUMNS, suppression_list
 
 __all__ = ["SqliteStore"]
 
@@ -76,10 +77,9 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
 _HOUR_US: Final = 3_600_000_000  # the roll-up granularity of sent_hourly / event_hourly (migration 3)
 _MAX_IN: Final = 512  # largest IN (...) list per statement; SQLite allows 32766 parameters
-_ENTRY_COLUMNS: Final = "address, scope, account, list_name, reason, source, created_at, expires_at"
 
 _UPSERT_SUPPRESSION: Final = (
-    f"INSERT INTO suppression ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO suppression ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (address, scope, account, list_name) DO UPDATE SET"
     " reason = excluded.reason, source = excluded.source,"
     " created_at = excluded.created_at, expires_at = excluded.expires_at"
@@ -553,28 +553,17 @@ class SqliteStore:
         limit: int = 100,
         offset: int = 0,
     ) -> builtins.list[SuppressionEntry]:
-        where: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        for column, value in (
-            ("address", address),
-            ("scope", None if scope is None else Scope(scope).value),
-            ("account", account),
-            ("list_name", list_name),
-            ("reason", None if reason is None else Reason(reason).value),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if account is not None and scope is None:
-            where.append("scope <> 'global'")  # lets the planner use the partial index on account
-        if not include_expired:
-            where.append("(expires_at IS NULL OR expires_at > ?)")
-            params.append(_us(now or utcnow()))
-        sql = f"SELECT {_ENTRY_COLUMNS} FROM suppression"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY address, scope, account, list_name LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        sql, params = suppression_list(
+            lambda _n: "?",
+            address=address,
+            scope=scope,
+            account=account,
+            list_name=list_name,
+            reason=reason,
+            not_expired_at_us=None if include_expired else _us(now or utcnow()),
+            limit=limit,
+            offset=offset,
+        )
         return [_entry(row) for row in await self._fetch(sql, params)]
 
     async def count(self, *, scope: Scope | None = None) -> int:
@@ -606,7 +595,7 @@ class SqliteStore:
                 scopes = "(scope = 'global' OR (scope = 'account' AND account = ?))"
                 params = [*chunk, account, now_us]
             sql = (
-                f"SELECT {_ENTRY_COLUMNS} FROM suppression WHERE address IN ({_marks(len(chunk))})"
+                f"SELECT {ENTRY_COLUMNS} FROM suppression WHERE address IN ({_marks(len(chunk))})"
                 f" AND {scopes} AND (expires_at IS NULL OR expires_at > ?)"
             )
             for row in await self._fetch_hot(sql, params):
@@ -619,10 +608,10 @@ class SqliteStore:
     async def scan(self, *, batch_size: int = 10_000) -> AsyncIterator[builtins.list[SuppressionEntry]]:
         # Keyset pagination: each batch is one indexed range read; no long-lived read transaction.
         sql_first = (
-            f"SELECT {_ENTRY_COLUMNS} FROM suppression ORDER BY address, scope, account, list_name LIMIT ?"
+            f"SELECT {ENTRY_COLUMNS} FROM suppression ORDER BY address, scope, account, list_name LIMIT ?"
         )
         sql_next = (
-            f"SELECT {_ENTRY_COLUMNS} FROM suppression"
+            f"SELECT {ENTRY_COLUMNS} FROM suppression"
             " WHERE (address, scope, account, list_name) > (?, ?, ?, ?)"
             " ORDER BY address, scope, account, list_name LIMIT ?"
         )
