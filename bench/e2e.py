@@ -76,6 +76,7 @@ sys.path.insert(0, str(ROOT))
 from bench import postfix_instance  # noqa: E402
 from bench.keeping_sink import KeepingSink  # noqa: E402
 from bench.loadgen import make_message, run_paced  # noqa: E402
+from bench.mail_dkim import verify_files  # noqa: E402
 from bench.submit import free_port, pipeline_config, wait_port, write_config  # noqa: E402
 
 DOMAIN = "acme.example.test"
@@ -587,48 +588,6 @@ class Relayd:
 
 # --- DKIM verification -------------------------------------------------------------------------------------
 
-PERL_VERIFIER = r"""
-use strict;
-use warnings;
-use Mail::DKIM::Verifier;
-use Mail::DKIM::DNS;
-use Net::DNS;
-
-my %records;
-my $records_file = shift @ARGV;
-open my $fh, '<', $records_file or die "records: $!";
-while (my $line = <$fh>) {
-    chomp $line;
-    my ($name, $txt) = split /\t/, $line, 2;
-    $records{lc $name} = $txt;
-}
-close $fh;
-{
-    # No network: answer the key query from the records file.
-    no warnings 'redefine';
-    *Mail::DKIM::DNS::query = sub {
-        my ($name, $type) = @_;
-        my $txt = $records{lc $name};
-        if (!defined $txt) { $@ = 'NXDOMAIN'; return; }
-        my @strings = unpack '(a250)*', $txt;
-        return Net::DNS::RR->new(owner => $name, type => 'TXT', txtdata => \@strings);
-    };
-}
-foreach my $file (@ARGV) {
-    open my $in, '<:raw', $file or die "$file: $!";
-    my $message = do { local $/; <$in> };
-    close $in;
-    my $dkim = Mail::DKIM::Verifier->new();
-    $dkim->PRINT($message);
-    $dkim->CLOSE;
-    my @sigs = $dkim->signatures;
-    print "$file\t-\t-\tno signature\n" unless @sigs;
-    foreach my $sig (@sigs) {
-        printf "%s\t%s\t%s\t%s\n", $file, ($sig->domain // ''), ($sig->selector // ''), $sig->result_detail;
-    }
-}
-"""
-
 
 def dkim_record(key_file: Path, selector: str, domain: str = DOMAIN) -> tuple[str, str]:
     from cryptography.hazmat.primitives import serialization
@@ -644,20 +603,14 @@ def verify_dkim(files: list[Path], record: tuple[str, str], workdir: Path) -> tu
     """(messages with a passing signature of DOMAIN and the expected selector, problems)."""
     if not files:
         return 0, ["no messages were kept"]
-    script = workdir / "verify.pl"
-    script.write_text(PERL_VERIFIER)
-    records = workdir / f"records-{record[0]}.tsv"
-    records.write_text(f"{record[0]}\t{record[1]}\n")
-    proc = subprocess.run(
-        ["perl", str(script), str(records), *map(str, files)], capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        return 0, [proc.stderr.strip()[-500:]]
+    try:
+        rows = verify_files(files, dict([record]), workdir)
+    except RuntimeError as exc:
+        return 0, [str(exc)]
     selector = record[0].split(".", 1)[0]
     passed: set[str] = set()
     problems = []
-    for line in proc.stdout.splitlines():
-        name, dom, sel, detail = line.split("\t")
+    for name, dom, sel, detail in rows:
         if dom == DOMAIN and sel == selector and detail == "pass":
             passed.add(name)
         elif dom == DOMAIN and sel == selector:

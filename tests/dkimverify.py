@@ -29,6 +29,8 @@ from pathlib import Path
 
 import dkim as dkimpy
 
+from bench.mail_dkim import verify_files
+
 Results = dict[str, str]  # selector -> "pass" or a failure description
 Records = Mapping[str, str]  # "<selector>._domainkey.<domain>" -> TXT text
 
@@ -73,44 +75,6 @@ def verify_dkimpy(message: bytes, records: Records, domain: str) -> Results:
 
 # --- Perl Mail::DKIM -------------------------------------------------------------------------------------
 
-PERL_VERIFIER = r"""
-use strict;
-use warnings;
-use Mail::DKIM::Verifier;
-use Mail::DKIM::DNS;
-use Net::DNS;
-
-my %records;
-open my $fh, '<', $ARGV[0] or die "records: $!";
-while (my $line = <$fh>) {
-    chomp $line;
-    my ($name, $txt) = split /\t/, $line, 2;
-    $records{lc $name} = $txt;
-}
-close $fh;
-
-{
-    # No network: answer the key query from the records file.
-    no warnings 'redefine';
-    *Mail::DKIM::DNS::query = sub {
-        my ($name, $type) = @_;
-        my $txt = $records{lc $name};
-        if (!defined $txt) { $@ = 'NXDOMAIN'; return; }
-        my @strings = unpack '(a250)*', $txt;
-        return Net::DNS::RR->new(owner => $name, type => 'TXT', txtdata => \@strings);
-    };
-}
-
-binmode STDIN;
-my $message = do { local $/; <STDIN> };
-my $dkim = Mail::DKIM::Verifier->new();
-$dkim->PRINT($message);
-$dkim->CLOSE;
-foreach my $sig ($dkim->signatures) {
-    printf "%s\t%s\t%s\n", ($sig->domain // ''), ($sig->selector // ''), $sig->result_detail;
-}
-"""
-
 
 def _have_perl_mail_dkim() -> bool:
     if shutil.which("perl") is None:
@@ -128,17 +92,10 @@ MAIL_DKIM_ED25519 = HAVE_MAIL_DKIM and _mail_dkim_has_ed25519()
 
 
 def verify_mail_dkim(message: bytes, records: Records, domain: str, workdir: Path) -> Results:
-    script = workdir / "verify.pl"
-    script.write_text(PERL_VERIFIER)
-    records_file = workdir / "records.tsv"
-    records_file.write_text("".join(f"{name}\t{txt}\n" for name, txt in records.items()))
-    proc = subprocess.run(
-        ["perl", str(script), str(records_file)], input=message, capture_output=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
+    path = workdir / "mail-dkim-message.eml"
+    path.write_bytes(message)
     results: Results = {}
-    for line in proc.stdout.decode().splitlines():
-        sig_domain, selector, detail = line.split("\t")
+    for _, sig_domain, selector, detail in verify_files([path], records, workdir):
         if sig_domain == domain:
             results[selector] = detail
     return results
