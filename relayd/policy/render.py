@@ -20,7 +20,6 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -41,6 +40,7 @@ from relayd.policy.rewrite import (
 )
 from relayd.queue.store import DueRecipient
 from relayd.tokens import make_token
+from relayd.usecache import UseCache
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,6 @@ class Prepared:
     optin: bool
     domain: str | None  # DKIM d=; None: no key for it, sent unsigned (logged at submission)
 
-    @property
-    def size(self) -> int:
-        return sum(len(s) for s in self.template.segments if isinstance(s, bytes))
-
 
 def prepare_message(cfg: Config, signer: Signer, account: str, meta: Meta, raw: bytes) -> Prepared:
     """Rewrite ``raw`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
@@ -159,40 +155,21 @@ class Renderer:
         self.cfg = cfg
         self.secret = secret
         self.signer = signer
-        self._cache: OrderedDict[str, tuple[Prepared, int]] = OrderedDict()  # queue id -> (prepared, uses)
-        self._cache_bytes = 0
+        self._cache: UseCache[Prepared] = UseCache(_CACHE_BYTES)
 
     def reload(self, cfg: Config, signer: Signer) -> None:
         """New accounts, imprints or keys: messages already prepared are prepared again when next sent."""
         self.cfg, self.signer = cfg, signer
         self._cache.clear()
-        self._cache_bytes = 0
 
     def keep(self, queue_id: str, prepared: Prepared, uses: int) -> None:
         """Hold ``prepared`` for the first attempt of each of the message's ``uses`` recipients."""
-        self._cache[queue_id] = (prepared, uses)
-        self._cache_bytes += prepared.size
-        while self._cache_bytes > _CACHE_BYTES and self._cache:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cache_bytes -= old.size
+        size = sum(len(seg) for seg in prepared.template.segments if isinstance(seg, bytes))
+        self._cache.put(queue_id, prepared, uses, size)
 
     def forget(self, queue_id: str) -> None:
         """The message was not queued after all."""
-        entry = self._cache.pop(queue_id, None)
-        if entry is not None:
-            self._cache_bytes -= entry[0].size
-
-    def _take(self, queue_id: str) -> Prepared | None:
-        entry = self._cache.get(queue_id)
-        if entry is None:
-            return None
-        prepared, uses = entry
-        if uses <= 1:
-            del self._cache[queue_id]
-            self._cache_bytes -= prepared.size
-        else:
-            self._cache[queue_id] = (prepared, uses - 1)
-        return prepared
+        self._cache.forget(queue_id)
 
     def copy(self, prepared: Prepared, queue_id: str, index: int, address: str) -> bytes:
         """The signed copy (without our ``Received`` field) for recipient ``index``, ``address``."""
@@ -217,7 +194,7 @@ class Renderer:
         """The exact bytes to deliver to ``item``, from the message as stored. Raises MimeError only if
         a stored message no longer parses, which it did at submission (a bug: the attempt is deferred)."""
         cut = trace_end(data)
-        prepared = self._take(item.queue_id)
+        prepared = self._cache.take(item.queue_id)
         if prepared is None:
             content = data[cut:]
             meta = read_meta(content)

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, Protocol
@@ -49,6 +48,7 @@ from relayd.queue.shaping import (
 )
 from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State, StoredData
 from relayd.tokens import verp_address
+from relayd.usecache import UseCache
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ class Scheduler:
         self._sources = account_sources(cfg)
         self._by_account: dict[str, int] = {}  # recipients in the active window, per account
         #: just-submitted messages for their recipients' first attempts: queue id -> (data, uses left)
-        self._cache: OrderedDict[str, tuple[StoredData, int]] = OrderedDict()
-        self._cache_bytes = 0
+        self._cache: UseCache[StoredData] = UseCache(_CACHE_BYTES)
         self._wake = asyncio.Event()
         self._ended_during_scan: set[tuple[str, int]] | None = None
         self._unrecorded: dict[tuple[str, int], Callable[[], Awaitable[Any]]] = {}
@@ -188,7 +187,7 @@ class Scheduler:
     def submitted(self, msg: NewMessage, created_at: float) -> None:
         """A message was just committed: start its deliveries now if the active window has room."""
         self._expected.discard(msg.queue_id)
-        self._remember(msg.queue_id, StoredData(msg.data, msg.render), len(msg.recipients))
+        self._cache.put(msg.queue_id, StoredData(msg.data, msg.render), len(msg.recipients), len(msg.data))
         for i, rcpt in enumerate(msg.recipients):
             if not self._admits(msg.account):
                 self._backlog = True
@@ -277,25 +276,12 @@ class Scheduler:
 
     # --- one attempt ---------------------------------------------------------------------------------------
 
-    def _remember(self, queue_id: str, data: StoredData, uses: int) -> None:
-        self._cache[queue_id] = (data, uses)
-        self._cache_bytes += len(data.data)
-        while self._cache_bytes > _CACHE_BYTES and self._cache:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old.data)
-
     async def _data(self, item: DueRecipient) -> StoredData | None:
         """This recipient's data: from memory for the first attempts after submission (each recipient
         uses it once), else from the queue."""
-        entry = self._cache.get(item.queue_id)
-        if entry is None:
+        data = self._cache.take(item.queue_id)
+        if data is None:
             return await self._store.recipient_data(item.queue_id, item.index)
-        data, uses = entry
-        if uses <= 1:
-            del self._cache[item.queue_id]
-            self._cache_bytes -= len(data.data)
-        else:
-            self._cache[item.queue_id] = (data, uses - 1)
         return data
 
     async def _record(self, item: DueRecipient, write: Callable[[], Awaitable[Any]]) -> None:
