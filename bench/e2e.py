@@ -10,7 +10,8 @@ offers PIPELINING and CHUNKING like the big mailbox providers' MX hosts, ``--no-
 CHUNKING away; relayd's client sends BDAT when it can, Postfix's smtp client never does):
 
 - relayd, whole pipeline: DKIM rsa-2048, footer + imprint, a list with caps, discard patterns (the config of
-  bench/submit.py), ``--workers`` processes, its SQLite store loaded beforehand with ``--suppressions``
+  bench/submit.py), ``--workers`` queue shards (two processes each: accepting, and delivering at a lower
+  CPU priority), its SQLite store loaded beforehand with ``--suppressions``
   global entries (plus account and list entries) through ``SqliteStore.add``;
 - Postfix (private instance in a temp dir under /run, bench/postfix_instance.py) with OpenDKIM as its
   milter (rsa-2048, relaxed/relaxed), default process limits, no DNS, no local delivery.

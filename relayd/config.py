@@ -138,6 +138,9 @@ class ServerConfig(_Model):
     feedback_sender_id: str = Field(default="relayd", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     log_format: Literal["text", "json"] = "text"
     workers: int = Field(default=1, ge=1, le=64)
+    #: with workers > 1, how much lower the CPU priority of the delivery processes is than that of the
+    #: accepting ones (nice(2) increment; relayd.queue.handoff says why)
+    delivery_nice: int = Field(default=10, ge=0, le=19)
 
 
 class SubmissionConfig(_Model):

@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
 from relayd import config as config_mod
 from relayd import feedback, metrics
@@ -30,6 +31,7 @@ from relayd.policy.dequeue import DequeueCheck
 from relayd.policy.pipeline import Pipeline
 from relayd.policy.render import Renderer
 from relayd.policy.suspension import AccountGate
+from relayd.queue.handoff import Announcer, Handoff, LocalHandoff, Receiver
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import DueRecipient, QueueStore
 from relayd.secret import load_or_create
@@ -38,25 +40,18 @@ from relayd.smtp.protocol import ConnectionLimits
 from relayd.smtp.submission import SubmissionHandler, start_submission, tls_context
 from relayd.store import Event, Store, StoreError, open_store
 from relayd.supervisor import shard_path
+from relayd.systemd import sd_notify
 from relayd.web import create_app, start_web
 from relayd.web.app import update_config as update_web_config
 from relayd.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
+#: what one process does: everything (``workers = 1``), or one side of a queue shard (relayd.supervisor)
+Role = Literal["all", "submission", "delivery"]
+
 _GRACE = 10.0
 _STEP_TIMEOUT = 3.0
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), addr)
 
 
 class DeliveryRecorder:
@@ -142,30 +137,53 @@ class Daemon:
     """One relayd process: its stores, its listeners, its workers, and the reload that swaps config."""
 
     def __init__(
-        self, cfg: Config, config_path: Path | None = None, *, worker: int = 0, workers: int = 1
+        self,
+        cfg: Config,
+        config_path: Path | None = None,
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        role: Role = "all",
+        channel: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.worker = worker
         self.workers = workers
+        self.role = role
+        #: this process's end of the shard's hand-off channel (relayd.queue.handoff), for role != "all"
+        self.channel = channel
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.scheduler: Scheduler | None = None
+        self.receiver: Receiver | None = None
+        self.announcer: Announcer | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self.servers: list[asyncio.Server] = []
+        self.inbound_servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         cfg = self.cfg
         self.secret = load_or_create(cfg.server.secret_file)
         signer = load_signer(cfg)
-        self.store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
+        self.store = await open_store(
+            cfg.store.backend, cfg.store.path, cfg.store.dsn, light=self.role == "delivery"
+        )
         self.gate = AccountGate(self.store)
         await self.gate.start()
-        # one dispatcher per store, not per worker: each would send every event once more
-        self.webhooks = WebhookDispatcher(cfg, self.store) if self.worker == 0 else None
-        if self.webhooks is not None:
-            await self.webhooks.start()
-        self.queue = QueueStore(shard_path(cfg.queue.path, self.worker))
+        shard = shard_path(cfg.queue.path, self.worker)
+        self.queue = QueueStore(shard, outcomes_only=self.role == "delivery")
         await self.queue.open()
-        self.recorder = DeliveryRecorder(self.store, self.queue, cfg)
         self.renderer = Renderer(cfg, self.secret, signer)  # each recipient's copy, made at delivery
+        if self.role != "submission":
+            await self._start_delivery()
+        if self.role != "delivery":
+            await self._start_listeners(signer)
+        self._tasks.append(asyncio.create_task(watchdog(self.stop)))
+
+    async def _start_delivery(self) -> None:
+        cfg = self.cfg
+        self.recorder = DeliveryRecorder(self.store, self.queue, cfg)
         self.scheduler = Scheduler(
             cfg,
             self.queue,
@@ -175,8 +193,29 @@ class Daemon:
             renderer=self.renderer,
         )
         self.scheduler.start()
+        if self.role == "delivery":  # the shard's submission process announces what it commits
+            assert self.channel is not None, "a delivery process needs its shard's channel"
+            self.receiver = Receiver(self.channel, self.scheduler, self.renderer)
+            self.receiver.start()
+        self._tasks.append(
+            asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop, self.scheduler))
+        )
+
+    async def _start_listeners(self, signer: Signer) -> None:
+        cfg = self.cfg
+        # one dispatcher per store, not per worker: each would send every event once more
+        self.webhooks = WebhookDispatcher(cfg, self.store) if self.worker == 0 else None
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate, self.renderer)
-        self.handler = SubmissionHandler(cfg, self.queue, self.scheduler, self.pipeline)
+        handoff: Handoff
+        if self.scheduler is not None:
+            handoff = LocalHandoff(self.scheduler, self.renderer)
+        else:
+            assert self.channel is not None, "a submission process needs its shard's channel"
+            self.announcer = Announcer(self.channel)
+            handoff = self.announcer
+        self.handler = SubmissionHandler(cfg, self.queue, handoff, self.pipeline)
         # with several workers each holds its share of the connection limit (the kernel spreads connections)
         self.limits = ConnectionLimits(
             max(1, -(-cfg.submission.max_connections // self.workers)), cfg.submission.max_connections_per_ip
@@ -197,10 +236,6 @@ class Daemon:
             create_app(cfg, self.store, self.secret, self.queue), host, port, reuse_port=self.workers > 1
         )
         log.info("http listening on %s:%d", host, port)
-        self._tasks.append(
-            asyncio.create_task(refresh_gauges(self.queue, self.store, self.stop, self.scheduler))
-        )
-        self._tasks.append(asyncio.create_task(watchdog(self.stop)))
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file; swap accounts, policy, DKIM keys and routes at once.
@@ -231,16 +266,19 @@ class Daemon:
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", key)
         self.renderer.reload(new, signer)
-        pipeline = Pipeline(new, self.store, self.secret, signer, self.gate, self.renderer)
-        self.handler.reload(new, pipeline)
-        self.handler.tls_context = tls  # TLS (issue 10): new STARTTLS sessions use the re-read certificate
-        self.scheduler.reload(new)
-        self.recorder.cfg = new
-        if self.webhooks is not None:
-            self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
-        self.inbound.cfg = new
-        update_web_config(self.web.app, new)
-        self.pipeline = pipeline
+        if self.scheduler is not None:
+            self.scheduler.reload(new)
+            self.recorder.cfg = new
+        if self.role != "delivery":
+            pipeline = Pipeline(new, self.store, self.secret, signer, self.gate, self.renderer)
+            self.handler.reload(new, pipeline)
+            # TLS (issue 10): new STARTTLS sessions use the re-read certificate
+            self.handler.tls_context = tls
+            if self.webhooks is not None:
+                self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
+            self.inbound.cfg = new
+            update_web_config(self.web.app, new)
+            self.pipeline = pipeline
         self.cfg = new
         log.info(
             "reloaded %s: %d account(s), %d DKIM key(s)", self.config_path, len(new.accounts), len(new.dkim)
@@ -265,22 +303,25 @@ class Daemon:
             srv.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _GRACE
-        while (self.limits.open or self.inbound_limits.open) and loop.time() < deadline:
+        while self.role != "delivery" and (self.limits.open or self.inbound_limits.open):
+            if loop.time() >= deadline:
+                log.info("%d session(s) still open after %.0fs; closing them", self.limits.open, _GRACE)
+                break
             await asyncio.sleep(0.05)
-        if self.limits.open or self.inbound_limits.open:
-            log.info("%d session(s) still open after %.0fs; closing them", self.limits.open, _GRACE)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Each step is bounded and named: a stop must end (systemd's TimeoutStopSec would kill us anyway,
         # and nothing here may hold the rest up). The queue is closed before anything that could wait on
         # it; a step cut short leaves recipients 'queued' on disk, delivered after the restart.
-        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-            ("http", self.web.cleanup),
-            ("delivery", self.scheduler.stop),
-            ("queue", self.queue.close),
-            ("account gate", self.gate.stop),
-        ]
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if self.role != "delivery":
+            steps.append(("http", self.web.cleanup))
+        if self.receiver is not None:
+            steps.append(("handoff", self.receiver.close))
+        if self.scheduler is not None:
+            steps.append(("delivery", self.scheduler.stop))
+        steps += [("queue", self.queue.close), ("account gate", self.gate.stop)]
         if self.webhooks is not None:
             steps.append(("webhooks", self.webhooks.stop))
         steps.append(("store", self.store.close))
@@ -291,6 +332,8 @@ class Daemon:
                 log.error("shutdown: %s did not finish within %.0fs; going on", name, _STEP_TIMEOUT)
             except Exception:
                 log.exception("shutdown: %s failed; going on", name)
+        if self.announcer is not None:
+            self.announcer.close()
         log.info("relayd stopped")
 
 
@@ -306,18 +349,27 @@ async def watchdog(stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-async def serve(cfg: Config, config_path: Path | None = None, *, worker: int = 0, workers: int = 1) -> None:
-    """Run one relayd process (the only one, or worker ``worker`` of ``workers``) until SIGTERM/SIGINT."""
-    daemon = Daemon(cfg, config_path, worker=worker, workers=workers)
+async def serve(
+    cfg: Config,
+    config_path: Path | None = None,
+    *,
+    worker: int = 0,
+    workers: int = 1,
+    role: Role = "all",
+    channel: socket.socket | None = None,
+) -> None:
+    """Run one relayd process until SIGTERM/SIGINT: the only one (``role="all"``), or the submission or
+    the delivery process of queue shard ``worker`` of ``workers`` (relayd.supervisor)."""
+    daemon = Daemon(cfg, config_path, worker=worker, workers=workers, role=role, channel=channel)
     await daemon.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     sd_notify("READY=1")
-    if workers == 1:
+    if workers == 1 and role == "all":
         log.info("relayd ready")
     else:
-        log.info("relayd worker %d of %d ready", worker, workers)
+        log.info("relayd %s process %d of %d ready", role, worker, workers)
     await daemon.stop.wait()
     await daemon.shutdown()

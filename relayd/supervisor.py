@@ -1,16 +1,20 @@
 """Several worker processes on one machine: the way past one core (``[server] workers``).
 
 Python runs one thread of Python at a time, so one relayd process tops out at one core. With ``workers = N``
-the main process forks N workers; each is a whole relayd (listeners, policy, its own queue shard, its own
-delivery) and they share the listening ports with ``SO_REUSEPORT`` (the kernel spreads connections) and the
-policy store (SQLite in WAL mode takes writers from several processes; PostgreSQL anyway).
+the main process forks two processes per queue shard: a submission process (listeners, policy, the commit
+and the ``250``) and a delivery process (render, DKIM, SMTP out) at ``[server] delivery_nice``, which
+learns of each committed message over a socketpair made here (relayd.queue.handoff says why the two are
+apart). The submission processes share the listening ports with ``SO_REUSEPORT`` (the kernel spreads
+connections); all share the policy store (SQLite in WAL mode takes writers from several processes;
+PostgreSQL anyway), and each shard's two processes share its queue file.
 
-Queue shards: worker 0 owns ``queue.db``, worker k owns ``queue-k.db`` (Postfix keeps one queue per qmgr the
+Queue shards: shard 0 is ``queue.db``, shard k is ``queue-k.db`` (Postfix keeps one queue per qmgr the
 same way). A shard whose worker no longer exists (``workers`` was lowered) is merged into ``queue.db``
 before any worker starts, so nothing queued is stranded.
 
 The main process does no mail work: it tells systemd READY/RELOADING/STOPPING, passes SIGHUP and SIGTERM on,
-and restarts a worker that died (after a short pause, so a crash loop does not spin). Workers die with it
+and restarts a process that died (after a short pause, so a crash loop does not spin); what its shard
+accepted meanwhile waits on disk (a delivery process starts with a queue scan). Children die with it
 (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the main process leaves no orphan holding the ports.
 """
 
@@ -20,11 +24,17 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relayd.config import Config
+from relayd.queue.handoff import channel
+
+if TYPE_CHECKING:
+    from relayd.daemon import Role
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +92,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_worker(cfg: Config, config_path: Path | None, index: int) -> None:
-    """In the child: become worker ``index`` and run until told to stop. Never returns."""
+def _run_worker(
+    cfg: Config, config_path: Path | None, index: int, role: Role, channel: socket.socket
+) -> None:
+    """In the child: become the ``role`` process of shard ``index`` and run until told to stop. Never
+    returns."""
     _die_with_parent()
+    if role == "delivery" and cfg.server.delivery_nice:
+        os.nice(cfg.server.delivery_nice)
     os.environ.pop("NOTIFY_SOCKET", None)  # NotifyAccess=main: only the main process talks to systemd
     os.environ.pop("WATCHDOG_USEC", None)  # the main process answers the watchdog
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -95,9 +110,11 @@ def _run_worker(cfg: Config, config_path: Path | None, index: int) -> None:
         from relayd.cli import run_event_loop
         from relayd.daemon import serve
 
-        run_event_loop(serve(cfg, config_path, worker=index, workers=cfg.server.workers))
+        run_event_loop(
+            serve(cfg, config_path, worker=index, workers=cfg.server.workers, role=role, channel=channel)
+        )
     except BaseException:
-        log.exception("worker %d failed", index)
+        log.exception("%s process %d failed", role, index)
         code = 1
     os._exit(code)
 
@@ -112,21 +129,30 @@ def _forget_metrics(pid: int) -> None:
 
 def supervise(cfg: Config, config_path: Path | None) -> int:
     """Run ``cfg.server.workers`` workers until SIGTERM/SIGINT; return the exit code."""
-    from relayd.daemon import sd_notify
+    from relayd.systemd import sd_notify
 
     n = cfg.server.workers
     cfg.queue.path.mkdir(parents=True, exist_ok=True)
     merge_orphan_shards(cfg.queue.path, n)
-    children: dict[int, int] = {}  # pid -> worker index
+    children: dict[int, tuple[int, Role]] = {}  # pid -> (shard, role)
     stopping = False
     reload_pending = False
 
-    def spawn(index: int) -> None:
+    # one hand-off channel per shard, made before any fork: both ends stay open here, so a process that
+    # restarts gets the same channel (and what was sent to it meanwhile)
+    channels = [channel() for _ in range(n)]
+
+    def spawn(index: int, role: Role) -> None:
         pid = os.fork()
         if pid == 0:
-            _run_worker(cfg, config_path, index)
-        children[pid] = index
-        log.info("worker %d started (pid %d)", index, pid)
+            mine = channels[index][0 if role == "submission" else 1]
+            for pair in channels:  # the child keeps its own end only
+                for sock in pair:
+                    if sock is not mine:
+                        sock.close()
+            _run_worker(cfg, config_path, index, role, mine)
+        children[pid] = (index, role)
+        log.info("%s process %d started (pid %d)", role, index, pid)
 
     def on_stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -140,12 +166,13 @@ def supervise(cfg: Config, config_path: Path | None) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
     for i in range(n):
-        spawn(i)
+        spawn(i, "delivery")  # first: it is listening for the handoff when the first message comes in
+        spawn(i, "submission")
     sd_notify("READY=1")
     watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
     watchdog_every = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() else None
     last_ping = 0.0
-    restarts: dict[int, float] = {}
+    restarts: dict[tuple[int, Role], float] = {}
     while children:
         if watchdog_every is not None and time.monotonic() - last_ping > watchdog_every:
             sd_notify("WATCHDOG=1")
@@ -174,14 +201,14 @@ def supervise(cfg: Config, config_path: Path | None) -> int:
         if pid == 0:
             time.sleep(0.1)
             continue
-        index = children.pop(pid)
+        index, role = children.pop(pid)
         _forget_metrics(pid)
         if stopping:
             continue
-        log.error("worker %d (pid %d) exited with status %d; restarting", index, pid, status)
-        last = restarts.get(index, 0.0)
+        log.error("%s process %d (pid %d) exited with status %d; restarting", role, index, pid, status)
+        last = restarts.get((index, role), 0.0)
         if time.monotonic() - last < 5:
             time.sleep(2)
-        restarts[index] = time.monotonic()
-        spawn(index)
+        restarts[(index, role)] = time.monotonic()
+        spawn(index, role)
     return 0

@@ -176,6 +176,7 @@ def config_text(
     submission_extra: str = "",
     queue_extra: str = "",
     retry_schedule: str = '["1s"]',
+    scan_interval: str = "0.2s",
     accounts: str | None = None,
     server_extra: str = "",
     http_port: int = 0,
@@ -219,7 +220,7 @@ public_url = "http://127.0.0.1:{http_port}"
 [queue]
 path = "{tmp}/queue"
 retry_schedule = {retry_schedule}
-scan_interval = "0.2s"
+scan_interval = "{scan_interval}"
 {queue_extra}
 
 [delivery]

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.harness import PASSWORD, Relayd, Sink, message, wait_until
 
 TOTAL = 500
@@ -17,11 +19,14 @@ KILLS = 3
 CLIENTS = 8
 
 
-def test_kill_9_during_submission_loses_no_accepted_message(tmp_path: Path, sink: Sink) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_during_submission_loses_no_accepted_message(tmp_path: Path, sink: Sink, workers: int) -> None:
+    """``workers = 2`` runs four processes (a submission and a delivery process per queue shard, both
+    writing the shard); ``kill -9`` of the main process takes them all down at once."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"seed={seed}")
-    relayd = Relayd(tmp_path, routes={"example.test": sink.port})
+    relayd = Relayd(tmp_path, routes={"example.test": sink.port}, server_extra=f"workers = {workers}")
     relayd.start()
     todo: queue.Queue[int] = queue.Queue()
     for i in range(TOTAL):

@@ -36,7 +36,7 @@ from tests.test_feedback import CORPUS, INBOUND, SECRET, arf_report, corpus, dsn
 class NoDelivery:
     """Stands in for the scheduler: these tests look at what is queued, not at delivery."""
 
-    def expect(self, queue_id: str) -> None:
+    def expect(self, queue_id: str, prepared: object, uses: int) -> None:
         pass
 
     def forget(self, queue_id: str) -> None:
@@ -134,7 +134,7 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     limits = ConnectionLimits(50, 20)
     inbound = await loop.create_server(lambda: inbound_protocol(cfg, handler, limits), "127.0.0.1", 0)
     pipeline = Pipeline(cfg, store, SECRET, Signer([]), gate)
-    sub_handler = SubmissionHandler(cfg, queue, NoDelivery(), pipeline)  # type: ignore[arg-type]
+    sub_handler = SubmissionHandler(cfg, queue, NoDelivery(), pipeline)
     submission = await start_submission(cfg, sub_handler, ConnectionLimits(50, 20))
     try:
         yield Live(

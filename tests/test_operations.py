@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 from pathlib import Path
@@ -143,3 +145,56 @@ def test_two_workers_share_the_port_and_deliver_everything(tmp_path: Path, sink:
             ln for ln in body.splitlines() if ln.startswith('relayd_submissions_total{outcome="accepted"')
         ]
         assert accepted and float(accepted[0].split()[-1]) == 30.0
+
+
+def _children(pid: int) -> dict[int, int]:
+    """pid -> nice value of each child of ``pid``."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(k): int(Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[16]) for k in kids}
+
+
+def test_each_shard_has_an_accepting_process_and_a_lower_priority_delivery_process(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """With workers = 2: four processes, the two delivery ones at ``delivery_nice``; a committed message is
+    handed to its delivery process at once (the queue scan runs only every 10 minutes here), and a killed
+    process of either kind is restarted without losing what was accepted."""
+    with Relayd(
+        tmp_path,
+        routes={"example.test": sink.port},
+        server_extra="workers = 2\ndelivery_nice = 7",
+        scan_interval="10m",
+    ) as relayd:
+        assert relayd.proc is not None
+        assert wait_until(lambda: len(_children(relayd.proc.pid)) == 4)  # type: ignore[union-attr]
+        nices = _children(relayd.proc.pid)
+        assert sorted(nices.values()) == [0, 0, 7, 7]
+        for i in range(20):
+            code, _ = relayd.submit(message(f"handoff {i}"), to=[f"h{i}@example.test"])
+            assert code == 250
+        assert wait_until(lambda: sink.handler.count() == 20, timeout=10)
+
+        # kill -9 one delivery process and one submission process; the supervisor starts them again
+        delivery = next(pid for pid, n in nices.items() if n == 7)
+        submission = next(pid for pid, n in nices.items() if n == 0)
+        os.kill(delivery, signal.SIGKILL)
+        os.kill(submission, signal.SIGKILL)
+        accepted = 0
+        for i in range(20):  # meanwhile the other shard's processes take the connections
+            try:
+                code, _ = relayd.submit(message(f"during restart {i}"), to=[f"r{i}@example.test"])
+            except (smtplib.SMTPException, OSError):
+                continue
+            accepted += code == 250
+        assert wait_until(
+            lambda: (
+                len(_children(relayd.proc.pid)) == 4  # type: ignore[union-attr]
+                and delivery not in _children(relayd.proc.pid)  # type: ignore[union-attr]
+                and submission not in _children(relayd.proc.pid)
+            ),  # type: ignore[union-attr]
+            timeout=20,
+        )
+        assert sorted(_children(relayd.proc.pid).values()) == [0, 0, 7, 7]
+        # a restarted delivery process starts with a scan: whatever its shard accepted is delivered
+        assert wait_until(lambda: sink.handler.count() == 20 + accepted, timeout=20)
+        assert "delivery process" in relayd.log_text() and "restarting" in relayd.log_text()

@@ -53,7 +53,14 @@ BIG_MESSAGE = 256 * 1024
 #: again from disk at delivery, which costs CPU, not correctness
 _CACHE_BYTES = 32 * 1024 * 1024
 
+_FROM_DISK_BYTES = 8 * 1024 * 1024
+_REUSES = 1 << 30  # until it is pushed out
+
 _HEADERS = BytesHeaderParser(policy=compat32)
+
+
+def _size(prepared: Prepared) -> int:
+    return sum(len(seg) for seg in prepared.template.segments if isinstance(seg, bytes))
 
 
 def unsubscribe_url(public_url: str, secret: bytes, queue_id: str, index: int, address: str) -> str:
@@ -156,16 +163,19 @@ class Renderer:
         self.secret = secret
         self.signer = signer
         self._cache: UseCache[Prepared] = UseCache(_CACHE_BYTES)
+        #: prepared again from disk (a delivery process, a retry, a restart): kept for the message's
+        #: other recipients, most recent first, within a smaller budget
+        self._from_disk: UseCache[Prepared] = UseCache(_FROM_DISK_BYTES)
 
     def reload(self, cfg: Config, signer: Signer) -> None:
         """New accounts, imprints or keys: messages already prepared are prepared again when next sent."""
         self.cfg, self.signer = cfg, signer
         self._cache.clear()
+        self._from_disk.clear()
 
     def keep(self, queue_id: str, prepared: Prepared, uses: int) -> None:
         """Hold ``prepared`` for the first attempt of each of the message's ``uses`` recipients."""
-        size = sum(len(seg) for seg in prepared.template.segments if isinstance(seg, bytes))
-        self._cache.put(queue_id, prepared, uses, size)
+        self._cache.put(queue_id, prepared, uses, _size(prepared))
 
     def forget(self, queue_id: str) -> None:
         """The message was not queued after all."""
@@ -194,7 +204,7 @@ class Renderer:
         """The exact bytes to deliver to ``item``, from the message as stored. Raises MimeError only if
         a stored message no longer parses, which it did at submission (a bug: the attempt is deferred)."""
         cut = trace_end(data)
-        prepared = self._cache.take(item.queue_id)
+        prepared = self._cache.take(item.queue_id) or self._from_disk.take(item.queue_id)
         if prepared is None:
             content = data[cut:]
             meta = read_meta(content)
@@ -204,4 +214,5 @@ class Renderer:
                 )
             else:
                 prepared = prepare_message(self.cfg, self.signer, item.account, meta, content)
+            self._from_disk.put(item.queue_id, prepared, _REUSES, _size(prepared))
         return data[:cut] + self.copy(prepared, item.queue_id, item.index, item.address)

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from enum import Enum
 from typing import Any, Protocol
 
@@ -135,7 +135,8 @@ class Scheduler:
         #: just-submitted messages for their recipients' first attempts: queue id -> (data, uses left)
         self._cache: UseCache[StoredData] = UseCache(_CACHE_BYTES)
         self._wake = asyncio.Event()
-        self._ended_during_scan: set[tuple[str, int]] | None = None
+        #: one set per queue read in progress (a scan, :meth:`arrived`): the attempts that end meanwhile
+        self._ended_during_read: list[set[tuple[str, int]]] = []
         self._unrecorded: dict[tuple[str, int], Callable[[], Awaitable[Any]]] = {}
         #: messages being committed by a submission, which hands them over itself (:meth:`expect`)
         self._expected: set[str] = set()
@@ -199,6 +200,33 @@ class Scheduler:
                 DueRecipient(msg.queue_id, i, rcpt, 0, msg.account, msg.mail_from, created_at, msg.list_name)
             )
 
+    async def arrived(self, messages: Iterable[tuple[str, StoredData | None]]) -> None:
+        """Messages another process has just committed (relayd.queue.handoff), each with its data when
+        the hand-off carried it: start their queued recipients now if the active window has room."""
+        for queue_id, stored in messages:
+            try:
+                # a scan may have got there first: skip what it holds, and what it ended while we read
+                with self._ends_meanwhile() as ended:
+                    rows = await self._store.committed(queue_id)
+                inflight = self._inflight
+                items = [i for i in rows if (k := (i.queue_id, i.index)) not in inflight and k not in ended]
+                if items and stored is None:
+                    stored = await self._store.message_data(queue_id)
+            except StorageError as exc:
+                log.error("%s: reading the message just committed failed (%s); the scan will", queue_id, exc)
+                self._backlog = True
+                self._wake.set()
+                return
+            if not items or stored is None:
+                continue
+            self._cache.put(queue_id, stored, len(items), len(stored.data))
+            for item in items:
+                if not self._admits(item.account):
+                    self._backlog = True
+                    self._wake.set()  # the scanner will pick the rest up as room frees
+                    break
+                self._dispatch(item)
+
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
@@ -249,9 +277,8 @@ class Scheduler:
 
         # an attempt that ends while the query runs may come back as a stale 'queued' row: remember every
         # attempt that ends from now on and skip those rows (else the recipient would get a second copy)
-        self._ended_during_scan = set()
-        rows = await self._store.due(self._clock(), max(room, 0), per_account=fetch)
-        ended, self._ended_during_scan = self._ended_during_scan, None
+        with self._ends_meanwhile() as ended:
+            rows = await self._store.due(self._clock(), max(room, 0), per_account=fetch)
         # fewer rows than asked for: nothing else is due now
         self._backlog = room <= 0 or len(rows) >= room
         expected = self._expected
@@ -265,6 +292,17 @@ class Scheduler:
                 and self._admits(item.account)
             ):
                 self._dispatch(item)
+
+    @contextlib.contextmanager
+    def _ends_meanwhile(self) -> Iterator[set[tuple[str, int]]]:
+        """The attempts that end while the caller reads the queue: a read that started before an attempt
+        wrote its outcome may return that recipient as still 'queued'."""
+        ended: set[tuple[str, int]] = set()
+        self._ended_during_read.append(ended)
+        try:
+            yield ended
+        finally:
+            self._ended_during_read.remove(ended)
 
     def _dispatch(self, item: DueRecipient) -> None:
         key = (item.queue_id, item.index)
@@ -321,8 +359,8 @@ class Scheduler:
                 self._by_account[item.account] = n
             else:
                 self._by_account.pop(item.account, None)
-            if self._ended_during_scan is not None:
-                self._ended_during_scan.add(key)
+            for ended in self._ended_during_read:
+                ended.add(key)
             if self._backlog and len(self._inflight) < self._cfg.queue.active_limit // 2:
                 self._wake.set()
 
@@ -350,10 +388,7 @@ class Scheduler:
         attempts = item.attempts + 1
         started = time.monotonic()
         try:
-            data = stored.data
-            if stored.render and self._renderer is not None:
-                data = await self._renderer.render(item, data)
-            reply = await self._send(item, data)
+            reply = await self._send(item, lambda: self._copy(item, stored))
             if reply is None:
                 return  # postponed by shaping: no attempt was made
         except PermanentFailure as exc:
@@ -379,8 +414,19 @@ class Scheduler:
         _log_attempt(item, "delivered", reply, elapsed, attempts)
         await self._observe(item, "delivered", reply, elapsed)
 
-    async def _send(self, item: DueRecipient, data: bytes) -> str | None:
-        """Route, wait for a lane of the destination (fair by account, within its shaping), send.
+    async def _copy(self, item: DueRecipient, stored: StoredData) -> bytes:
+        """The bytes to send to ``item``: its own copy made from the message (relayd.policy.render), or
+        the stored bytes as they are."""
+        if stored.render and self._renderer is not None:
+            return await self._renderer.render(item, stored.data)
+        return stored.data
+
+    async def _send(self, item: DueRecipient, make: Callable[[], Awaitable[bytes]]) -> str | None:
+        """Route, wait for a lane of the destination (fair by account, within its shaping), make the copy
+        (``make``), send.
+
+        The copy is made only once a lane and a socket are ours: recipients waiting for one hold no copy
+        (a signed copy each for up to ``active_limit`` waiting recipients was tens of MB per process).
 
         Returns the final reply, or None when shaping postponed the recipient (its due time moved on disk,
         nothing sent, no attempt counted). Raises Temporary/PermanentFailure; a block reply is raised as a
@@ -408,6 +454,7 @@ class Scheduler:
         signal, released = Signal.NONE, False
         try:
             async with self._sockets:
+                data = await make()
                 sender = verp_address(
                     self._secret, self._verp_domain, item.queue_id, item.index, item.address
                 )

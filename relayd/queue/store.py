@@ -42,8 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from relayd.errors import StorageError
+from relayd.sqlitelock import write_lock
 
 log = logging.getLogger(__name__)
+
+#: how long a batch waits for the write lock held by another process (the shard's other process, the CLI)
+_LOCK_TIMEOUT = 5.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -224,9 +228,15 @@ class QueueStore:
     are short indexed lookups in WAL mode (readers never wait for the writer) and run on the loop thread.
     """
 
-    def __init__(self, path: Path, *, batch_limit: int = 512) -> None:
+    def __init__(self, path: Path, *, batch_limit: int = 512, outcomes_only: bool = False) -> None:
         self.path = path
         self._batch_limit = batch_limit
+        #: a shard's delivery process writes only attempt outcomes, with ``synchronous=NORMAL``: a commit
+        #: does not wait for an fsync while holding the write lock the shard's submission process needs
+        #: for its next ``250``. After a power loss (not a crash) its last outcomes may be gone and those
+        #: recipients are delivered once more: at-least-once, as the queue promises anyway. Every message
+        #: is still committed with ``FULL`` (and that fsync writes out the outcomes before it too).
+        self._synchronous = "NORMAL" if outcomes_only else "FULL"
         self._db: sqlite3.Connection | None = None
         self._ro: sqlite3.Connection | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-writer")
@@ -247,8 +257,9 @@ class QueueStore:
     def _connect_writer(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
         migrate(db)
+        db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
         return db
 
     async def close(self) -> None:
@@ -299,7 +310,7 @@ class QueueStore:
         if db is None:
             raise sqlite3.ProgrammingError("queue is closed")
         try:
-            db.execute("BEGIN IMMEDIATE")
+            write_lock(db, _LOCK_TIMEOUT)
             touched: set[str] = set()
             for op in batch:
                 cur = db.executemany(op.sql, op.params) if op.many else db.execute(op.sql, op.params)
@@ -547,6 +558,25 @@ class QueueStore:
     async def next_due_time(self) -> float | None:
         rows = await self._fetch("SELECT MIN(next_attempt) FROM recipients WHERE state = 'queued'", ())
         return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def committed(self, queue_id: str) -> list[DueRecipient]:
+        """The recipients of a message another process has just committed (relayd.queue.handoff) that
+        are still queued and due, in one read."""
+        rows = await self._fetch(
+            "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at, "
+            "m.list_name FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "WHERE r.msg_id = ? AND r.state = 'queued' AND r.next_attempt <= ? AND r.data IS NULL "
+            "ORDER BY r.idx",
+            (queue_id, time.time()),
+        )
+        return [DueRecipient(*row) for row in rows]
+
+    async def message_data(self, queue_id: str) -> StoredData | None:
+        """The message as stored (without any per-recipient copy an older relayd kept)."""
+        rows = await self._fetch("SELECT data, render FROM messages WHERE id = ?", (queue_id,))
+        if not rows or rows[0][0] is None:
+            return None
+        return StoredData(bytes(rows[0][0]), bool(rows[0][1]))
 
     async def recipient_data(self, queue_id: str, index: int) -> StoredData | None:
         """What to deliver to one recipient: its own finished copy if an older relayd stored one, else

@@ -39,7 +39,7 @@ from relayd.errors import StorageError
 from relayd.passwords import check_plain, verify_password
 from relayd.policy.model import Action
 from relayd.policy.pipeline import AllDropped, MimeError, Pipeline
-from relayd.queue.scheduler import Scheduler
+from relayd.queue.handoff import Handoff
 from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
 from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
 from relayd.smtp.ratelimit import TOO_MANY_FAILURES, AuthGuard, AuthVerdict
@@ -93,11 +93,12 @@ class SubmissionHandler:
     """aiosmtpd hooks for the submission listener (one instance shared by all connections)."""
 
     def __init__(
-        self, cfg: Config, queue: QueueStore, scheduler: Scheduler, pipeline: Pipeline | None = None
+        self, cfg: Config, queue: QueueStore, handoff: Handoff, pipeline: Pipeline | None = None
     ) -> None:
         self.cfg = cfg
         self.queue = queue
-        self.scheduler = scheduler
+        #: who starts delivery of a committed message (relayd.queue.handoff)
+        self.handoff = handoff
         self.pipeline = pipeline
         self._passwords = self._read_passwords(cfg)
         self._sessions: dict[str, set[int]] = {}
@@ -360,27 +361,18 @@ class SubmissionHandler:
                 list_name=done.list_name,
                 render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
             )
-        renderer = self.pipeline.renderer if self.pipeline is not None and msg.render else None
-        if renderer is not None:
-            # before the commit: should an attempt start before we are back here (a scan), it finds the
-            # message rewritten already
-            renderer.keep(queue_id, done.prepared, len(msg.recipients))
-        self.scheduler.expect(queue_id)  # we hand the message over ourselves, from memory
+        self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
         try:
             await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
         except BaseException as exc:
-            # not handed over: if it was committed after all (cancelled while the commit ran), the scan
-            # delivers it from disk
-            self.scheduler.forget(queue_id)
-            if renderer is not None:
-                renderer.forget(queue_id)
+            self.handoff.forget(queue_id)
             if not isinstance(exc, StorageError):
                 raise
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
             if isinstance(exc, InsufficientStorage):  # issue 10: the client keeps its message
                 return INSUFFICIENT_STORAGE
             return "451 4.3.0 Temporary storage failure, try again later"
-        self.scheduler.submitted(msg, time.time())
+        self.handoff.submitted(msg, time.time())
         log.info(
             "%s: accepted account=%s from=<%s> nrcpt=%d size=%d",
             queue_id,

@@ -73,14 +73,21 @@ __all__ = [
 DEFAULT_SQLITE_PATH = Path("var/relayd.db")
 
 
-async def open_store(backend: str, path: Path | None = None, dsn: str | None = None) -> Store:
+async def open_store(
+    backend: str, path: Path | None = None, dsn: str | None = None, *, light: bool = False
+) -> Store:
     """Build the configured backend and open it (which migrates the schema).
+
+    ``light``: for a process that reads the store only now and then (a queue shard's delivery process:
+    the check before each attempt, batched): SQLite gets one reader connection and 4 MiB of page cache
+    per connection instead of two readers with 16 MiB each, which with a big store is ~40 MB less RSS.
 
     Raises ``ValueError`` for an unknown backend or a ``postgresql`` backend without ``dsn``,
     :class:`StoreError` when the database cannot be reached, opened or migrated.
     """
     if backend == "sqlite":
-        store = SqliteStore(path if path is not None else DEFAULT_SQLITE_PATH)
+        where = path if path is not None else DEFAULT_SQLITE_PATH
+        store = SqliteStore(where, readers=1, cache_kib=4096) if light else SqliteStore(where)
         await store.open()
         return store
     if backend == "postgresql":

@@ -51,6 +51,8 @@ from typing import Any, Final, TypeVar
 
 import aiosqlite
 
+from relayd.sqlitelock import write_lock
+
 from .base import (
     SCOPE_PRECEDENCE,
     AccountState,
@@ -206,9 +208,9 @@ class _OneHopWriter:
         db = sqlite3.connect(
             self.path, isolation_level=None, timeout=self._busy_timeout, check_same_thread=False
         )
-        db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA temp_store = MEMORY")
+        db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
         self._db = db
 
     async def open(self) -> None:
@@ -218,7 +220,7 @@ class _OneHopWriter:
         db = self._db
         if db is None:
             raise sqlite3.ProgrammingError("store writer is closed")
-        db.execute("BEGIN IMMEDIATE")
+        write_lock(db, self._busy_timeout)
         try:
             result = fn(db)
             db.execute("COMMIT")
@@ -297,9 +299,12 @@ class SqliteStore:
     ``busy_timeout`` is how long a write waits for another process's write lock before failing.
     """
 
-    def __init__(self, path: Path, *, readers: int = 2, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: Path, *, readers: int = 2, busy_timeout: float = 5.0, cache_kib: int = 16384
+    ) -> None:
         self.path = Path(path)
         self._n_readers = max(1, readers)
+        self._cache_kib = cache_kib
         self._busy_timeout = busy_timeout
         self._writer: aiosqlite.Connection | None = None
         self._readers: builtins.list[aiosqlite.Connection] = []
@@ -442,10 +447,10 @@ class SqliteStore:
             raise
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         await conn.execute("PRAGMA temp_store = MEMORY")
-        # 16 MiB of page cache per connection (default 2 MiB): the upper levels of the 5-10 M-entry
-        # suppression b-tree stay resident. Not more: every worker has several connections and the page
-        # cache counts in RSS (64 MiB each pushed two workers past 400 MB with a big store).
-        await conn.execute("PRAGMA cache_size = -16384")
+        # 16 MiB of page cache per connection by default (SQLite's is 2 MiB): the upper levels of the
+        # 5-10 M-entry suppression b-tree stay resident. Not more: every worker has several connections
+        # and the page cache counts in RSS (64 MiB each pushed two workers past 400 MB with a big store).
+        await conn.execute(f"PRAGMA cache_size = -{self._cache_kib}")
         return conn
 
     def _require_hot(self) -> _OneHopWriter:

@@ -1,0 +1,162 @@
+"""The hand-off between a shard's submission and delivery processes, and the write lock they share.
+
+Real parts: the socketpair the supervisor makes, a real queue (SQLite), the real scheduler, renderer and
+SMTP client delivering to an aiosmtpd sink on loopback. The whole path with two real processes per shard
+is in tests/test_operations.py and tests/test_crash_safety.py."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from relayd import config as config_mod
+from relayd.dkim import Signer
+from relayd.policy.render import Renderer, prepare_message, read_meta
+from relayd.queue.handoff import MAX_DATAGRAM, Announcer, Receiver, channel
+from relayd.queue.scheduler import Scheduler
+from relayd.queue.store import NewMessage, QueueStore, State
+from relayd.sqlitelock import write_lock
+from relayd.tokens import new_queue_id
+from tests.harness import Sink, config_text, free_port, message
+
+SECRET = b"k" * 32
+
+
+async def eventually(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+@dataclass
+class Shard:
+    cfg: config_mod.Config
+    queue: QueueStore
+    announcer: Announcer
+    renderer: Renderer
+
+
+@pytest.fixture
+async def shard(tmp_path: Path, sink: Sink) -> AsyncIterator[Shard]:
+    """A submission end (announcer) and a delivery end (receiver, scheduler) on one queue file."""
+    path = tmp_path / "relayd.toml"
+    path.write_text(config_text(tmp_path, port=free_port(), routes={"example.test": sink.port}))
+    cfg = config_mod.load(path)
+    queue = QueueStore(tmp_path / "queue.db")
+    await queue.open()
+    renderer = Renderer(cfg, SECRET, Signer([]))
+    scheduler = Scheduler(cfg, queue, SECRET, renderer=renderer)
+    submission_end, delivery_end = channel()
+    receiver = Receiver(delivery_end, scheduler, renderer)
+    receiver.start()
+    announcer = Announcer(submission_end)
+    try:
+        yield Shard(cfg, queue, announcer, renderer)
+    finally:
+        announcer.close()
+        await receiver.close()
+        await scheduler.stop()
+        await queue.close()
+        delivery_end.close()
+
+
+async def _commit(shard: Shard, raw: bytes, recipients: tuple[str, ...], imprint: str) -> NewMessage:
+    """What the submission process does: rewrite (here with ``imprint``), commit, announce."""
+    qid = new_queue_id()
+    msg = NewMessage(
+        qid, "acme", "app@acme.example.test", recipients, b"Received: test\r\n" + raw, render=True
+    )
+    acme = shard.cfg.accounts["acme"].model_copy(update={"imprint": imprint})
+    cfg = shard.cfg.model_copy(update={"accounts": {**shard.cfg.accounts, "acme": acme}})
+    prepared = prepare_message(cfg, Signer([]), "acme", read_meta(raw), raw)
+    shard.announcer.expect(qid, prepared, len(recipients))
+    await shard.queue.enqueue(msg)
+    return msg
+
+
+async def test_a_handed_message_is_delivered_from_the_template_it_came_with(shard: Shard, sink: Sink) -> None:
+    msg = await _commit(shard, message("handed over"), ("a@example.test", "b@example.test"), "HANDED IMPRINT")
+    shard.announcer.submitted(msg, time.time())
+    assert await eventually(lambda: sink.handler.count() == 2)
+    for got in sink.messages:
+        # the template that came over the channel, not one made again from disk (that would carry the
+        # imprint of the config: "ACME Ltd, 1 Test Street")
+        assert b"HANDED IMPRINT" in got.data and b"ACME Ltd" not in got.data
+    assert {m.rcpt_tos[0] for m in sink.messages} == {"a@example.test", "b@example.test"}
+
+
+async def test_only_recipients_still_queued_are_started(shard: Shard, sink: Sink) -> None:
+    """A datagram read late (the delivery process restarted and its scan already delivered some) starts
+    only what the queue still has queued."""
+    msg = await _commit(shard, message("late"), ("a@example.test", "b@example.test", "c@example.test"), "X")
+    await shard.queue.finish(msg.queue_id, 1, State.DELIVERED, "250 ok", 1)
+    shard.announcer.submitted(msg, time.time())
+    assert await eventually(lambda: sink.handler.count() == 2)
+    await asyncio.sleep(0.3)
+    assert sorted(m.rcpt_tos[0] for m in sink.messages) == ["a@example.test", "c@example.test"]
+
+
+async def test_a_message_too_big_for_a_datagram_goes_by_queue_id_and_is_read_from_disk(
+    shard: Shard, sink: Sink
+) -> None:
+    body = "".join(f"line {i} of a long newsletter\r\n" for i in range(4000))
+    assert len(body) > MAX_DATAGRAM
+    msg = await _commit(shard, message("big", body), ("a@example.test",), "HANDED IMPRINT")
+    shard.announcer.submitted(msg, time.time())
+    assert await eventually(lambda: sink.handler.count() == 1)
+    got = sink.messages[0].data
+    assert b"line 3999 of a long newsletter" in got
+    assert b"ACME Ltd, 1 Test Street" in got  # rewritten again from disk with the config's imprint
+
+
+def _conn(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
+
+
+def test_write_lock_is_taken_soon_after_another_connection_frees_it(tmp_path: Path) -> None:
+    path = tmp_path / "lock.db"
+    holder, waiter = _conn(path), _conn(path)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    freed_at: list[float] = []
+
+    def free_later() -> None:
+        time.sleep(0.3)
+        holder.execute("INSERT INTO t VALUES (1)")
+        freed_at.append(time.monotonic())
+        holder.execute("COMMIT")
+
+    thread = threading.Thread(target=free_later)
+    thread.start()
+    write_lock(waiter, timeout=5.0)  # waits while the other connection holds it
+    got_at = time.monotonic()
+    thread.join()
+    assert waiter.in_transaction
+    assert waiter.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)  # it ran after the other commit
+    assert got_at >= freed_at[0]
+    waiter.execute("COMMIT")
+
+
+def test_write_lock_gives_up_with_the_busy_error_after_its_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "lock.db"
+    holder, waiter = _conn(path), _conn(path)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            write_lock(waiter, timeout=0.2)
+        assert not waiter.in_transaction
+    finally:
+        holder.execute("ROLLBACK")
