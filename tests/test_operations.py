@@ -198,3 +198,24 @@ def test_each_shard_has_an_accepting_process_and_a_lower_priority_delivery_proce
         # a restarted delivery process starts with a scan: whatever its shard accepted is delivered
         assert wait_until(lambda: sink.handler.count() == 20 + accepted, timeout=20)
         assert "delivery process" in relayd.log_text() and "restarting" in relayd.log_text()
+
+
+def test_sighup_with_two_workers_reaches_the_delivery_processes(
+    tmp_path: Path, sink: Sink, sink2: Sink
+) -> None:
+    """The routes are the delivery processes' part of the config: after a reload the mail goes to the new
+    route, whichever shard accepted it."""
+    with Relayd(tmp_path, routes={"example.test": sink.port}, server_extra="workers = 2") as relayd:
+        assert relayd.proc is not None
+        assert relayd.submit(message("before"), to=["a@example.test"])[0] == 250
+        assert wait_until(lambda: sink.handler.count() == 1)
+        old_route = f'"example.test" = "127.0.0.1:{sink.port}"'
+        text = relayd.config.read_text()
+        assert old_route in text
+        relayd.config.write_text(text.replace(old_route, f'"example.test" = "127.0.0.1:{sink2.port}"'))
+        relayd.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: relayd.log_text().count("reloaded") == 4)  # 2 shards x 2 processes
+        for i in range(10):
+            assert relayd.submit(message(f"after {i}"), to=[f"b{i}@example.test"])[0] == 250
+        assert wait_until(lambda: sink2.handler.count() == 10)
+        assert sink.handler.count() == 1

@@ -80,7 +80,7 @@ async def open_store(
 
     ``light``: for a process that reads the store only now and then (a queue shard's delivery process:
     the check before each attempt, batched): SQLite gets one reader connection and 4 MiB of page cache
-    per connection instead of two readers with 16 MiB each, which with a big store is ~40 MB less RSS.
+    per connection instead of two readers with 8 MiB each.
 
     Raises ``ValueError`` for an unknown backend or a ``postgresql`` backend without ``dsn``,
     :class:`StoreError` when the database cannot be reached, opened or migrated.

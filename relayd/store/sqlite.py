@@ -300,7 +300,7 @@ class SqliteStore:
     """
 
     def __init__(
-        self, path: Path, *, readers: int = 2, busy_timeout: float = 5.0, cache_kib: int = 16384
+        self, path: Path, *, readers: int = 2, busy_timeout: float = 5.0, cache_kib: int = 8192
     ) -> None:
         self.path = Path(path)
         self._n_readers = max(1, readers)
@@ -447,9 +447,11 @@ class SqliteStore:
             raise
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         await conn.execute("PRAGMA temp_store = MEMORY")
-        # 16 MiB of page cache per connection by default (SQLite's is 2 MiB): the upper levels of the
-        # 5-10 M-entry suppression b-tree stay resident. Not more: every worker has several connections
-        # and the page cache counts in RSS (64 MiB each pushed two workers past 400 MB with a big store).
+        # 8 MiB of page cache per connection by default (SQLite's is 2 MiB): the interior pages of the
+        # 10 M-entry suppression index (~5 MB) stay resident, the leaves come from the OS page cache. Not
+        # more: every process has several connections, each cache fills with the leaves that lookups of
+        # random addresses touch, and it counts in RSS (64 MiB each pushed two workers past 400 MB with a
+        # big store; 16 MiB, with a submission and a delivery process per shard, came to 391 MB).
         await conn.execute(f"PRAGMA cache_size = -{self._cache_kib}")
         return conn
 
