@@ -7,6 +7,8 @@ is in tests/test_operations.py and tests/test_crash_safety.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import pickle
 import sqlite3
 import threading
 import time
@@ -160,3 +162,35 @@ def test_write_lock_gives_up_with_the_busy_error_after_its_timeout(tmp_path: Pat
         assert not waiter.in_transaction
     finally:
         holder.execute("ROLLBACK")
+
+
+async def test_a_full_channel_buffers_a_bounded_amount_then_leaves_messages_to_the_scan(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The delivery process is far behind (here: not reading at all): the announcer never blocks the
+    submission, keeps at most a few MB, and drops the rest (on disk already; the scan starts them)."""
+    caplog.set_level(logging.INFO, logger="relayd.queue.handoff")
+    submission_end, delivery_end = channel()
+    announcer = Announcer(submission_end)
+    body = b"x" * 40_000
+    sent = 200  # ~8 MB of datagrams: more than the kernel buffer and the announcer's limit together
+    try:
+        for i in range(sent):
+            msg = NewMessage(f"Q{i:04d}", "acme", "a@acme.test", ("b@x.test",), body, render=False)
+            announcer.submitted(msg, time.time())
+        assert "left to the queue scan" in caplog.text
+        delivery_end.setblocking(False)
+        got: list[str] = []
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 0.5:  # read as a late delivery process would
+            try:
+                got.append(pickle.loads(delivery_end.recv(MAX_DATAGRAM + 4096)).queue_id)
+                idle_since = time.monotonic()
+            except BlockingIOError:
+                await asyncio.sleep(0.01)  # the announcer's writer callback flushes what it held
+        assert 0 < len(got) < sent
+        assert got == sorted(got)  # in order, no gaps before the drops began
+        assert got == [f"Q{i:04d}" for i in range(len(got))]
+    finally:
+        announcer.close()
+        delivery_end.close()

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 
 #: above this a message goes by queue id only (a unix datagram must fit the socket's send buffer)
 MAX_DATAGRAM = 64 * 1024
-#: what the announcer holds in memory while the channel is full; past it the queue scan takes over
-_MAX_PENDING = 8 * 1024 * 1024
+#: what the announcer holds in memory while the channel is full (~350 messages of 5 KB with their
+#: templates); past it the queue scan takes over. It counts in the submission process's RSS.
+_MAX_PENDING = 4 * 1024 * 1024
 
 
 class Handoff(Protocol):
