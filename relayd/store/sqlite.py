@@ -198,9 +198,11 @@ class _OneHopWriter:
     """A writer connection on a thread of its own that runs each transaction in one call (see the module
     docstring); ``synchronous=NORMAL``: it serves only the writes that may lose their last commits."""
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
+    def __init__(self, path: Path, busy_timeout: float, *, inline: bool = False) -> None:
         self.path = path
         self._busy_timeout = busy_timeout
+        #: run each transaction on the caller's (event loop's) thread: see SqliteStore ``inline_writes``
+        self._inline = inline
         self._db: sqlite3.Connection | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
 
@@ -233,6 +235,8 @@ class _OneHopWriter:
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn`` inside one ``BEGIN IMMEDIATE`` transaction on the writer thread; StoreError on failure."""
         try:
+            if self._inline:
+                return self._apply(fn)
             return await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, fn)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: write failed: {exc}") from exc
@@ -300,11 +304,22 @@ class SqliteStore:
     """
 
     def __init__(
-        self, path: Path, *, readers: int = 2, busy_timeout: float = 5.0, cache_kib: int = 8192
+        self,
+        path: Path,
+        *,
+        readers: int = 2,
+        busy_timeout: float = 5.0,
+        cache_kib: int = 8192,
+        inline_writes: bool = False,
     ) -> None:
         self.path = Path(path)
         self._n_readers = max(1, readers)
         self._cache_kib = cache_kib
+        #: the per-message writes (events, ledger, caps) on the event loop's thread instead of a writer
+        #: thread of their own: for a low-priority process (a shard's delivery process), whose garbage
+        #: collections would otherwise hold the GIL, 50-350 ms, while its writer thread holds the write
+        #: lock the accepting processes wait for. It blocks that process's loop for each transaction.
+        self._inline_writes = inline_writes
         self._busy_timeout = busy_timeout
         self._writer: aiosqlite.Connection | None = None
         self._readers: builtins.list[aiosqlite.Connection] = []
@@ -338,7 +353,7 @@ class SqliteStore:
                 await reader.execute("PRAGMA query_only = 1")
                 self._readers.append(reader)
             self._reader_cycle = itertools.cycle(self._readers)
-            hot = _OneHopWriter(self.path, self._busy_timeout)
+            hot = _OneHopWriter(self.path, self._busy_timeout, inline=self._inline_writes)
             await hot.open()
             self._hot = hot
             # Hot-path reads (``check`` on every RCPT and dequeue) run on the event loop thread itself: an
