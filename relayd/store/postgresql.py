@@ -80,6 +80,7 @@ from .base import (
     as_utc,
     utcnow,
 )
+from .groupcommit import GroupCommit
 from .migrations import LATEST_VERSION, pending
 from .query import ENTRY_COLUMNS, suppression_list
 
@@ -347,10 +348,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._schema_name = ""  # current_schema() once open: part of every lock key
         self._insert_events = ""
-        self._event_buffer: builtins.list[tuple[Event, asyncio.Future[None]]] = []
-        self._event_flusher: asyncio.Task[None] | None = None
-        self._sent_buffer: builtins.list[tuple[builtins.list[tuple[Any, ...]], asyncio.Future[None]]] = []
-        self._sent_flusher: asyncio.Task[None] | None = None
+        self._events: GroupCommit[Event] = GroupCommit(self.record_events)
+        self._sent: GroupCommit[tuple[Any, ...]] = GroupCommit(self._write_sent)
         self._subscribers: dict[str, builtins.list[ChangeCallback]] = {}
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self._listener_task: asyncio.Task[None] | None = None
@@ -400,13 +399,8 @@ class PostgresStore:
     async def close(self) -> None:
         """Commit buffered writes, stop listening, close the pool. Safe to call twice."""
         self._closing = True
-        for flusher in (self._sent_flusher, self._event_flusher):
-            if flusher is not None:
-                try:
-                    await flusher
-                except Exception:  # already reported to the callers waiting on those writes
-                    log.debug("%r: flush failed during close", self, exc_info=True)
-        self._sent_flusher = self._event_flusher = None
+        await self._sent.drain(self)
+        await self._events.drain(self)
         if self._listener_task is not None:
             self._listener_task.cancel()
             with contextlib.suppress(BaseException):
@@ -977,34 +971,7 @@ class PostgresStore:
     # -- events ----------------------------------------------------------------------------------------
 
     async def record_event(self, event: Event) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._event_buffer.append((event, done))
-        if self._event_flusher is None or self._event_flusher.done():
-            self._event_flusher = asyncio.create_task(self._flush_events())
-        await asyncio.shield(done)
-
-    async def _flush_events(self) -> None:
-        """Write buffered events until the buffer is empty; events arriving meanwhile join the next batch."""
-        while self._event_buffer:
-            await asyncio.sleep(0)  # let concurrent record_event calls add to this batch
-            batch, self._event_buffer = self._event_buffer, []
-            await self._settle(batch, self.record_events(e for e, _ in batch))
-
-    @staticmethod
-    async def _settle(batch: Sequence[tuple[object, asyncio.Future[None]]], write: Awaitable[None]) -> None:
-        """Await ``write`` and hand its outcome to every caller waiting in ``batch``."""
-        try:
-            await write
-        except BaseException as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+        await self._events.add([event])
 
     async def record_events(self, events: Iterable[Event]) -> None:
         rows = [
@@ -1081,19 +1048,8 @@ class PostgresStore:
     async def record_sent(self, records: Iterable[SentRecord]) -> None:
         """Group commit, like events: every message accepted meanwhile shares one transaction."""
         rows = [(r.queue_id, r.index, r.account, r.list or "", r.address, _us(r.sent_at)) for r in records]
-        if not rows:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sent_buffer.append((rows, done))
-        if self._sent_flusher is None or self._sent_flusher.done():
-            self._sent_flusher = asyncio.create_task(self._flush_sent())
-        await asyncio.shield(done)
-
-    async def _flush_sent(self) -> None:
-        while self._sent_buffer:
-            await asyncio.sleep(0)  # let concurrent callers join this batch
-            batch, self._sent_buffer = self._sent_buffer, []
-            await self._settle(batch, self._write_sent([row for rows, _ in batch for row in rows]))
+        if rows:
+            await self._sent.add(rows)
 
     async def _write_sent(self, rows: builtins.list[tuple[Any, ...]]) -> None:
         # One row per (queue_id, idx), the last given: insert-or-replace, and one statement may not

@@ -68,6 +68,7 @@ from .base import (
     as_utc,
     utcnow,
 )
+from .groupcommit import GroupCommit
 from .migrations import LATEST_VERSION, SCHEMA_TABLE_SQLITE, pending
 from .query import ENTRY_COLUMNS, suppression_list
 
@@ -251,51 +252,6 @@ class _OneHopWriter:
         self._thread.shutdown(wait=True)
 
 
-class _GroupInsert:
-    """Group commit for one INSERT: rows added while a batch is being written go together into the next
-    transaction, and each caller returns once its rows are committed (or gets that batch's error)."""
-
-    def __init__(self, sql: str, writer: Callable[[], _OneHopWriter]) -> None:
-        self._sql = sql
-        self._writer = writer
-        self._buffer: builtins.list[tuple[builtins.list[Row], asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def add(self, rows: builtins.list[Row]) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._buffer.append((rows, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await asyncio.shield(done)
-
-    async def _flush(self) -> None:
-        while self._buffer:
-            await asyncio.sleep(0)  # let concurrent callers join this batch
-            batch, self._buffer = self._buffer, []
-            try:
-                rows = [row for rows, _ in batch for row in rows]
-                await self._writer().run(functools.partial(_insert_many, self._sql, rows))
-            except BaseException as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
-
-    async def drain(self, path: Path) -> None:
-        """Wait for the batch being written; its error already went to its callers."""
-        if self._flusher is not None:
-            try:
-                await self._flusher
-            except Exception:
-                log.debug("%s: group commit failed during close", path, exc_info=True)
-            self._flusher = None
-
-
 class SqliteStore:
     """The policy store in one SQLite file; implements :class:`relayd.store.base.Store`.
 
@@ -326,8 +282,8 @@ class SqliteStore:
         self._reader_cycle: Iterator[aiosqlite.Connection] = iter(())
         self._write_lock = asyncio.Lock()
         self._synchronous = ""
-        self._events = _GroupInsert(_INSERT_EVENT, self._require_hot)
-        self._sent = _GroupInsert(_INSERT_SENT, self._require_hot)
+        self._events: GroupCommit[Row] = GroupCommit(functools.partial(self._insert_hot, _INSERT_EVENT))
+        self._sent: GroupCommit[Row] = GroupCommit(functools.partial(self._insert_hot, _INSERT_SENT))
         self._inline: sqlite3.Connection | None = None
         self._hot: _OneHopWriter | None = None
 
@@ -775,9 +731,12 @@ class SqliteStore:
 
     async def record_events(self, events: Iterable[Event]) -> None:
         rows = [_event_row(e) for e in events]
-        if not rows:
-            return
-        await self._require_hot().run(functools.partial(_insert_many, _INSERT_EVENT, rows))
+        if rows:
+            await self._insert_hot(_INSERT_EVENT, rows)
+
+    async def _insert_hot(self, sql: str, rows: builtins.list[Row]) -> None:
+        """One INSERT of many rows, one transaction on the per-message writer."""
+        await self._require_hot().run(functools.partial(_insert_many, sql, rows))
 
     async def events(
         self,
