@@ -15,6 +15,22 @@ def _secret(tmp: Path) -> bytes:
     return bytes.fromhex((tmp / "secret.key").read_text().strip())
 
 
+def _app_fields_intact(delivered: bytes, sent: bytes) -> tuple[dict[str, list[bytes]], bytes, bytes]:
+    """Assert every header field the application wrote arrived byte for byte, in order, and relayd added
+    exactly its own; return (the added fields, the delivered body, the body as sent)."""
+    added, headers, body = split_delivered(delivered)
+    sent_head, _, sent_body = sent.partition(b"\r\n\r\n")
+    assert headers == sent_head + b"\r\n"
+    assert sorted(added) == [
+        "feedback-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "received",
+        "x-relayd-id",
+    ]
+    return added, body, sent_body
+
+
 def test_smtplib_message_arrives_byte_exact_with_verp_sender(tmp_path: Path, sink: Sink) -> None:
     body = (
         "Line one.\r\n.leading dot survives\r\n..two dots\r\nUnicode: gr\u00fc\u00dfe\r\n"
@@ -27,17 +43,7 @@ def test_smtplib_message_arrives_byte_exact_with_verp_sender(tmp_path: Path, sin
         assert code == 250 and re.match(rb"2\.0\.0 Ok: queued as [a-z2-7]{16}$", resp), resp
         assert wait_until(lambda: sink.handler.count() == 1)
     got = sink.messages[0]
-    added, headers, delivered_body = split_delivered(got.data)
-    sent_head, _, sent_body = msg.partition(b"\r\n\r\n")
-    # every header field the application wrote arrives byte for byte, in order; relayd only adds its own
-    assert headers == sent_head + b"\r\n"
-    assert sorted(added) == [
-        "feedback-id",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-        "received",
-        "x-relayd-id",
-    ]
+    _, delivered_body, sent_body = _app_fields_intact(got.data, msg)
     # the body arrives byte for byte, followed only by the unsubscribe footer and imprint
     assert delivered_body.startswith(sent_body)
     footer = delivered_body[len(sent_body) :].decode()
@@ -136,16 +142,7 @@ def test_delivery_survives_restart_and_graceful_stop(tmp_path: Path, sink: Sink)
         assert wait_until(lambda: sink.handler.count() == 1)
     [got] = sink.messages
     assert got.rcpt_tos == ["dave@example.test"]
-    added, headers, body = split_delivered(got.data)
-    sent_head, _, sent_body = msg.partition(b"\r\n\r\n")
-    assert headers == sent_head + b"\r\n"
-    assert sorted(added) == [
-        "feedback-id",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-        "received",
-        "x-relayd-id",
-    ]
+    added, body, sent_body = _app_fields_intact(got.data, msg)
     assert body.startswith(sent_body)
     [link] = re.findall(rb"Unsubscribe: (http://\S+/u/([a-z0-9-]+))\r\n", body[len(sent_body) :])
     assert link[0] in added["list-unsubscribe"][0]
