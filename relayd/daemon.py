@@ -362,16 +362,23 @@ async def serve(
     """Run one relayd process until SIGTERM/SIGINT: the only one (``role="all"``), or the submission or
     the delivery process of queue shard ``worker`` of ``workers`` (relayd.supervisor)."""
     daemon = Daemon(cfg, config_path, worker=worker, workers=workers, role=role, channel=channel)
+    # Signals are handled from before the first listener binds: a SIGHUP's default action kills the
+    # process, and a client (or a test) that saw the port open may send one while start-up still runs.
+    # A reload asked for then runs once start-up is done, so an edit made meanwhile is not missed.
+    loop = asyncio.get_running_loop()
+    reload_asked = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     await daemon.start()
     # What start-up built (modules, config, compiled patterns, key objects) lives as long as the process:
     # keep the collector from walking it in every full collection. Under load a full collection in an
     # accepting process took ~40 ms before, every session waiting; ~3 ms after (median, measured).
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    if reload_asked.is_set():
+        daemon.reload()
     sd_notify("READY=1")
     if workers == 1 and role == "all":
         log.info("relayd ready")
