@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from relayd import config as config_mod
 from relayd import feedback, metrics
@@ -42,9 +42,11 @@ from relayd.smtp.submission import SubmissionHandler, start_submission, tls_cont
 from relayd.store import Event, Store, StoreError, open_store
 from relayd.supervisor import shard_path
 from relayd.systemd import sd_notify
-from relayd.web import create_app, start_web
-from relayd.web.app import update_config as update_web_config
-from relayd.webhooks import WebhookDispatcher
+
+if TYPE_CHECKING:
+    # imported where they are used, by the processes that listen: a delivery process never loads aiohttp
+    # (~13 MB of memory in each)
+    from relayd.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,9 @@ class Daemon:
         )
 
     async def _start_listeners(self, signer: Signer) -> None:
+        from relayd.web import create_app, start_web
+        from relayd.webhooks import WebhookDispatcher
+
         cfg = self.cfg
         # one dispatcher per store, not per worker: each would send every event once more
         self.webhooks = WebhookDispatcher(cfg, self.store) if self.worker == 0 else None
@@ -278,6 +283,8 @@ class Daemon:
             if self.webhooks is not None:
                 self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
             self.inbound.cfg = new
+            from relayd.web.app import update_config as update_web_config
+
             update_web_config(self.web.app, new)
             self.pipeline = pipeline
         self.cfg = new
@@ -289,6 +296,8 @@ class Daemon:
 
     async def _restart_webhooks(self, cfg: Config) -> None:
         """New endpoints or secrets after a reload; the old dispatcher saves its progress first."""
+        from relayd.webhooks import WebhookDispatcher
+
         old, self.webhooks = self.webhooks, WebhookDispatcher(cfg, self.store)
         if old is not None:
             await old.stop()

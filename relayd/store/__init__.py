@@ -17,6 +17,7 @@ database, with ``NOTIFY`` change propagation. The same contract suite runs on bo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     SCOPE_PRECEDENCE,
@@ -38,8 +39,22 @@ from .base import (
     as_utc,
     utcnow,
 )
-from .postgresql import CHANNEL_ACCOUNT, CHANNEL_SUPPRESSION, ChangeCallback, PostgresStore
 from .sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .postgresql import CHANNEL_ACCOUNT, CHANNEL_SUPPRESSION, ChangeCallback, PostgresStore
+
+#: imported on first use: asyncpg costs every process ~6 MB of memory, and a node on SQLite never needs it
+_FROM_POSTGRESQL = frozenset({"CHANNEL_ACCOUNT", "CHANNEL_SUPPRESSION", "ChangeCallback", "PostgresStore"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_POSTGRESQL:
+        from . import postgresql
+
+        return getattr(postgresql, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CHANNEL_ACCOUNT",
@@ -96,6 +111,8 @@ async def open_store(
     if backend == "postgresql":
         if not dsn:
             raise ValueError("store backend 'postgresql' needs a dsn ([store] dsn = \"postgresql://...\")")
+        from .postgresql import PostgresStore
+
         pg = PostgresStore(dsn)
         await pg.open()
         return pg

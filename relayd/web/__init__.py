@@ -7,8 +7,25 @@ listener; the HTML is in :mod:`relayd.web.pages`.
 
 from __future__ import annotations
 
-from relayd.web.app import MAX_BODY, create_app, start_web
+from typing import TYPE_CHECKING, Any
+
 from relayd.web.unsubscribe import UnsubscribeResult, UnsubscribeSource, resolve, unsubscribe
+
+if TYPE_CHECKING:
+    from relayd.web.app import MAX_BODY, create_app, start_web
+
+#: loaded on first use, so that importing :mod:`relayd.web.unsubscribe` (the inbound listener's mailto path,
+#: in every process) does not load aiohttp (~13 MB in each process that never serves HTTP)
+_FROM_APP = frozenset({"MAX_BODY", "create_app", "start_web"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_APP:
+        from relayd.web import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MAX_BODY",
