@@ -28,9 +28,8 @@ and the next write after space returns simply succeeds (no restart, no repair).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import errno
+import functools
 import logging
 import os
 import sqlite3
@@ -41,8 +40,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from relayd.committhread import CommitThread
 from relayd.errors import StorageError
-from relayd.sqlitelock import write_lock
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +204,12 @@ class MessageRow:
 
 @dataclass(slots=True)
 class _Op:
+    """One statement of a write."""
+
     sql: str
     params: Sequence[Any] | Sequence[Sequence[Any]]
-    many: bool
-    done: asyncio.Future[None]
+    many: bool = False
     touched: str | None = None  # message id whose data may be freed after this op
-    rowcount: int = 0
 
 
 _FREE_DATA = (
@@ -219,13 +218,30 @@ _FREE_DATA = (
 )
 
 
-class QueueStore:
-    """Async access to the queue database: a group-committing writer thread plus inline reads.
+def _apply(ops: list[_Op], db: sqlite3.Connection) -> int:
+    """One caller's statements (in the writer's shared transaction); the last one's row count."""
+    rowcount = 0
+    touched: set[str] = set()
+    for op in ops:
+        cur = db.executemany(op.sql, op.params) if op.many else db.execute(op.sql, op.params)
+        rowcount = cur.rowcount
+        if op.touched:
+            touched.add(op.touched)
+    if touched:
+        db.executemany(_FREE_DATA, [(t, t) for t in touched])
+    return rowcount
 
-    Why not aiosqlite here: a batch is several statements, and each aiosqlite call is a hop to its thread
-    and back. The writer runs a whole batch -- every INSERT/UPDATE waiting, then one COMMIT and its fsync --
-    in one call on a dedicated thread, so the event loop pays one hop per batch, not per statement. Reads
-    are short indexed lookups in WAL mode (readers never wait for the writer) and run on the loop thread.
+
+def _storage_error(exc: Exception) -> StorageError:
+    error = (InsufficientStorage if _is_full(exc) else StorageError)(f"queue write failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class QueueStore:
+    """Async access to the queue database: a group-committing writer (relayd.committhread) plus inline
+    reads. Reads are short indexed lookups in WAL mode (readers never wait for the writer) and run on the
+    loop thread.
     """
 
     def __init__(self, path: Path, *, batch_limit: int = 512, outcomes_only: bool = False) -> None:
@@ -237,28 +253,30 @@ class QueueStore:
         #:   its last outcomes may be gone and those recipients are delivered once more: at-least-once, as
         #:   the queue promises anyway. Every message is still committed with ``FULL`` (and that fsync
         #:   writes out the outcomes before it too).
-        #: - each batch runs on the event loop's thread, not the writer thread: on a thread, a
-        #:   transaction stopped whenever it needed the GIL while the loop's thread held it, and a
-        #:   garbage collection there holds it for 50-350 ms (measured in the delivery process under
-        #:   load), all that time with the lock taken.
+        #: - each batch runs on the event loop's thread, not a writer thread (CommitThread ``inline``).
         self._synchronous = "NORMAL" if outcomes_only else "FULL"
         self._inline = outcomes_only
         self._db: sqlite3.Connection | None = None
         self._ro: sqlite3.Connection | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-writer")
-        self._ops: asyncio.Queue[_Op | None] = asyncio.Queue()
-        self._writer_task: asyncio.Task[None] | None = None
+        self._writer: CommitThread | None = None
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = await loop.run_in_executor(self._thread, self._connect_writer)
+            self._db = await asyncio.to_thread(self._connect_writer)
             self._ro = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
             self._ro.execute("PRAGMA query_only = 1")
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open queue {self.path}: {exc}") from exc
-        self._writer_task = asyncio.create_task(self._write_loop(), name="queue-writer")
+        self._writer = CommitThread(
+            "queue-writer",
+            self._db,
+            error=_storage_error,
+            lock_timeout=_LOCK_TIMEOUT,
+            batch_limit=self._batch_limit,
+            inline=self._inline,
+        )
+        self._writer.start()
 
     def _connect_writer(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
@@ -271,83 +289,27 @@ class QueueStore:
     async def close(self) -> None:
         """Finish every write already requested, then close; each batch is a transaction, so nothing is
         ever half-written."""
-        if self._writer_task is not None:
-            await self._ops.put(None)
-            await self._writer_task
-            self._writer_task = None
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.stop()
         if self._db is not None:
             db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
+            db.close()
         if self._ro is not None:
             self._ro.close()
             self._ro = None
-        self._thread.shutdown(wait=True)
 
     # --- writes (group commit) -------------------------------------------------------------------------
 
-    async def _submit(self, ops: list[_Op]) -> None:
-        if self._writer_task is None or self._writer_task.done():
+    async def _submit(self, ops: list[_Op]) -> int:
+        """Commit ``ops`` (together, in one transaction with whatever else is waiting); the last op's row
+        count."""
+        if self._writer is None:
             raise StorageError("queue writer is not running")
-        for op in ops:
-            self._ops.put_nowait(op)
-        await asyncio.gather(*(op.done for op in ops))
+        return await self._writer.run(functools.partial(_apply, ops))
 
     def _op(self, sql: str, params: Sequence[Any], *, many: bool = False, touched: str | None = None) -> _Op:
-        return _Op(sql, params, many, asyncio.get_running_loop().create_future(), touched)
-
-    async def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            first = await self._ops.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self._batch_limit and not self._ops.empty():
-                op = self._ops.get_nowait()
-                if op is None:
-                    stop = True
-                    break
-                batch.append(op)
-            await self._run_batch(batch)
-
-    def _apply(self, batch: list[_Op]) -> None:
-        """On the writer thread: the whole batch in one transaction, one COMMIT (one fsync)."""
-        db = self._db
-        if db is None:
-            raise sqlite3.ProgrammingError("queue is closed")
-        try:
-            write_lock(db, _LOCK_TIMEOUT)
-            touched: set[str] = set()
-            for op in batch:
-                cur = db.executemany(op.sql, op.params) if op.many else db.execute(op.sql, op.params)
-                op.rowcount = cur.rowcount
-                if op.touched:
-                    touched.add(op.touched)
-            if touched:
-                db.executemany(_FREE_DATA, [(t, t) for t in touched])
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            raise
-
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        try:
-            if self._inline:
-                self._apply(batch)
-            else:
-                await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            log.error("queue write of %d operations failed: %s", len(batch), exc)
-            err = (InsufficientStorage if _is_full(exc) else StorageError)(f"queue write failed: {exc}")
-            for op in batch:
-                if not op.done.done():
-                    op.done.set_exception(err)
-            return
-        for op in batch:
-            if not op.done.done():
-                op.done.set_result(None)
+        return _Op(sql, params, many, touched)
 
     async def enqueue(self, msg: NewMessage, *, held: bool = False, min_free: int = 0) -> None:
         """Store ``msg`` durably; returns once committed. Raises StorageError, or InsufficientStorage when
@@ -491,9 +453,7 @@ class QueueStore:
         )
 
     async def _update_count(self, sql: str, params: Sequence[Any], touched: str | None = None) -> int:
-        op = self._op(sql, params, touched=touched)
-        await self._submit([op])
-        return op.rowcount
+        return await self._submit([self._op(sql, params, touched=touched)])
 
     async def purge(self, older_than: float) -> None:
         """Forget finished recipients and their messages after ``keep_finished``."""

@@ -1,4 +1,5 @@
-"""Group commit for the stores' high-rate inserts (events, the sent ledger), on either backend.
+"""Group commit for PostgreSQL's high-rate inserts (events, the sent ledger). SQLite's writes do the same
+on their writer's thread (:mod:`relayd.committhread`).
 
 Rows added while a batch is being written go together into the next write, and each caller returns once
 its rows are committed, or gets that batch's error: many sessions share one transaction, and nobody is told

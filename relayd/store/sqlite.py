@@ -15,15 +15,15 @@ Why this shape:
   send counters and events with ``synchronous=NORMAL`` (consistent after a crash, may lose the last
   commits; a lost counter row lets at most one extra message through a cap). A FULL commit also flushes
   every NORMAL commit before it.
-* **Events are group-committed**: concurrent :meth:`SqliteStore.record_event` calls share one transaction,
-  and each call returns only once its event is committed. So is the sent ledger.
-* **The writes of every message take one hop.** Send-cap reservations, the sent ledger and events run on a
-  second writer connection with a thread of its own, each transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``)
-  in one call there. SQLite's write lock is shared with the other worker processes; a transaction made of
-  several aiosqlite calls holds it across event-loop turns, and under load the other workers then slept in
-  SQLite's busy handler: accepting a message took 35-60 ms (p50) and up to 0.5 s, most of it waiting for
-  the sent-ledger insert (measured with timers around each step of DATA, 2 workers, 10 recipients a
-  message). Rarer writes (suppression, account state, pruning) stay on the aiosqlite writer.
+* **The writes of every message are group-committed, in one hop.** Send-cap reservations, the sent ledger
+  and events run on a second writer connection with a thread of its own (:mod:`relayd.committhread`):
+  every write waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go there,
+  and each caller returns only once its rows are committed. SQLite's write lock is shared with the other
+  worker processes; a transaction made of several aiosqlite calls holds it across event-loop turns, and
+  under load the other workers then slept in SQLite's busy handler: accepting a message took 35-60 ms
+  (p50) and up to 0.5 s, most of it waiting for the sent-ledger insert (measured with timers around each
+  step of DATA, 2 workers, 10 recipients a message). Rarer writes (suppression, account state, pruning)
+  stay on the aiosqlite writer.
 * ``check`` pads its ``IN (...)`` list to a power of two so a handful of statement texts cover every batch
   size and stay in sqlite3's statement cache (no re-prepare per message).
 
@@ -35,23 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import concurrent.futures
 import functools
 import itertools
 import logging
 import operator
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import aiosqlite
 
-from relayd.sqlitelock import write_lock
+from relayd.committhread import CommitThread
 
 from .base import (
     SCOPE_PRECEDENCE,
@@ -68,7 +67,6 @@ from .base import (
     as_utc,
     utcnow,
 )
-from .groupcommit import GroupCommit
 from .migrations import LATEST_VERSION, SCHEMA_TABLE_SQLITE, pending
 from .query import ENTRY_COLUMNS, suppression_list
 
@@ -188,68 +186,18 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-_T = TypeVar("_T")
-
-
 def _insert_many(sql: str, rows: builtins.list[Row], db: sqlite3.Connection) -> None:
     db.executemany(sql, rows)
 
 
-class _OneHopWriter:
-    """A writer connection on a thread of its own that runs each transaction in one call (see the module
-    docstring); ``synchronous=NORMAL``: it serves only the writes that may lose their last commits."""
-
-    def __init__(self, path: Path, busy_timeout: float, *, inline: bool = False) -> None:
-        self.path = path
-        self._busy_timeout = busy_timeout
-        #: run each transaction on the caller's (event loop's) thread: see SqliteStore ``inline_writes``
-        self._inline = inline
-        self._db: sqlite3.Connection | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-
-    def _connect(self) -> None:
-        db = sqlite3.connect(
-            self.path, isolation_level=None, timeout=self._busy_timeout, check_same_thread=False
-        )
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("PRAGMA temp_store = MEMORY")
-        db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
-        self._db = db
-
-    async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
-
-    def _apply(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        db = self._db
-        if db is None:
-            raise sqlite3.ProgrammingError("store writer is closed")
-        write_lock(db, self._busy_timeout)
-        try:
-            result = fn(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return result
-
-    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``fn`` inside one ``BEGIN IMMEDIATE`` transaction on the writer thread; StoreError on failure."""
-        try:
-            if self._inline:
-                return self._apply(fn)
-            return await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, fn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: write failed: {exc}") from exc
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._close)
-        self._thread.shutdown(wait=True)
+def _connect_hot(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """The per-message writer's connection (see the module docstring); ``synchronous=NORMAL``: it serves
+    only the writes that may lose their last commits."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout, check_same_thread=False)
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
+    return db
 
 
 class SqliteStore:
@@ -282,10 +230,9 @@ class SqliteStore:
         self._reader_cycle: Iterator[aiosqlite.Connection] = iter(())
         self._write_lock = asyncio.Lock()
         self._synchronous = ""
-        self._events: GroupCommit[Row] = GroupCommit(functools.partial(self._insert_hot, _INSERT_EVENT))
-        self._sent: GroupCommit[Row] = GroupCommit(functools.partial(self._insert_hot, _INSERT_SENT))
         self._inline: sqlite3.Connection | None = None
-        self._hot: _OneHopWriter | None = None
+        self._hot_db: sqlite3.Connection | None = None
+        self._hot: CommitThread | None = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -309,9 +256,15 @@ class SqliteStore:
                 await reader.execute("PRAGMA query_only = 1")
                 self._readers.append(reader)
             self._reader_cycle = itertools.cycle(self._readers)
-            hot = _OneHopWriter(self.path, self._busy_timeout, inline=self._inline_writes)
-            await hot.open()
-            self._hot = hot
+            self._hot_db = await asyncio.to_thread(_connect_hot, self.path, self._busy_timeout)
+            self._hot = CommitThread(
+                "store-writer",
+                self._hot_db,
+                error=self._write_error,
+                lock_timeout=self._busy_timeout,
+                inline=self._inline_writes,
+            )
+            self._hot.start()
             # Hot-path reads (``check`` on every RCPT and dequeue) run on the event loop thread itself: an
             # indexed lookup takes tens of microseconds, while a hop to an aiosqlite thread and back costs
             # more than that in thread wake-ups and GIL hand-offs (measured with py-spy under load). WAL
@@ -336,11 +289,12 @@ class SqliteStore:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
-        await self._sent.drain(self.path)
-        await self._events.drain(self.path)
-        if self._hot is not None:
+        if self._hot is not None:  # commits what is already given to it
             hot, self._hot = self._hot, None
-            await hot.close()
+            await hot.stop()
+        if self._hot_db is not None:
+            hot_db, self._hot_db = self._hot_db, None
+            hot_db.close()
         for conn in [*self._readers, *([self._writer] if self._writer else [])]:
             try:
                 await conn.close()
@@ -426,7 +380,12 @@ class SqliteStore:
         await conn.execute(f"PRAGMA cache_size = -{self._cache_kib}")
         return conn
 
-    def _require_hot(self) -> _OneHopWriter:
+    def _write_error(self, exc: Exception) -> StoreError:
+        error = StoreError(f"{self.path}: write failed: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _require_hot(self) -> CommitThread:
         if self._hot is None:
             raise StoreError(f"{self.path}: store is not open")
         return self._hot
@@ -727,7 +686,7 @@ class SqliteStore:
     # -- events ----------------------------------------------------------------------------------------
 
     async def record_event(self, event: Event) -> None:
-        await self._events.add([_event_row(event)])
+        await self._insert_hot(_INSERT_EVENT, [_event_row(event)])
 
     async def record_events(self, events: Iterable[Event]) -> None:
         rows = [_event_row(e) for e in events]
@@ -735,7 +694,8 @@ class SqliteStore:
             await self._insert_hot(_INSERT_EVENT, rows)
 
     async def _insert_hot(self, sql: str, rows: builtins.list[Row]) -> None:
-        """One INSERT of many rows, one transaction on the per-message writer."""
+        """One INSERT of many rows on the per-message writer, in one transaction with every other write
+        waiting (group commit: relayd.committhread)."""
         await self._require_hot().run(functools.partial(_insert_many, sql, rows))
 
     async def events(
@@ -770,7 +730,7 @@ class SqliteStore:
             (r.queue_id, r.index, r.account, r.list or "", r.address, _us(r.sent_at)) for r in records
         ]
         if rows:
-            await self._sent.add(rows)
+            await self._insert_hot(_INSERT_SENT, rows)
 
     async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:
         rows = await self._fetch(
