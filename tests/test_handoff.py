@@ -121,6 +121,57 @@ async def test_a_message_too_big_for_a_datagram_goes_by_queue_id_and_is_read_fro
     assert b"ACME Ltd, 1 Test Street" in got  # rewritten again from disk with the config's imprint
 
 
+async def test_a_full_window_pauses_reading_and_every_message_still_goes_out(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """A slow destination fills the active window: the receiver stops reading the channel (the messages
+    announced meanwhile stay in the socket, the announcer or on disk, not in the delivery process) and
+    resumes when there is room; nothing is left behind, though the periodic scan is 10 minutes away."""
+    accept = sink.handler.handle_DATA
+
+    async def slow(server: object, session: object, envelope: object) -> str:
+        await asyncio.sleep(0.1)
+        return await accept(server, session, envelope)  # type: ignore[arg-type]
+
+    sink.handler.handle_DATA = slow  # type: ignore[method-assign]
+    path = tmp_path / "relayd.toml"
+    path.write_text(config_text(tmp_path, port=free_port(), routes={"example.test": sink.port}))
+    cfg = config_mod.load(path)
+    cfg = cfg.model_copy(
+        update={"queue": cfg.queue.model_copy(update={"active_limit": 2, "scan_interval": 600.0})}
+    )
+    queue = QueueStore(tmp_path / "queue.db")
+    await queue.open()
+    renderer = Renderer(cfg, SECRET, Signer([]))
+    scheduler = Scheduler(cfg, queue, SECRET, renderer=renderer)
+    scheduler.start()  # as in a delivery process: its scan starts what the channel did not bring
+    submission_end, delivery_end = channel()
+    receiver = Receiver(delivery_end, scheduler, renderer)
+    receiver.start()
+    shard = Shard(cfg, queue, Announcer(submission_end), renderer)
+    sent = 12
+    try:
+        paused = False
+        for i in range(sent):
+            msg = await _commit(shard, message(f"m{i}"), (f"r{i}@example.test",), "HANDED")
+            shard.announcer.submitted(msg, time.time())
+            await asyncio.sleep(0.02)
+            paused |= receiver.paused
+            assert scheduler.in_flight <= 2
+        assert paused
+        assert await eventually(lambda: sink.handler.count() == sent, timeout=30)
+        assert sorted(m.rcpt_tos[0] for m in sink.messages) == sorted(
+            f"r{i}@example.test" for i in range(sent)
+        )
+        assert await eventually(lambda: not receiver.paused)
+    finally:
+        shard.announcer.close()
+        await receiver.close()
+        await scheduler.stop()
+        await queue.close()
+        delivery_end.close()
+
+
 def _conn(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     db.execute("PRAGMA journal_mode=WAL")

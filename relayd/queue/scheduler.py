@@ -236,6 +236,14 @@ class Scheduler:
         """The lanes and their state (suspended source addresses, current rates) for gauges."""
         return self._shaper
 
+    def has_room(self) -> bool:
+        """Whether the active window takes another recipient now (relayd.queue.handoff reads only then)."""
+        return len(self._inflight) < self._cfg.queue.active_limit
+
+    def note_backlog(self) -> None:
+        """Committed messages may be waiting that nobody announced: scan for them once there is room."""
+        self._backlog = True
+
     def _reserve(self) -> int:
         return max(1, self._cfg.queue.active_limit // 10)
 
