@@ -2,8 +2,9 @@
 
 Why SQLite and not a file per message (Postfix, Mailman): one transaction stores the message and all its
 recipients atomically, so a crash leaves either the whole message or nothing, and many sessions can share
-one fsync (group commit): the writer task takes every write that is waiting, runs them in one transaction and
-commits once. A session gets its ``250`` only after the commit that holds its message has returned.
+one fsync (group commit): the writer thread (relayd.committhread) takes every write that is waiting, runs
+them in one transaction and commits once. A session gets its ``250`` only after the commit that holds its
+message has returned.
 
 States of a recipient (the only transitions are in :meth:`QueueStore.finish` and :meth:`QueueStore.defer`)::
 
