@@ -309,9 +309,6 @@ class QueueStore:
             raise StorageError("queue writer is not running")
         return await self._writer.run(functools.partial(_apply, ops))
 
-    def _op(self, sql: str, params: Sequence[Any], *, many: bool = False, touched: str | None = None) -> _Op:
-        return _Op(sql, params, many, touched)
-
     async def enqueue(self, msg: NewMessage, *, held: bool = False, min_free: int = 0) -> None:
         """Store ``msg`` durably; returns once committed. Raises StorageError, or InsufficientStorage when
         less than ``min_free`` bytes plus the message would be left on the queue's filesystem."""
@@ -327,7 +324,7 @@ class QueueStore:
                 raise InsufficientStorage(f"{free} bytes free on the queue filesystem, {min_free} kept back")
         await self._submit(
             [
-                self._op(
+                _Op(
                     "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data, "
                     "render) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -341,7 +338,7 @@ class QueueStore:
                         int(msg.render),
                     ),
                 ),
-                self._op(
+                _Op(
                     "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, "
                     "updated_at, account) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
                     [
@@ -358,7 +355,7 @@ class QueueStore:
         assert state in FINAL_STATES
         await self._submit(
             [
-                self._op(
+                _Op(
                     "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ?, "
                     "data = NULL WHERE msg_id = ? AND idx = ? AND state = 'queued'",
                     (state, reply, attempts, time.time(), queue_id, index),
@@ -370,7 +367,7 @@ class QueueStore:
     async def defer(self, queue_id: str, index: int, next_attempt: float, reply: str, attempts: int) -> None:
         await self._submit(
             [
-                self._op(
+                _Op(
                     "UPDATE recipients SET next_attempt = ?, last_reply = ?, attempts = ?, updated_at = ? "
                     "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
                     (next_attempt, reply, attempts, time.time(), queue_id, index),
@@ -384,7 +381,7 @@ class QueueStore:
         untouched."""
         await self._submit(
             [
-                self._op(
+                _Op(
                     "UPDATE recipients SET next_attempt = ? "
                     "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
                     (next_attempt, queue_id, index),
@@ -413,7 +410,7 @@ class QueueStore:
         """Drop one recipient (suppressed after it was queued, unsubscribed, ...)."""
         await self._submit(
             [
-                self._op(
+                _Op(
                     "UPDATE recipients SET state = 'dropped', last_reply = ?, updated_at = ?, data = NULL "
                     "WHERE msg_id = ? AND idx = ? AND state IN ('queued', 'held')",
                     (reason, time.time(), queue_id, index),
@@ -454,17 +451,17 @@ class QueueStore:
         )
 
     async def _update_count(self, sql: str, params: Sequence[Any], touched: str | None = None) -> int:
-        return await self._submit([self._op(sql, params, touched=touched)])
+        return await self._submit([_Op(sql, params, touched=touched)])
 
     async def purge(self, older_than: float) -> None:
         """Forget finished recipients and their messages after ``keep_finished``."""
         await self._submit(
             [
-                self._op(
+                _Op(
                     "DELETE FROM recipients WHERE state NOT IN ('queued', 'held') AND updated_at < ?",
                     (older_than,),
                 ),
-                self._op(
+                _Op(
                     "DELETE FROM messages WHERE data IS NULL AND created_at < ? AND NOT EXISTS "
                     "(SELECT 1 FROM recipients WHERE msg_id = messages.id)",
                     (older_than,),
