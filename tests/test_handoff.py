@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,7 +22,6 @@ from relayd.policy.render import Renderer, prepare_message, read_meta
 from relayd.queue.handoff import MAX_DATAGRAM, Announcer, Receiver, channel
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import NewMessage, QueueStore, State
-from relayd.sqlitelock import write_lock
 from relayd.tokens import new_queue_id
 from tests.harness import Sink, config_text, free_port, message
 
@@ -170,49 +167,6 @@ async def test_a_full_window_pauses_reading_and_every_message_still_goes_out(
         await scheduler.stop()
         await queue.close()
         delivery_end.close()
-
-
-def _conn(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-    db.execute("PRAGMA journal_mode=WAL")
-    return db
-
-
-def test_write_lock_is_taken_soon_after_another_connection_frees_it(tmp_path: Path) -> None:
-    path = tmp_path / "lock.db"
-    holder, waiter = _conn(path), _conn(path)
-    holder.execute("CREATE TABLE t (x)")
-    holder.execute("BEGIN IMMEDIATE")
-    freed_at: list[float] = []
-
-    def free_later() -> None:
-        time.sleep(0.3)
-        holder.execute("INSERT INTO t VALUES (1)")
-        freed_at.append(time.monotonic())
-        holder.execute("COMMIT")
-
-    thread = threading.Thread(target=free_later)
-    thread.start()
-    write_lock(waiter, timeout=5.0)  # waits while the other connection holds it
-    got_at = time.monotonic()
-    thread.join()
-    assert waiter.in_transaction
-    assert waiter.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)  # it ran after the other commit
-    assert got_at >= freed_at[0]
-    waiter.execute("COMMIT")
-
-
-def test_write_lock_gives_up_with_the_busy_error_after_its_timeout(tmp_path: Path) -> None:
-    path = tmp_path / "lock.db"
-    holder, waiter = _conn(path), _conn(path)
-    holder.execute("CREATE TABLE t (x)")
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            write_lock(waiter, timeout=0.2)
-        assert not waiter.in_transaction
-    finally:
-        holder.execute("ROLLBACK")
 
 
 async def test_a_full_channel_buffers_a_bounded_amount_then_leaves_messages_to_the_scan(

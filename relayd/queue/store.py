@@ -2,8 +2,8 @@
 
 Why SQLite and not a file per message (Postfix, Mailman): one transaction stores the message and all its
 recipients atomically, so a crash leaves either the whole message or nothing, and many sessions can share
-one fsync (group commit): the writer thread (relayd.committhread) takes every write that is waiting, runs
-them in one transaction and commits once. A session gets its ``250`` only after the commit that holds its
+one fsync (group commit): the writer (relayd.sqlitewriter) takes every write that is waiting, runs them in
+one transaction and commits once. A session gets its ``250`` only after the commit that holds its
 message has returned.
 
 States of a recipient (the only transitions are in :meth:`QueueStore.finish` and :meth:`QueueStore.defer`)::
@@ -41,8 +41,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from relayd.committhread import CommitThread
 from relayd.errors import StorageError
+from relayd.sqlitewriter import SqliteWriter
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _storage_error(exc: Exception) -> StorageError:
 
 
 class QueueStore:
-    """Async access to the queue database: a group-committing writer (relayd.committhread) plus inline
+    """Async access to the queue database: a group-committing writer (relayd.sqlitewriter) plus inline
     reads. Reads are short indexed lookups in WAL mode (readers never wait for the writer) and run on the
     loop thread.
     """
@@ -250,16 +250,14 @@ class QueueStore:
         self._batch_limit = batch_limit
         #: a shard's delivery process writes only attempt outcomes, and holds the write lock that the
         #: shard's submission process needs for its next ``250`` as briefly as it can:
-        #: - ``synchronous=NORMAL``: a commit does not wait for an fsync. After a power loss (not a crash)
-        #:   its last outcomes may be gone and those recipients are delivered once more: at-least-once, as
-        #:   the queue promises anyway. Every message is still committed with ``FULL`` (and that fsync
-        #:   writes out the outcomes before it too).
-        #: - each batch runs on the event loop's thread, not a writer thread (CommitThread ``inline``).
+        #: ``synchronous=NORMAL``, a commit does not wait for an fsync. After a power loss (not a crash)
+        #: its last outcomes may be gone and those recipients are delivered once more: at-least-once, as
+        #: the queue promises anyway. Every message is still committed with ``FULL`` (and that fsync
+        #: writes out the outcomes before it too).
         self._synchronous = "NORMAL" if outcomes_only else "FULL"
-        self._inline = outcomes_only
         self._db: sqlite3.Connection | None = None
         self._ro: sqlite3.Connection | None = None
-        self._writer: CommitThread | None = None
+        self._writer: SqliteWriter | None = None
 
     async def open(self) -> None:
         try:
@@ -269,13 +267,12 @@ class QueueStore:
             self._ro.execute("PRAGMA query_only = 1")
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open queue {self.path}: {exc}") from exc
-        self._writer = CommitThread(
+        self._writer = SqliteWriter(
             "queue-writer",
             self._db,
             error=_storage_error,
             lock_timeout=_LOCK_TIMEOUT,
             batch_limit=self._batch_limit,
-            inline=self._inline,
         )
         self._writer.start()
 

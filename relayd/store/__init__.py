@@ -95,17 +95,14 @@ async def open_store(
 
     ``light``: for a process that reads the store only now and then (a queue shard's delivery process:
     the check before each attempt, batched) at a low CPU priority: SQLite gets one reader connection and
-    4 MiB of page cache per connection instead of two readers with 8 MiB each, and its per-message writes
-    run on the event loop's thread (``SqliteStore(inline_writes=True)`` says why).
+    4 MiB of page cache per connection instead of two readers with 8 MiB each.
 
     Raises ``ValueError`` for an unknown backend or a ``postgresql`` backend without ``dsn``,
     :class:`StoreError` when the database cannot be reached, opened or migrated.
     """
     if backend == "sqlite":
         where = path if path is not None else DEFAULT_SQLITE_PATH
-        store = (
-            SqliteStore(where, readers=1, cache_kib=4096, inline_writes=True) if light else SqliteStore(where)
-        )
+        store = SqliteStore(where, readers=1, cache_kib=4096) if light else SqliteStore(where)
         await store.open()
         return store
     if backend == "postgresql":

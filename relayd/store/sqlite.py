@@ -15,15 +15,15 @@ Why this shape:
   send counters and events with ``synchronous=NORMAL`` (consistent after a crash, may lose the last
   commits; a lost counter row lets at most one extra message through a cap). A FULL commit also flushes
   every NORMAL commit before it.
-* **The writes of every message are group-committed, in one hop.** Send-cap reservations, the sent ledger
-  and events run on a second writer connection with a thread of its own (:mod:`relayd.committhread`):
-  every write waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go there,
-  and each caller returns only once its rows are committed. SQLite's write lock is shared with the other
-  worker processes; a transaction made of several aiosqlite calls holds it across event-loop turns, and
-  under load the other workers then slept in SQLite's busy handler: accepting a message took 35-60 ms
-  (p50) and up to 0.5 s, most of it waiting for the sent-ledger insert (measured with timers around each
-  step of DATA, 2 workers, 10 recipients a message). Rarer writes (suppression, account state, pruning)
-  stay on the aiosqlite writer.
+* **The writes of every message are group-committed, on the event loop's thread.** Send-cap reservations,
+  the sent ledger and events run on a second writer connection (:mod:`relayd.sqlitewriter`): every write
+  waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go, and each caller
+  returns only once its rows are committed. SQLite's write lock is shared with the other worker processes;
+  a transaction made of several aiosqlite calls holds it across event-loop turns, and under load the other
+  workers then slept in SQLite's busy handler: accepting a message took 35-60 ms (p50) and up to 0.5 s,
+  most of it waiting for the sent-ledger insert (measured with timers around each step of DATA, 2 workers,
+  10 recipients a message). Why not a writer thread either: relayd.sqlitewriter says. Rarer writes
+  (suppression, account state, pruning) stay on the aiosqlite writer.
 * ``check`` pads its ``IN (...)`` list to a power of two so a handful of statement texts cover every batch
   size and stay in sqlite3's statement cache (no re-prepare per message).
 
@@ -50,7 +50,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from relayd.committhread import CommitThread
+from relayd.sqlitewriter import SqliteWriter
 
 from .base import (
     SCOPE_PRECEDENCE,
@@ -214,16 +214,10 @@ class SqliteStore:
         readers: int = 2,
         busy_timeout: float = 5.0,
         cache_kib: int = 8192,
-        inline_writes: bool = False,
     ) -> None:
         self.path = Path(path)
         self._n_readers = max(1, readers)
         self._cache_kib = cache_kib
-        #: the per-message writes (events, ledger, caps) on the event loop's thread instead of a writer
-        #: thread of their own: for a low-priority process (a shard's delivery process), whose garbage
-        #: collections would otherwise hold the GIL, 50-350 ms, while its writer thread holds the write
-        #: lock the accepting processes wait for. It blocks that process's loop for each transaction.
-        self._inline_writes = inline_writes
         self._busy_timeout = busy_timeout
         self._writer: aiosqlite.Connection | None = None
         self._readers: builtins.list[aiosqlite.Connection] = []
@@ -232,7 +226,7 @@ class SqliteStore:
         self._synchronous = ""
         self._inline: sqlite3.Connection | None = None
         self._hot_db: sqlite3.Connection | None = None
-        self._hot: CommitThread | None = None
+        self._hot: SqliteWriter | None = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -257,12 +251,8 @@ class SqliteStore:
                 self._readers.append(reader)
             self._reader_cycle = itertools.cycle(self._readers)
             self._hot_db = await asyncio.to_thread(_connect_hot, self.path, self._busy_timeout)
-            self._hot = CommitThread(
-                "store-writer",
-                self._hot_db,
-                error=self._write_error,
-                lock_timeout=self._busy_timeout,
-                inline=self._inline_writes,
+            self._hot = SqliteWriter(
+                "store-writer", self._hot_db, error=self._write_error, lock_timeout=self._busy_timeout
             )
             self._hot.start()
             # Hot-path reads (``check`` on every RCPT and dequeue) run on the event loop thread itself: an
@@ -385,7 +375,7 @@ class SqliteStore:
         error.__cause__ = exc
         return error
 
-    def _require_hot(self) -> CommitThread:
+    def _require_hot(self) -> SqliteWriter:
         if self._hot is None:
             raise StoreError(f"{self.path}: store is not open")
         return self._hot
@@ -695,7 +685,7 @@ class SqliteStore:
 
     async def _insert_hot(self, sql: str, rows: builtins.list[Row]) -> None:
         """One INSERT of many rows on the per-message writer, in one transaction with every other write
-        waiting (group commit: relayd.committhread)."""
+        waiting (group commit: relayd.sqlitewriter)."""
         await self._require_hot().run(functools.partial(_insert_many, sql, rows))
 
     async def events(

@@ -7,25 +7,28 @@ is rolled back alone and only its caller hears of it. A failure of the transacti
 not had in time, the ``COMMIT`` and its fsync) goes to every job of the batch: nobody is told "done" before
 their rows are committed.
 
-Why a thread of its own and not an executor or aiosqlite: on its own thread the writer picks up a new job
-at once (no event-loop turn to schedule it), and hands a whole batch's outcomes back in one
-``call_soon_threadsafe`` that wakes every caller. Through an executor and an asyncio writer task the way
-back alone was several loop turns; with 20 busy sessions per process, each turn is other sessions' work,
-and the queue's commit took 2.5 ms (p50) to 11 ms (p99) to reach its caller after the fsync (timed per
-step in the accepting process under bench/e2e.py's load).
+Why on the event loop's thread, not a writer thread or an executor: on a busy machine every hand-over
+between threads waits for a CPU and for the GIL, twice per write (to the writer and back). Under
+bench/e2e.py's load (2 CPUs, all of them busy) a writer thread took 0.2-0.7 ms (p50) and 3-15 ms (p99) to
+pick a job up and another 1-1.5 ms (p50) and 5-6 ms (p99) to hand its outcome back, and a message needs
+three writes (caps, ledger, queue) one after the other: the server-side ``250`` path measured p50 12 ms,
+p99 38-45 ms. Run here, a batch costs the loop the time of the SQLite calls and the fsync (well under a
+millisecond at p50), and the ``250`` path measured p50 5.6-6.6 ms, p99 15-20 ms; the bench's probe saw its
+``250`` p99 fall from 40-58 ms to 20-26 ms in profile B, with the same throughput. The price: the loop
+stands still for each batch's fsync. Here that is well under a millisecond; on a disk whose fsync takes
+10 ms every session of the process pauses that long, once per batch (all the messages that arrived
+meanwhile), not once per message.
 
-``inline=True`` runs the batches on the event loop's thread instead: for a low-priority process (a shard's
-delivery process), whose garbage collections would otherwise hold the GIL, 50-350 ms, while its writer
-thread holds the write lock that the accepting processes wait for.
+What must not block the loop is waiting for SQLite's write lock while another process holds it (the
+shard's other process, the other shards, the CLI): :func:`relayd.sqlitelock.write_lock` waits for it in
+short asynchronous steps, and jobs given meanwhile join the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -43,7 +46,7 @@ class _Job(Generic[T]):
     done: asyncio.Future[T]
 
 
-class CommitThread:
+class SqliteWriter:
     """The writer of one SQLite connection (``isolation_level=None``, ``busy_timeout = 0``: the write lock
     is waited for by :func:`relayd.sqlitelock.write_lock`).
 
@@ -58,95 +61,69 @@ class CommitThread:
         error: Callable[[Exception], Exception],
         lock_timeout: float = 5.0,
         batch_limit: int = 512,
-        inline: bool = False,
     ) -> None:
         self.name = name
         self._db = db
         self._error = error
         self._lock_timeout = lock_timeout
         self._batch_limit = batch_limit
-        self._inline = inline
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._intake: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()  # thread mode
-        self._pending: asyncio.Queue[_Job[Any] | None] = asyncio.Queue()  # inline mode
-        self._thread: threading.Thread | None = None
+        self._pending: asyncio.Queue[_Job[Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start taking jobs; call on the event loop that will await them."""
-        self._loop = asyncio.get_running_loop()
-        if self._inline:
-            self._task = asyncio.create_task(self._run_inline(), name=self.name)
-        else:
-            self._thread = threading.Thread(target=self._run_thread, name=self.name, daemon=True)
-            self._thread.start()
+        self._task = asyncio.create_task(self._run(), name=self.name)
 
     @property
     def running(self) -> bool:
-        if self._thread is not None:
-            return self._thread.is_alive()
         return self._task is not None and not self._task.done()
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(db)`` inside the next transaction; its return value once committed. Raises what ``error``
         makes of its failure or of the transaction's."""
-        job: _Job[T] = _Job(fn, asyncio.get_running_loop().create_future())
         if not self.running:
             raise self._error(sqlite3.ProgrammingError(f"{self.name} is not running"))
-        if self._thread is not None:
-            self._intake.put(job)
-        else:
-            self._pending.put_nowait(job)
+        job: _Job[T] = _Job(fn, asyncio.get_running_loop().create_future())
+        self._pending.put_nowait(job)
         return await job.done
 
     async def stop(self) -> None:
         """Commit every job already given, then stop (the connection stays open: the owner closes it)."""
         if self._task is not None:
-            await self._pending.put(None)
+            self._pending.put_nowait(None)
             await self._task
             self._task = None
-        if self._thread is not None:
-            self._intake.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-            await asyncio.sleep(0)  # the last batch's outcomes were handed over with call_soon_threadsafe
 
     # --- the writer ------------------------------------------------------------------------------------
 
-    def _run_thread(self) -> None:
-        loop = self._loop
-        assert loop is not None
+    async def _run(self) -> None:
         while True:
-            batch, stop = self._take(self._intake.get(), self._intake.get_nowait, queue.Empty)
-            if batch:
-                outcomes = self._commit(batch)
-                try:
-                    loop.call_soon_threadsafe(_settle, batch, outcomes)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    return
-            if stop:
+            first = await self._pending.get()
+            if first is None:
                 return
-
-    async def _run_inline(self) -> None:
-        while True:
-            batch, stop = self._take(await self._pending.get(), self._pending.get_nowait, asyncio.QueueEmpty)
-            if batch:
+            try:
+                await write_lock(self._db, self._lock_timeout)
+            except asyncio.CancelledError:
+                first.done.cancel()
+                raise
+            except Exception as exc:
+                batch, stop = self._take(first)
+                _settle(batch, [(False, self._failed(exc, len(batch)))] * len(batch))
+            else:
+                # from here to COMMIT without an await: nothing else can run in this transaction
+                batch, stop = self._take(first)
                 _settle(batch, self._commit(batch))
             if stop:
                 return
 
-    def _take(
-        self, first: _Job[Any] | None, more: Callable[[], _Job[Any] | None], empty: type[Exception]
-    ) -> tuple[list[_Job[Any]], bool]:
+    def _take(self, first: _Job[Any]) -> tuple[list[_Job[Any]], bool]:
         """``first`` and every job already waiting behind it (up to the batch limit); and whether a stop
         was found."""
-        if first is None:
-            return [], True
         batch = [first]
         while len(batch) < self._batch_limit:
             try:
-                job = more()
-            except empty:
+                job = self._pending.get_nowait()
+            except asyncio.QueueEmpty:
                 break
             if job is None:
                 return batch, True
@@ -154,11 +131,11 @@ class CommitThread:
         return batch, False
 
     def _commit(self, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
-        """Run ``batch`` in one transaction: per job (True, its value) or (False, its error)."""
+        """Run ``batch`` in the transaction ``write_lock`` began: per job (True, its value) or (False, its
+        error)."""
         db = self._db
         outcomes: list[tuple[bool, Any]] = []
         try:
-            write_lock(db, self._lock_timeout)
             for job in batch:
                 db.execute("SAVEPOINT job")
                 try:
