@@ -103,8 +103,12 @@ class SqliteWriter:
                 return
             try:
                 await write_lock(self._db, self._lock_timeout)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the loop is shutting down: nobody will wait for these
                 first.done.cancel()
+                while not self._pending.empty():
+                    job = self._pending.get_nowait()
+                    if job is not None:
+                        job.done.cancel()
                 raise
             except Exception as exc:
                 batch, stop = self._take(first)

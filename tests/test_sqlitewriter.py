@@ -181,3 +181,23 @@ async def test_write_lock_gives_up_with_the_busy_error_after_its_timeout(tmp_pat
         assert not waiter.in_transaction
     finally:
         holder.execute("ROLLBACK")
+
+
+async def test_a_writer_cancelled_while_waiting_for_the_lock_leaves_nobody_waiting(tmp_path: Path) -> None:
+    db = _connect(tmp_path / "w.db")
+    w = SqliteWriter("test-writer", db, error=_error, lock_timeout=30)
+    w.start()
+    other = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        jobs = [asyncio.ensure_future(w.run(_insert(f"c{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)  # the writer holds the first and waits for the lock
+        assert w._task is not None
+        w._task.cancel()
+        outcomes = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 5)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        db.close()
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+    assert _rows(tmp_path / "w.db") == []
