@@ -17,7 +17,9 @@ millisecond at p50), and the ``250`` path measured p50 5.6-6.6 ms, p99 15-20 ms;
 ``250`` p99 fall from 40-58 ms to 20-26 ms in profile B, with the same throughput. The price: the loop
 stands still for each batch's fsync. Here that is well under a millisecond; on a disk whose fsync takes
 10 ms every session of the process pauses that long, once per batch (all the messages that arrived
-meanwhile), not once per message.
+meanwhile), not once per message. (A writer thread had also let a delivery process's garbage collections,
+at its low CPU priority, hold the GIL for up to 350 ms while that thread held the write lock the accepting
+processes waited for: that is why the delivery processes already wrote on their loop's thread.)
 
 What must not block the loop is waiting for SQLite's write lock while another process holds it (the
 shard's other process, the other shards, the CLI): :func:`relayd.sqlitelock.write_lock` waits for it in
