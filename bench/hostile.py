@@ -1,7 +1,7 @@
 """Hostile clients against a real relayd (issue 10): what each abuse is answered, how long it takes, and the
 peak RSS of the relayd process while it lasts.
 
-    .venv/bin/python bench/hostile.py [--connections 2000] [--big-mb 20]
+    .venv/bin/python bench/hostile.py [--connections 2000] [--big-mb 20] [--dsn-only] [--dsn-copies 5]
 
 Peak RSS is the kernel's ``VmHWM`` of the relayd process, reset before each step by writing 5 to
 ``/proc/PID/clear_refs`` (Linux >= 4.0), so each row shows the peak of that step alone; "base" is the RSS
@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.adversarial import adversarial_dsn
 from tests.harness import PASSWORD, Relayd, Sink, message
 from tests.test_hostile import auth_plain, closed, connect, ehlo, nested_mime, replies
 
@@ -48,9 +49,9 @@ def reset_peak(pid: int) -> None:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def submit(port: int, msg: bytes, source: str = GOOD) -> tuple[str, float]:
+def submit(port: int, msg: bytes, source: str = GOOD, timeout: float = 120) -> tuple[str, float]:
     t0 = time.monotonic()
-    with smtplib.SMTP("127.0.0.1", port, timeout=120, source_address=(source, 0)) as s:
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout, source_address=(source, 0)) as s:
         s.login("acme", PASSWORD)
         s.mail("app@acme.example.test")
         s.rcpt("bob@example.test")
@@ -95,10 +96,72 @@ def raw_session(port: int, payload: bytes, expect: int, *, auth: bool = False, m
     return f"{len(got)} replies ({', '.join(firsts)}), last {got[-1][:40]!r}, {end}"
 
 
+#: Diagnostic-Code of the adversarial DSN: 64 KB, the longest line the inbound listener takes (64 KiB)
+DSN_SIZE = 65_000
+
+
+def report_session(port: int, raw: bytes, timeout: float) -> tuple[str, float]:
+    """One DSN from ``<>`` to ``postmaster@`` (no token needed); its DATA reply and how long it took."""
+    t0 = time.monotonic()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as s:
+            s.ehlo("mx.hostile.example")
+            s.mail("")
+            s.rcpt("postmaster@bounces.example.test")
+            code, text = s.data(raw)
+        outcome = f"{code} {text.decode(errors='replace')[:60]}"
+    except (OSError, smtplib.SMTPException) as exc:
+        outcome = f"no reply ({type(exc).__name__}: {exc})"[:80]
+    return outcome, time.monotonic() - t0
+
+
+def adversarial_dsn_step(relayd: Relayd, copies: int, timeout: float) -> list[str]:
+    """``copies`` adversarial DSNs sent at once while a normal client submits in a loop until every one
+    is answered (or ``timeout`` passes); the report lines to print."""
+    raw = adversarial_dsn(DSN_SIZE).replace(b"\n", b"\r\n")
+    results: list[tuple[str, float]] = []
+    senders = [
+        threading.Thread(target=lambda: results.append(report_session(relayd.inbound_port, raw, timeout)))
+        for _ in range(copies)
+    ]
+    t0 = time.monotonic()
+    for sender in senders:
+        sender.start()
+    times: list[float] = []
+    failed: list[str] = []
+    while any(sender.is_alive() for sender in senders):
+        try:
+            times.append(submit(relayd.port, message(), timeout=60)[1])
+        except (OSError, smtplib.SMTPException) as exc:
+            failed.append(type(exc).__name__)
+        time.sleep(0.02)
+    for sender in senders:
+        sender.join()
+    lines = [
+        f"adversarial DSN to postmaster@: {copies} copies at once, {len(raw):,} bytes each (Diagnostic-Code "
+        f"'550 ' + 'mailbox exceeded ' * {DSN_SIZE // 17:,}), all answered in {time.monotonic() - t0:.1f} s"
+    ]
+    lines += [f"  inbound reply after {seconds:7.2f} s: {outcome}" for outcome, seconds in sorted(results)]
+    if times:
+        lines.append(
+            f"  normal client meanwhile: {len(times)} submissions, 250 in "
+            f"{statistics.median(times) * 1000:.0f} ms median, {max(times) * 1000:.0f} ms max"
+            + (f"; {len(failed)} failed ({', '.join(sorted(set(failed)))})" if failed else "")
+        )
+    else:
+        lines.append(f"  normal client meanwhile: no 250 at all ({len(failed)} submissions failed)")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--big-mb", type=int, default=20)
+    parser.add_argument("--dsn-only", action="store_true", help="run only the adversarial DSN step")
+    parser.add_argument("--dsn-copies", type=int, default=5, help="adversarial DSNs sent at once")
+    parser.add_argument(
+        "--report-timeout", type=float, default=600, help="seconds each DSN sender waits for its reply"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.connections * 2 + 1000)), hard))
@@ -114,6 +177,10 @@ def main() -> int:
             pid = relayd.proc.pid
             submit(relayd.port, message())  # warm up
             time.sleep(0.5)
+            dsn_lines = adversarial_dsn_step(relayd, args.dsn_copies, args.report_timeout)
+            if args.dsn_only:
+                print("\n" + "\n".join(dsn_lines))
+                return 0
 
             def step(name: str, fn: Callable[[], str]) -> None:
                 base = status(pid)
@@ -198,6 +265,7 @@ def main() -> int:
         f"\nlegitimate client with {args.connections} connections held: 250 in "
         f"{statistics.median(good_times) * 1000:.0f} ms median, {max(good_times) * 1000:.0f} ms max (5 runs)"
     )
+    print("\n" + "\n".join(dsn_lines))
     return 0
 
 

@@ -44,6 +44,7 @@ def run_event_loop(coro: Coroutine[Any, Any, Any]) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    config_mod.refuse_example_passwords(cfg)
     from relayd import logs
 
     logs.setup(args.log_level, cfg.server.log_format)
@@ -63,8 +64,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dkim_problems(cfg: config_mod.Config) -> list[str]:
+    """Load every [[dkim]] key as serve would (unreadable, weak or exposed keys are errors here too)."""
+    from relayd.dkim import DkimKeyError, load_key
+
+    problems = []
+    for i, d in enumerate(cfg.dkim):
+        try:
+            load_key(d.domain, d.selector, d.key_file, d.algorithm)
+        except DkimKeyError as exc:
+            problems.append(f"{cfg.source}: dkim[{i}].key_file: {exc}")
+    return problems
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    for line in config_mod.warnings(cfg):
+        print(line, file=sys.stderr)
+    config_mod.refuse_example_passwords(cfg)  # what serve would refuse is an error here too
+    problems = _dkim_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     print(f"{args.config}: ok")
     if not args.dns:
         return 0
@@ -349,13 +369,16 @@ def cmd_events(args: argparse.Namespace) -> int:
                 "reason": ev.reason,
                 "queue_id": ev.queue_id,
                 "evidence": json.loads(ev.evidence or "{}"),
+                "count": ev.count,  # a report recorded again is counted on its first event
+                "last_seen": ev.last_seen.isoformat() if ev.last_seen else None,
             }
             if args.json:
                 print(json.dumps(row))
             else:
+                times = f" x{ev.count}" if ev.count > 1 else ""
                 print(
                     f"{row['at'][:19]}  {ev.kind:<14} {ev.account or '-':<12} {ev.address or '-':<36} "
-                    f"{ev.reason or ''}"
+                    f"{ev.reason or ''}{times}"
                 )
         return 0
 

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from relayd import passwords, secret
 from relayd.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
@@ -141,6 +142,9 @@ class ServerConfig(_Model):
     #: with workers > 1, how much lower the CPU priority of the delivery processes is than that of the
     #: accepting ones (nice(2) increment; relayd.queue.handoff says why)
     delivery_nice: int = Field(default=10, ge=0, le=19)
+    #: bytes of message data all SMTP sessions of one process may hold in memory at once (DATA is kept in
+    #: memory until its reply); a message that would pass it gets 452 4.3.1 and is retried by its client
+    max_data_in_flight: Size = Field(default=256_000_000, ge=1)
 
 
 class SubmissionConfig(_Model):
@@ -177,6 +181,17 @@ class InboundConfig(_Model):
     max_message_size: Size = 10_000_000
     # messages (MAIL commands) per client address, then 421 4.7.0 (issue 10)
     rate_per_ip: RateLimit = Rate(600, 60.0)
+    # anyone on the internet may connect here: limits of its own, well below submission's
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_ip: int = Field(default=10, ge=1)
+    # the greeting is "220-", then "220 " this much later; a client talking before it ends is refused
+    # (postscreen's pregreet test); 0 checks only at the greeting
+    greet_wait: Annotated[Duration, Field(le=30)] = 1.0
+    # how long the report parser child (relayd.parseworker) may take over one report before it is killed
+    parse_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    # a bounce or complaint about a copy sent longer ago than this is kept as an event and acts on nobody
+    # (no suppression, no rate); the sent ledger, and so every token, is forgotten after it
+    report_max_age: Annotated[Duration, Field(gt=0)] = 30 * 86400.0
 
     @field_validator("domains")
     @classmethod
@@ -191,12 +206,19 @@ class HttpConfig(_Model):
     public_url: str = "http://127.0.0.1:8025"
     # requests per client address to /u/ and /c/, then 429 (issue 10)
     rate_per_ip: RateLimit = Rate(300, 60.0)
+    # client networks that may read /metrics (account names and volumes); everyone else gets 403
+    metrics_allow: list[Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    )
 
 
 class StoreConfig(_Model):
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     path: Path = Path("var/relayd.db")
     dsn: str | None = None
+    # events older than this are pruned (hourly); never before [inbound] report_max_age, whose repeats
+    # they recognise
+    keep_events: Annotated[Duration, Field(gt=0)] = 90 * 86400.0
 
     @model_validator(mode="after")
     def _dsn_for_pg(self) -> StoreConfig:
@@ -328,11 +350,34 @@ class AccountConfig(_Model):
     lists: dict[str, ListConfig] = {}
     discard_patterns: list[str] = []
     webhooks: list[WebhookConfig] = []
+    #: subdomains of ``domains`` are the account's too (MAIL FROM, the header From and Sender, DKIM d=)
+    allow_subdomains: bool = False
 
     @field_validator("domains")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
-        return [d.lower().rstrip(".") for d in v]
+        return [domain_key(d) for d in v]
+
+    def sends_as(self, domain: str) -> bool:
+        """Whether ``domain`` is one of this account's sending domains (or, with ``allow_subdomains``,
+        below one of them).
+
+        The one answer to "may this account use this domain" for the envelope sender and the header
+        From and Sender alike: a check made in two places drifts apart, and the header is what DMARC and
+        the reader see, so it must be held to the same rule as the envelope."""
+        key = domain_key(domain)
+        if key in self.domains:
+            return True
+        return self.allow_subdomains and any(key.endswith("." + d) for d in self.domains)
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str | None) -> str | None:
+        # format, bounded parameters and decodable parts now, not at the first AUTH: a hash whose
+        # parameters are absurd would cost every login gigabytes, a broken one would refuse every login
+        if v is not None:
+            passwords.parse_hash(v)
+        return v
 
     @model_validator(mode="after")
     def _credentials(self) -> AccountConfig:
@@ -341,6 +386,19 @@ class AccountConfig(_Model):
         if not (self.password_hash or self.password_file or self.networks):
             raise ValueError("an account needs password_hash, password_file or networks")
         return self
+
+
+def domain_key(domain: str) -> str:
+    """``domain`` as sending domains are compared: lower case, no trailing dot, A-labels (an IDN written
+    in Unicode in one place and as ``xn--`` in another is the same domain, RFC 5890). A name the IDNA codec
+    refuses stays as it is, lower-cased: it then matches nothing but itself."""
+    key = domain.strip().lower().rstrip(".")
+    if key.isascii():
+        return key
+    try:
+        return key.encode("idna").decode("ascii")
+    except UnicodeError:
+        return key
 
 
 def _ip_text(value: str) -> str:
@@ -552,7 +610,119 @@ def _file_checks(path: Path, cfg: Config) -> list[str]:
         value = getattr(cfg.submission, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"{path}: submission.{key}: no such file: {value}")
+    problems.extend(_secret_file_checks(path, cfg))
     return problems
+
+
+def _secret_files(cfg: Config) -> list[tuple[str, Path]]:
+    """(key path, file) of every secret the config names, apart from the server secret and DKIM keys
+    (checked where they are loaded: relayd.secret, relayd.dkim)."""
+    files: list[tuple[str, Path]] = []
+    for name, acct in cfg.accounts.items():
+        if acct.password_file is not None:
+            files.append((f"accounts.{name}.password_file", acct.password_file))
+        hooks = enumerate(acct.webhooks)
+        files += [(f"accounts.{name}.webhooks[{i}].secret_file", h.secret_file) for i, h in hooks]
+    for section in ("submission", "inbound"):  # every listener's TLS key, wherever the section has one
+        key = getattr(getattr(cfg, section), "tls_key", None)
+        if key is not None:
+            files.append((f"{section}.tls_key", Path(key)))
+    return files
+
+
+def _secret_file_checks(path: Path, cfg: Config) -> list[str]:
+    """Secret files must be private to relayd's user (as the server secret is), and a password file must
+    hold a password: an empty one would let an empty AUTH password in."""
+    problems = []
+    for key, file in _secret_files(cfg):
+        mode = secret.exposed_mode(file)
+        if mode is not None:
+            problems.append(
+                f"{path}: {key}: {file} is readable by group or others (mode {mode:04o}); chmod 600 it"
+            )
+    for name, acct in cfg.accounts.items():
+        if acct.password_file is not None and acct.password_file.is_file():
+            try:
+                empty = not acct.password_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(
+                    f"{path}: accounts.{name}.password_file: cannot read {acct.password_file}: {exc}"
+                )
+                continue
+            if empty:
+                problems.append(f"{path}: accounts.{name}.password_file: {acct.password_file} is empty")
+    return problems
+
+
+def _listens_beyond_loopback(cfg: Config) -> list[str]:
+    """The submission listen addresses reachable from other hosts (anything but 127.0.0.0/8, ::1 and
+    ``localhost``; a wildcard such as 0.0.0.0 counts as reachable)."""
+    specs = [*cfg.submission.listen, *getattr(cfg.submission, "listen_tls", [])]  # implicit TLS too, if any
+    out = []
+    for spec in specs:
+        host = parse_hostport(spec)[0]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host.lower() == "localhost"
+        if not loopback:
+            out.append(spec)
+    return out
+
+
+def _example_password_keys(cfg: Config) -> list[str]:
+    """Key paths of accounts that still have the example password of conf/relayd.toml and the README.
+
+    Compared by hash string (the shipped hashes) and by a password_file's content; verifying the example
+    password against every hash would cost a full scrypt check per account at every start."""
+    keys = []
+    for name, acct in cfg.accounts.items():
+        if acct.password_hash in passwords.EXAMPLE_HASHES:
+            keys.append(f"accounts.{name}.password_hash")
+        elif acct.password_file is not None:
+            try:
+                text = acct.password_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if text == passwords.EXAMPLE_PASSWORD:
+                keys.append(f"accounts.{name}.password_file")
+    return keys
+
+
+def refuse_example_passwords(cfg: Config) -> None:
+    """Raise :class:`ConfigError` when an account keeps the example password and submission listens on
+    more than loopback: that password is published, so the account would be open to anyone who can reach
+    the port. On loopback it is allowed, so the example config runs as-is."""
+    public = _listens_beyond_loopback(cfg)
+    keys = _example_password_keys(cfg)
+    if public and keys:
+        raise ConfigError(
+            [
+                f"{cfg.source}: {key}: still the example password {passwords.EXAMPLE_PASSWORD!r} while"
+                f" submission listens on {', '.join(public)}; set a new one (relayd account hash-password)"
+                for key in keys
+            ]
+        )
+
+
+def warnings(cfg: Config) -> list[str]:
+    """``FILE: key.path: warning: ...`` lines: what works but should not stay (check-config prints them)."""
+    out = [
+        f"{cfg.source}: {key}: warning: still the example password {passwords.EXAMPLE_PASSWORD!r};"
+        " set a new one (relayd account hash-password); serve refuses it on a non-loopback listener"
+        for key in _example_password_keys(cfg)
+    ]
+    for name, acct in cfg.accounts.items():
+        if acct.password_hash is None:
+            continue
+        h = passwords.parse_hash(acct.password_hash)
+        if passwords.below_recommended_cost(h):
+            out.append(
+                f"{cfg.source}: accounts.{name}.password_hash: warning: N={h.n}, r={h.r}, p={h.p} is cheaper"
+                " to attack than the recommended N=131072, r=8, p=1; make a new hash with"
+                " relayd account hash-password"
+            )
+    return out
 
 
 def load(path: Path | str) -> Config:
@@ -563,7 +733,21 @@ def load(path: Path | str) -> Config:
         cfg = Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
         raise ConfigError(_problems(path, exc)) from exc
-    problems = _file_checks(path, cfg)
+    problems = [*_limit_checks(path, cfg), *_file_checks(path, cfg)]
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _limit_checks(path: Path, cfg: Config) -> list[str]:
+    """Limits that only make sense together: a message that may be accepted must fit in the DATA budget
+    on its own, or its client would get 452 and retry it forever."""
+    budget = cfg.server.max_data_in_flight
+    return [
+        f"{path}: server.max_data_in_flight: {budget} bytes is less than {section}.max_message_size ({size})"
+        for section, size in (
+            ("submission", cfg.submission.max_message_size),
+            ("inbound", cfg.inbound.max_message_size),
+        )
+        if size > budget
+    ]

@@ -14,7 +14,8 @@ any order::
 and IP of the sign-up is no proof (seeds/003, seeds/004). ``confirmed_at`` is ISO 8601 (no offset: UTC) and
 not in the future; ``ip`` an IPv4 or IPv6 address; ``user_agent`` may be empty; ``source`` defaults to
 ``csv:<file name>``; ``evidence`` is a JSON object, and any other text is kept as ``{"text": ...}``.
-Export writes every column, so export then import gives the same records.
+Export writes every column, so export then import gives the same records (cells that a spreadsheet would
+read as a formula are exported with a leading ``'`` that import takes off again: relayd.store.csvio).
 
 Like ``relayd suppress import``: a bad row never spoils the file; it is reported as ``FILE:LINE: problem``
 (physical lines, header = line 1) and skipped, good rows are kept (exit 1 when any row was rejected). Rows are
@@ -42,7 +43,7 @@ from relayd import config as config_mod
 from relayd.address import AddressError, normalize
 from relayd.policy.listid import list_name
 from relayd.store.base import ConsentRecord, ConsentStore, Store, as_utc, utcnow
-from relayd.store.csvio import RowError, read_batch
+from relayd.store.csvio import RowError, read_batch, safe_rows
 
 __all__ = [
     "COLUMNS",
@@ -223,17 +224,19 @@ async def export_consents(
     written = 0
     async for batch in store.consents(account=account, list_name=list_name, address=address):
         writer.writerows(
-            [
-                r.account,
-                r.list,
-                r.address,
-                _time(r.confirmed_at),
-                r.ip,
-                r.user_agent or "",
-                r.source,
-                r.evidence,
-            ]
-            for r in batch
+            safe_rows(  # formula injection: relayd.store.csvio
+                [
+                    r.account,
+                    r.list,
+                    r.address,
+                    _time(r.confirmed_at),
+                    r.ip,
+                    r.user_agent or "",
+                    r.source,
+                    r.evidence,
+                ]
+                for r in batch
+            )
         )
         written += len(batch)
     return written

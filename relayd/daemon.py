@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from relayd import config as config_mod
-from relayd import feedback, metrics
+from relayd import feedback, metrics, retention
 from relayd.config import Config, parse_hostport
 from relayd.dkim import DkimKeyError, Signer, load_key
 from relayd.errors import ConfigError, DeliveryError
+from relayd.parseworker import ParseWorker
 from relayd.policy.dequeue import DequeueCheck
 from relayd.policy.pipeline import Pipeline
 from relayd.policy.render import Renderer
@@ -37,7 +38,7 @@ from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import DueRecipient, QueueStore
 from relayd.secret import load_or_create
 from relayd.smtp.inbound import InboundHandler, start_inbound
-from relayd.smtp.protocol import ConnectionLimits
+from relayd.smtp.protocol import ConnectionLimits, DataBudget
 from relayd.smtp.submission import SubmissionHandler, start_submission, tls_context
 from relayd.store import Event, Store, StoreError, open_store
 from relayd.supervisor import shard_path
@@ -182,6 +183,8 @@ class Daemon:
             await self._start_delivery()
         if self.role != "delivery":
             await self._start_listeners(signer)
+        if self.worker == 0 and self.role != "delivery":  # one pruner per store is enough
+            self._tasks.append(asyncio.create_task(retention.run(self.store, lambda: self.cfg, self.stop)))
         self._tasks.append(asyncio.create_task(watchdog(self.stop)))
 
     async def _start_delivery(self) -> None:
@@ -222,17 +225,27 @@ class Daemon:
             self.announcer = Announcer(self.channel)
             handoff = self.announcer
         self.handler = SubmissionHandler(cfg, self.queue, handoff, self.pipeline)
-        # with several workers each holds its share of the connection limit (the kernel spreads connections)
+        # with several workers each holds its share of the connection limits and of the DATA budget (the
+        # kernel spreads connections); a worker's budget still takes the largest message on its own
+        biggest = max(cfg.submission.max_message_size, cfg.inbound.max_message_size)
+        data = DataBudget(max(biggest, cfg.server.max_data_in_flight // self.workers))
         self.limits = ConnectionLimits(
-            max(1, -(-cfg.submission.max_connections // self.workers)), cfg.submission.max_connections_per_ip
+            max(1, -(-cfg.submission.max_connections // self.workers)),
+            cfg.submission.max_connections_per_ip,
+            data,
         )
+        # bounces and complaints are parsed in a child process with a time limit (relayd.parseworker),
+        # started before any listener binds, so that the first report does not wait for its imports and a
+        # client that sees one port open finds the others open too
+        self.report_parser = ParseWorker(cfg.inbound.parse_timeout)
+        await self.report_parser.start()
         self.servers = await start_submission(cfg, self.handler, self.limits, reuse_port=self.workers > 1)
         for srv in self.servers:
             for sock in srv.sockets:
                 log.info("submission listening on %s", sock.getsockname()[:2])
-        self.inbound = InboundHandler(cfg, self.store, self.queue, self.secret)
+        self.inbound = InboundHandler(cfg, self.store, self.queue, self.secret, self.report_parser)
         self.inbound_limits = ConnectionLimits(
-            max(1, -(-cfg.submission.max_connections // self.workers)), cfg.submission.max_connections_per_ip
+            max(1, -(-cfg.inbound.max_connections // self.workers)), cfg.inbound.max_connections_per_ip, data
         )
         self.inbound_servers = await start_inbound(
             cfg, self.inbound, self.inbound_limits, reuse_port=self.workers > 1
@@ -254,6 +267,7 @@ class Daemon:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = config_mod.load(self.config_path)
+            config_mod.refuse_example_passwords(new)  # as at start: not on a listener beyond loopback
             signer = load_signer(new)
             # TLS (issue 10): re-read the certificate and key now (a renewed certificate is served from the
             # next connection on); a pair that does not load refuses the whole reload (ssl.SSLError is an
@@ -327,6 +341,7 @@ class Daemon:
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if self.role != "delivery":
             steps.append(("http", self.web.cleanup))
+            steps.append(("report parser", self.report_parser.close))
         if self.receiver is not None:
             steps.append(("handoff", self.receiver.close))
         if self.scheduler is not None:

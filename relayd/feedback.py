@@ -37,6 +37,14 @@ mailto unsubscribe                     :func:`relayd.web.unsubscribe.unsubscribe
                                        + queued mail for it dropped
 =====================================  ==============================================================
 
+**Replays and age.** A report acts once per recipient copy: each outcome event is keyed by (kind, queue id,
+index), and a report whose outcome of that copy is already recorded only adds to that event's ``count``
+(so a DSN replayed a hundred times is one hard bounce in the account's rates, and suppresses once). A
+report about a copy sent longer ago than ``[inbound] report_max_age`` is an event ``late_report`` and
+nothing else. Unattributed reports are one event per (kind, source, hour) with a count, and every
+event's evidence is bounded (:data:`EVIDENCE_FIELD_MAX` per string, :data:`EVIDENCE_MAX` in all), so
+forged reports cost a bounded amount of disk.
+
 Every suppression also gets an event ``suppressed``. A soft bounce is a failure that says something about
 the mailbox *for now* (mailbox full, quota, expired retries, any 4xx not caused by us); a permanent failure
 caused by the sender, the content or the moment (blocked, spamdetected, policyviolation, ...) suppresses
@@ -85,6 +93,7 @@ __all__ = [
     "on_arf",
     "on_delivery_failure",
     "on_dsn",
+    "on_unclassified",
     "on_unsubscribe_mail",
     "tokens_in",
 ]
@@ -92,8 +101,10 @@ __all__ = [
 # -- tokens in report content ------------------------------------------------------------------------------
 
 _TOKEN = rb"[a-z2-7]{16}-[0-9]{1,6}-[a-z2-7]{16}"
-#: ``X-Relayd-ID:`` header, also when a human's mail client quoted it (``> X-Relayd-ID: ...``) or folded it
-_TRACE_RE = re.compile(rb"^[>\s]*X-Relayd-ID:[ \t]*(?:\r?\n[ \t]+)?(" + _TOKEN + rb")", re.I | re.M)
+#: ``X-Relayd-ID:`` header, also when a human's mail client quoted it (``> X-Relayd-ID: ...``) or folded it.
+#: The quote prefix never spans a line break: ``^[>\s]*`` would run over every following blank line from
+#: every line start (quadratic in a run of newlines); it finds the same tokens.
+_TRACE_RE = re.compile(rb"^[> \t\r\f\v]*X-Relayd-ID:[ \t]*(?:\r?\n[ \t]+)?(" + _TOKEN + rb")", re.I | re.M)
 _VERP_RE = re.compile(rb"bounce\+(" + _TOKEN + rb")@", re.I)
 #: the unsubscribe link (``/u/<token>``) and mailto (``unsubscribe+<token>@``) in the footer of every mail
 _UNSUB_RE = re.compile(rb"(?:unsubscribe\+|/u/)(" + _TOKEN + rb")", re.I)
@@ -104,6 +115,14 @@ MAX_CANDIDATES = 8
 #: How much decoded content of a forwarded complaint is searched for tokens.
 _SCAN_LIMIT = 2_000_000
 _CLIP = 500
+#: Bounds of an event's evidence (see :func:`_json`): per string, and for the whole JSON text.
+EVIDENCE_FIELD_MAX = 1024
+EVIDENCE_MAX = 4096
+_LIST_ITEMS = 8
+#: Event reasons are short words; a report's Feedback-Type is whatever its sender wrote.
+_REASON_MAX = 64
+#: Unattributed reports from one source within this many seconds are one event with a count.
+UNATTRIBUTED_INTERVAL = 3600
 
 _HEADERS = BytesHeaderParser(policy=compat32)
 
@@ -234,15 +253,39 @@ def _norm(address: str) -> str:
 # -- evidence and events -------------------------------------------------------------------------------------
 
 
-def _clip(value: str | None) -> str | None:
+def _clip(value: str | None, limit: int = _CLIP) -> str | None:
     if value is None:
         return None
-    value = " ".join(value.split())
-    return value if len(value) <= _CLIP else value[:_CLIP] + "..."
+    value = " ".join(value[: limit * 4].split())  # cut before splitting: the input may be megabytes
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def _bounded(value: object, limit: int) -> object:
+    """``value`` with every string in it clipped to ``limit`` characters and lists to a few items."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [_bounded(v, limit) for v in value[:_LIST_ITEMS]]
+    if isinstance(value, dict):
+        return {str(k)[:64]: _bounded(v, limit) for k, v in list(value.items())[:_LIST_ITEMS]}
+    return _clip(str(value), limit)
 
 
 def _json(fields: dict[str, object]) -> str:
-    return json.dumps({k: v for k, v in fields.items() if v is not None}, sort_keys=True)
+    """Evidence as JSON of at most ``EVIDENCE_MAX`` characters, whatever a report put in its fields.
+
+    Anyone can mail a report, so each stored one must cost a bounded amount of disk: every string is
+    clipped to ``EVIDENCE_FIELD_MAX`` characters, and while the whole is still too long (many fields, or
+    text that JSON escapes to six times its length) the clip is halved."""
+    present = {k: v for k, v in fields.items() if v is not None}
+    limit = EVIDENCE_FIELD_MAX
+    while True:
+        text = json.dumps({k: _bounded(v, limit) for k, v in present.items()}, sort_keys=True)
+        if len(text) <= EVIDENCE_MAX:
+            return text
+        if limit <= 8:
+            return json.dumps({"clipped": len(text)})
+        limit //= 2
 
 
 def _message_id(raw: bytes) -> str | None:
@@ -259,6 +302,8 @@ def _event(
     record: SentRecord | None,
     reason: str | None,
     evidence: dict[str, object],
+    *,
+    key: str | None = None,
 ) -> Event:
     return Event(
         at=now,
@@ -266,15 +311,81 @@ def _event(
         account=record.account if record else None,
         list=record.list if record else None,
         address=record.address if record else None,
-        reason=reason,
+        reason=reason[:_REASON_MAX] if reason else reason,
         queue_id=record.queue_id if record else None,
         evidence=_json(evidence),
+        key=key,
     )
 
 
-def _unattributed(now: datetime, what: str, why: str, evidence: dict[str, object]) -> Event:
-    log.info("unattributed %s report: %s", what, why)
-    return Event(at=now, kind="unattributed", reason=what, evidence=_json({**evidence, "why": why}))
+def _copy_key(kind: str, record: SentRecord) -> str:
+    """One ``kind`` of outcome per recipient copy: the key that makes a repeated report one event."""
+    return f"{kind}:{record.queue_id}-{record.index}"
+
+
+def _source(source_ip: str | None, raw: bytes) -> str:
+    """Who sent an unattributed report, for aggregating them: the connecting address when the listener
+    gave it, else the domain of the report's From (which its sender chooses, so a weaker grouping)."""
+    if source_ip:
+        return "ip:" + source_ip[:64]
+    try:
+        sender = _HEADERS.parsebytes(raw[:65536]).get("From")
+    except Exception:
+        sender = None
+    domain = str(sender or "").rpartition("@")[2].strip().strip(">").lower()
+    return "from:" + (" ".join(domain.split())[:255] or "-")
+
+
+def _unattributed(now: datetime, what: str, why: str, evidence: dict[str, object], source: str) -> Event:
+    """The event of a report tied to nobody. One per (kind of report, source, hour): a forger mailing a
+    thousand reports gets one row whose ``count`` says how many, and the evidence of the first."""
+    log.info("unattributed %s report from %s: %s", what, source, why)
+    interval = int(now.timestamp()) // UNATTRIBUTED_INTERVAL
+    return Event(
+        at=now,
+        kind="unattributed",
+        reason=what,
+        evidence=_json({**evidence, "why": why, "source": source}),
+        key=f"unattributed:{what}:{source}:{interval}",
+    )
+
+
+def _late(cfg: Config, record: SentRecord, now: datetime) -> bool:
+    """Whether the copy a report is about was sent longer ago than ``[inbound] report_max_age``: a report
+    that old proves little (a replayed token, a provider's backlog) and must not act any more."""
+    return now - record.sent_at > timedelta(seconds=cfg.inbound.report_max_age)
+
+
+def _late_event(now: datetime, what: str, record: SentRecord, evidence: dict[str, object]) -> Event:
+    log.info(
+        "%s: account=%s rcpt=<%s> %s report about a copy sent %s: kept, not acted on",
+        record.queue_id,
+        record.account,
+        record.address,
+        what,
+        record.sent_at.isoformat(),
+    )
+    evidence = {**evidence, "sent_at": record.sent_at.isoformat()}
+    return _event(now, "late_report", record, what, evidence, key=_copy_key(f"late_report:{what}", record))
+
+
+async def _repeat(store: Store, event: Event) -> bool:
+    """Whether ``event``'s key was recorded before; if so, count this report on it (no effects, no
+    metrics: the first report had them)."""
+    assert event.key is not None
+    earlier = await store.event_by_key(event.key)
+    if earlier is None:
+        return False
+    await store.record_events([event])
+    log.info(
+        "%s: account=%s rcpt=<%s> %s reported again (%d times): counted once",
+        event.queue_id,
+        event.account,
+        event.address,
+        event.kind,
+        earlier.count + 1,
+    )
+    return True
 
 
 async def _commit(store: Store, events: Sequence[Event]) -> None:
@@ -301,6 +412,22 @@ def _permanent(status: str | None, reply_code: str | None) -> bool:
     return bool(reply_code) and str(reply_code).strip().startswith("5")
 
 
+def _bounce_kind(action: str, reason: str, *, hard: bool, permanent: bool) -> str:
+    """The event kind of one recipient's bounce outcome (the table in the module docstring)."""
+    action = (action or "failed").lower()
+    if action == "delayed":
+        return "delayed"
+    if action in _DELIVERED_ACTIONS or reason == "delivered":
+        return "delivered"
+    if reason == "vacation":
+        return "autoreply"
+    if hard:
+        return "hard_bounce"
+    if reason in MAILBOX_SOFT or (not permanent and reason not in SENDER_SIDE):
+        return "soft_bounce"
+    return "bounce"
+
+
 async def _bounce_effects(
     store: Store,
     cfg: Config,
@@ -314,27 +441,26 @@ async def _bounce_effects(
     evidence: dict[str, object],
     now: datetime,
 ) -> list[Event]:
-    """Suppress as the bounce warrants (durably, before returning) and return the events to record."""
+    """Suppress as the bounce warrants (durably, before returning) and return the events to record.
+
+    The outcome event is keyed by (kind, queue id, index): recorded again, it counts once."""
     address = record.address
-    action = (action or "failed").lower()
-    if action == "delayed":
-        return [_event(now, "delayed", record, reason, evidence)]
-    if action in _DELIVERED_ACTIONS or reason == "delivered":
-        return [_event(now, "delivered", record, reason, evidence)]
-    if reason == "vacation":
-        return [_event(now, "autoreply", record, reason, evidence)]
-    if hard:
-        events = [_event(now, "hard_bounce", record, reason, evidence)]
+    kind = _bounce_kind(action, reason, hard=hard, permanent=permanent)
+    key = _copy_key(kind, record)
+    if kind in ("delayed", "delivered", "autoreply"):
+        return [_event(now, kind, record, reason, evidence, key=key)]
+    if kind == "hard_bounce":
+        events = [_event(now, kind, record, reason, evidence, key=key)]
         events += await _suppress_global(store, record, Reason.HARD_BOUNCE, source, evidence, now)
         log.info(
             "%s: account=%s rcpt=<%s> hard bounce (%s)", record.queue_id, record.account, address, reason
         )
         return events
-    if reason in MAILBOX_SOFT or (not permanent and reason not in SENDER_SIDE):
+    if kind == "soft_bounce":
         window = timedelta(seconds=cfg.policy.soft_bounce_window)
         earlier = await store.count_events("soft_bounce", now - window, address=address)
         count = earlier + 1
-        events = [_event(now, "soft_bounce", record, reason, {**evidence, "soft_bounces": count})]
+        events = [_event(now, kind, record, reason, {**evidence, "soft_bounces": count}, key=key)]
         log.info(
             "%s: account=%s rcpt=<%s> soft bounce %d/%d (%s)",
             record.queue_id,
@@ -356,7 +482,7 @@ async def _bounce_effects(
         address,
         reason,
     )
-    return [_event(now, "bounce", record, reason, evidence)]
+    return [_event(now, kind, record, reason, evidence, key=key)]
 
 
 async def _suppress_global(
@@ -420,11 +546,17 @@ async def on_dsn(
     now: datetime,
     *,
     report: DsnReport | None = None,
+    source_ip: str | None = None,
 ) -> list[Event]:
     """Classify a delivery report, attribute it, apply its effects; return the events recorded.
 
     ``verp_token`` is the token of the ``bounce+<token>@`` envelope recipient, None when the report came to
     another address. ``report`` may be passed when the caller has already classified ``raw``.
+    ``source_ip`` is the connecting client's address: unattributed reports are aggregated per source.
+
+    One outcome per recipient copy: a report whose outcome (hard bounce, soft bounce ...) of that copy is
+    already recorded is counted on that event and acts no more (a replayed DSN must not suspend anyone);
+    a report about a copy sent longer ago than ``[inbound] report_max_age`` is an event ``late_report``.
     Raises StorageError (nothing recorded; answer 451).
     """
     now = as_utc(now)
@@ -434,17 +566,18 @@ async def on_dsn(
     how = await attribute(store, secret, _dsn_candidates(report, raw, verp_token), miss)
     if not report.is_dsn:
         if how is None:
-            events = [_unattributed(now, "mail", miss.why(), {"message_id": _message_id(raw)})]
+            source = _source(source_ip, raw)
+            events = [_unattributed(now, "mail", miss.why(), {"message_id": _message_id(raw)}, source)]
         else:
             # an auto-reply or a provider notice sent to our return path: noted, never acted on
-            events = [_event(now, "autoreply", how.record, None, _dsn_evidence(report, None, how))]
+            key = _copy_key("autoreply", how.record)
+            events = [_event(now, "autoreply", how.record, None, _dsn_evidence(report, None, how), key=key)]
         await _commit(store, events)
         return events
     claimed = [r.address for r in report.recipients][:5]
     if how is None:
-        events = [
-            _unattributed(now, "dsn", miss.why(), {**_dsn_evidence(report, None, None), "claimed": claimed})
-        ]
+        evidence = {**_dsn_evidence(report, None, None), "claimed": claimed}
+        events = [_unattributed(now, "dsn", miss.why(), evidence, _source(source_ip, raw))]
         await _commit(store, events)
         return events
     record = how.record
@@ -457,10 +590,22 @@ async def on_dsn(
         # a valid token, but the report is about somebody else: a replayed token, or forwarding we cannot
         # prove; acting on it would let one token suppress any address
         why = "recipient mismatch"
-        events = [_unattributed(now, "dsn", why, {**_dsn_evidence(report, None, how), "claimed": claimed})]
+        evidence = {**_dsn_evidence(report, None, how), "claimed": claimed}
+        events = [_unattributed(now, "dsn", why, evidence, _source(source_ip, raw))]
         await _commit(store, events)
         return events
     rcpt = matching[0]  # one recipient per VERP address; a report repeating it must not count twice
+    if _late(cfg, record, now):
+        events = [_late_event(now, "dsn", record, _dsn_evidence(report, rcpt, how))]
+        await _commit(store, events)
+        return events
+    permanent = _permanent(rcpt.status, rcpt.reply_code)
+    kind = _bounce_kind(rcpt.action, rcpt.reason, hard=rcpt.hard, permanent=permanent)
+    again = _event(
+        now, kind, record, rcpt.reason, _dsn_evidence(report, rcpt, how), key=_copy_key(kind, record)
+    )
+    if await _repeat(store, again):
+        return [again]
     events = await _bounce_effects(
         store,
         cfg,
@@ -468,7 +613,7 @@ async def on_dsn(
         action=rcpt.action,
         reason=rcpt.reason,
         hard=rcpt.hard,
-        permanent=_permanent(rcpt.status, rcpt.reply_code),
+        permanent=permanent,
         source=f"dsn:{record.queue_id}-{record.index}",
         evidence=_dsn_evidence(report, rcpt, how),
         now=now,
@@ -562,19 +707,27 @@ async def on_arf(
     *,
     verp_token: str | None = None,
     report: arf.ArfReport | None = None,
+    bounce: DsnReport | None = None,
+    source_ip: str | None = None,
 ) -> list[Event]:
     """A complaint (RFC 5965 ARF, Hotmail JMRP, or a human's forward) to abuse@/fbl@/postmaster@ or to a
     VERP address: attribute it and suppress the recipient for the account. Returns the events recorded.
 
-    A message to abuse@ that turns out to be a bounce is handed to :func:`on_dsn`. Raises StorageError.
+    A message to abuse@ that turns out to be a bounce is handed to :func:`on_dsn`; ``bounce`` is its DSN
+    reading when the caller has one (the inbound listener parses each report once, in its parser child).
+    ``source_ip``, repeats and late reports: as for :func:`on_dsn` (one complaint event per copy).
+    Raises StorageError.
     """
     now = as_utc(now)
     if report is None:
         report = await asyncio.to_thread(arf.parse, raw)
     if not report.is_arf:
-        bounce = await asyncio.to_thread(dsn.classify, raw)
+        if bounce is None:
+            bounce = await asyncio.to_thread(dsn.classify, raw)
         if bounce.is_dsn:
-            return await on_dsn(store, queue, secret, cfg, raw, verp_token, now, report=bounce)
+            return await on_dsn(
+                store, queue, secret, cfg, raw, verp_token, now, report=bounce, source_ip=source_ip
+            )
 
     def candidates() -> Iterator[Candidate]:
         if verp_token:
@@ -597,24 +750,33 @@ async def on_arf(
         "original_message_id": _clip(report.original_message_id),
     }
     if how is None:
-        events = [_unattributed(now, "arf" if report.is_arf else "mail", miss.why(), evidence)]
+        what = "arf" if report.is_arf else "mail"
+        events = [_unattributed(now, what, miss.why(), evidence, _source(source_ip, raw))]
         await _commit(store, events)
         return events
     record = how.record
     evidence |= {"token": how.purpose, "found_in": how.where}
     if report.original_rcpt and not _same_address(report.original_rcpt, record.address):
         evidence["original_rcpt"] = report.original_rcpt  # forwarded mailbox; the token decides
-    feedback_type = report.feedback_type if report.is_arf else "forwarded"
-    if report.is_arf and (feedback_type or "abuse") not in COMPLAINT_TYPES:
-        events = [_event(now, "feedback", record, feedback_type, evidence)]
+    if _late(cfg, record, now):
+        events = [_late_event(now, "arf", record, evidence)]
         await _commit(store, events)
         return events
+    feedback_type = report.feedback_type if report.is_arf else "forwarded"
+    if report.is_arf and (feedback_type or "abuse") not in COMPLAINT_TYPES:
+        events = [_event(now, "feedback", record, feedback_type, evidence, key=_copy_key("feedback", record))]
+        await _commit(store, events)
+        return events
+    again = _event(now, "complaint", record, feedback_type, evidence, key=_copy_key("complaint", record))
+    if await _repeat(store, again):
+        return [again]
     earlier = await store.count_events(
         "complaint", record.sent_at, account=record.account, address=record.address
     )
     if earlier:
         # feedback loops resend, and one person may report several copies: one complaint per recipient
-        events = [_event(now, "complaint_duplicate", record, feedback_type, evidence)]
+        key = _copy_key("complaint_duplicate", record)
+        events = [_event(now, "complaint_duplicate", record, feedback_type, evidence, key=key)]
         await _commit(store, events)
         return events
     await store.add(
@@ -640,7 +802,7 @@ async def on_arf(
         dropped,
     )
     events = [
-        _event(now, "complaint", record, feedback_type, evidence),
+        again,
         _event(
             now,
             "suppressed",
@@ -654,6 +816,31 @@ async def on_arf(
     return events
 
 
+async def on_unclassified(
+    store: Store, raw: bytes, role: str, why: str, now: datetime, *, source_ip: str | None = None
+) -> list[Event]:
+    """A report that could not be parsed in time (or whose parser died on it): an ``unclassified`` event
+    with no account or address, kept for the operator, acting on nobody. Like an unattributed report, it
+    must not suppress anyone or count against an account: nothing about it was read. One event per (role,
+    source, hour), counted, as for unattributed reports: whoever can make the parser time out once can do
+    it a thousand times. Raises StorageError.
+    """
+    now = as_utc(now)
+    log.warning("unclassified %s report (%d bytes): %s", role, len(raw), why)
+    source = _source(source_ip, raw)
+    evidence = {"report": "unclassified", "why": why, "size": len(raw), "source": source}
+    interval = int(now.timestamp()) // UNATTRIBUTED_INTERVAL
+    event = Event(
+        at=now,
+        kind="unclassified",
+        reason=role,
+        evidence=_json(evidence),
+        key=f"unclassified:{role}:{source}:{interval}",
+    )
+    await _commit(store, [event])
+    return [event]
+
+
 # -- unsubscribes -------------------------------------------------------------------------------------------
 
 
@@ -665,9 +852,12 @@ async def on_unsubscribe_mail(
     raw: bytes,
     token: str,
     now: datetime,
+    *,
+    source_ip: str | None = None,
 ) -> list[Event]:
     """Mail to ``unsubscribe+<token>@`` (the List-Unsubscribe mailto, RFC 2369): the token (purpose "unsub")
-    alone decides; whoever sends the mail proves nothing and needs to.
+    alone decides; whoever sends the mail proves nothing and needs to. Bad tokens are aggregated per
+    ``source_ip`` (the connecting client) like other unattributed reports.
 
     The effects are :func:`relayd.web.unsubscribe.unsubscribe`'s, shared with the one-click and page
     channels (list suppression, event ``unsubscribed``, queued mail dropped); returned here is that event
@@ -686,7 +876,8 @@ async def on_unsubscribe_mail(
         evidence={"message_id": message_id} if message_id else None,
     )
     if result is None:
-        events = [_unattributed(now, "unsubscribe", "bad token", {"message_id": message_id})]
+        source = _source(source_ip, raw)
+        events = [_unattributed(now, "unsubscribe", "bad token", {"message_id": message_id}, source)]
         await _commit(store, events)
         return events
     if result.already:

@@ -123,6 +123,17 @@ SUPPRESSION_ENTRIES = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemax",
 )
+DATA_BUDGET_REFUSALS = Counter(
+    "relayd_smtp_data_budget_refusals_total",
+    "Messages answered 452 4.3.1 because the process held [server] max_data_in_flight bytes of DATA",
+    registry=REGISTRY,
+)
+TLS_FALLBACKS = Counter(
+    "relayd_tls_fallback_total",
+    "Outbound STARTTLS handshakes that failed, after which the host gets plaintext for a while, by reason",
+    ["reason"],  # tls_error, refused, timeout, closed, other: a closed set
+    registry=REGISTRY,
+)
 ACCEPT_SECONDS = Histogram(
     "relayd_smtp_accept_seconds",
     "Time from the end of DATA to the 250 (policy, signing and the durable commit)",

@@ -21,7 +21,9 @@ clean slate, otherwise the very next complaint would suspend it again on last mo
 **Counting** uses :meth:`Store.count_sent` and :meth:`Store.count_events`, which read hourly roll-ups, so
 :func:`evaluate` costs a handful of index lookups however much the account sends; it runs after every
 complaint, hard bounce and spam-trap hit. Events counted: ``complaint``, ``hard_bounce`` and
-``dropped``/``spamtrap`` (written by the policy pipeline at RCPT).
+``dropped``/``spamtrap`` (written by the policy pipeline when the message is accepted). A trap hit by a
+confirmation mail is ``dropped``/``spamtrap:optin`` and not counted: its address came from whoever filled
+in the sender's sign-up form.
 
 **Effects** of :func:`evaluate`: a warning is an event ``reputation_warning`` plus a log line, at most
 once per window (the event itself is the "already warned" flag, so it holds across restarts and nodes);

@@ -14,6 +14,19 @@ from pathlib import Path
 from relayd.errors import ConfigError
 
 
+def exposed_mode(path: Path) -> int | None:
+    """The permission bits of ``path`` when group or others have any (``None`` when only the owner has any,
+    or the file cannot be stat'ed: the caller's read reports that).
+
+    Every secret file is held to the server secret's rule: a password file, a webhook secret or a TLS key
+    that others can read is a credential others can use, so relayd refuses to start with one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return stat.S_IMODE(mode) if mode & (stat.S_IRWXG | stat.S_IRWXO) else None
+
+
 def load_or_create(path: Path) -> bytes:
     try:
         st = path.stat()

@@ -261,7 +261,9 @@ class Relayd:
             env={**os.environ, **self.env},
         )
         logf.close()
-        wait_for_port(self.port, proc=self.proc)
+        # the listeners bind one after another: a test may talk to any of them as soon as start() returns
+        for port in (self.port, self.inbound_port, self.http_port):
+            wait_for_port(port, proc=self.proc)
         return self
 
     def kill(self) -> None:
@@ -322,10 +324,17 @@ class Relayd:
         return self.log.read_text(errors="replace")
 
 
-def message(subject: str = "hello", body: str = "Hello there.\r\n", *, msgid: str | None = None) -> bytes:
+def message(
+    subject: str = "hello",
+    body: str = "Hello there.\r\n",
+    *,
+    msgid: str | None = None,
+    sender: str = "app@acme.example.test",
+) -> bytes:
+    """A plain message; ``sender`` is the header From, which must be a domain of the submitting account."""
     msgid = msgid or f"<{time.time_ns()}.{os.getpid()}@acme.example.test>"
     return (
-        f"From: App <app@acme.example.test>\r\nTo: Bob <bob@example.test>\r\nSubject: {subject}\r\n"
+        f"From: App <{sender}>\r\nTo: Bob <bob@example.test>\r\nSubject: {subject}\r\n"
         f"Message-ID: {msgid}\r\nDate: Mon, 23 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
         f"Content-Type: text/plain; charset=utf-8\r\n\r\n{body}"
     ).encode()

@@ -160,7 +160,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     other = tmp_path_factory.mktemp("other")
     a_path, a_zone = keygen("a.test", "s1", "rsa", conf)
     b1_path, _ = keygen("b.test", "s1", "ed25519", conf)
-    b2_path, _ = keygen("b.test", "s2", "rsa", conf, bits=1024)
+    b2_path, _ = keygen("b.test", "s2", "rsa", conf)
     broken_path, _ = keygen("broken.test", "s1", "ed25519", conf)
     _, stranger_zone = keygen("b.test", "s1", "ed25519", other)
     return {

@@ -401,6 +401,11 @@ async def test_duplicate_complaint_counts_once(env: Env) -> None:
     raw = arf_report(m.address, relayd_id=m.token("trace"))
     await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
     events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0 + timedelta(minutes=5))
+    assert [e.kind for e in events] == ["complaint"]  # the same report again: counted on its event
+    assert [e.count for e in await env.events("complaint")] == [2]
+    other_copy = await env.sent(m.address)  # another message to the same person, reported too
+    raw = arf_report(m.address, relayd_id=other_copy.token("trace"))
+    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0 + timedelta(minutes=6))
     assert [e.kind for e in events] == ["complaint_duplicate"]
     assert await env.store.count_events("complaint", T0 - timedelta(days=1), account="acme") == 1
 

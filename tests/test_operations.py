@@ -92,7 +92,10 @@ domains = ["newco.example.test"]
         relayd.proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: "reloaded" in relayd.log_text())
         code, _ = relayd.submit(
-            message("from newco"), to=["b@example.test"], sender="app@newco.example.test", user="newco"
+            message("from newco", sender="app@newco.example.test"),
+            to=["b@example.test"],
+            sender="app@newco.example.test",
+            user="newco",
         )
         assert code == 250
         # the session opened before both reloads still works

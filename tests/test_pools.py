@@ -94,7 +94,7 @@ def _submit_many(relayd: Relayd, user: str, n: int, prefix: str) -> None:
         for i in range(n):
             s.mail(f"app@{user}.example.test")
             s.rcpt(f"{prefix}{i}@example.test")
-            code, resp = s.data(message(f"{prefix} {i}"))
+            code, resp = s.data(message(f"{prefix} {i}", sender=f"app@{user}.example.test"))
             assert code == 250, resp
 
 

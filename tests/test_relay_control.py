@@ -83,6 +83,7 @@ def test_auth_before_starttls_is_refused_when_plaintext_auth_is_never(tmp_path: 
     cert = ca.issue_cert("relayd.test", "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(tmp_path / "cert.pem")
     cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "key.pem").chmod(0o600)  # relayd refuses a TLS key others can read
     extra = f'tls_cert = "{tmp_path}/cert.pem"\ntls_key = "{tmp_path}/key.pem"\nplaintext_auth = "never"'
     with Relayd(tmp_path, routes={"example.test": sink.port}, submission_extra=extra) as relayd:
         with relayd.smtp() as s:

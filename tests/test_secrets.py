@@ -15,6 +15,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.harness import PASSWORD, RELAYD, Relayd, Sink, message, wait_for_port, wait_until
 
 DOMAIN = "acme.example.test"
@@ -142,3 +144,77 @@ def test_no_secret_reaches_the_log(tmp_path: Path, sink: Sink) -> None:
         "DKIM key": any(line in log for line in pem_lines),
     }
     assert not any(leaks.values()), leaks
+
+
+def test_readable_password_webhook_and_tls_key_files_refuse_to_start(tmp_path: Path) -> None:
+    """Every secret file is held to the server secret's rule, and check-config says so too."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("relayd.test", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    password = tmp_path / "acme.password"
+    password.write_text("a long enough password\n")
+    hook = tmp_path / "hook.secret"
+    hook.write_text(os.urandom(16).hex() + "\n")
+    accounts = (
+        f'\n[accounts.acme]\npassword_file = "{password}"\ndomains = ["{DOMAIN}"]\n'
+        f'webhooks = [{{ url = "http://127.0.0.1:9/hook", secret_file = "{hook}" }}]\n'
+    )
+    relayd = Relayd(
+        tmp_path,
+        routes={"example.test": 9},
+        accounts=accounts,
+        submission_extra=f'tls_cert = "{tmp_path}/cert.pem"\ntls_key = "{tmp_path}/key.pem"',
+    )
+    expected = {
+        "accounts.acme.password_file": password,
+        "accounts.acme.webhooks[0].secret_file": hook,
+        "submission.tls_key": tmp_path / "key.pem",
+    }
+    for bits in (0o640, 0o604):
+        for file in expected.values():
+            file.chmod(bits)
+        for command in ("check-config", "serve"):
+            out = subprocess.run(
+                [*RELAYD, command, "--config", str(relayd.config)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 2, (command, out.stderr[-2000:])
+            for key, file in expected.items():
+                want = f"{relayd.config}: {key}: {file} is readable by group or others (mode {bits:04o})"
+                assert want in out.stderr, (command, want, out.stderr)
+    for file in expected.values():
+        file.chmod(0o600)
+    out = subprocess.run(
+        [*RELAYD, "check-config", "--config", str(relayd.config)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_rsa_dkim_key_under_2048_bits_refuses_to_start(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from relayd.dkim import DkimKeyError, keygen
+
+    key = tmp_path / "short.pem"
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key.write_bytes(pem)
+    key.chmod(0o600)
+    relayd = Relayd(tmp_path, routes={"example.test": 9}, extra=dkim_config(key))
+    out = serve_exit(relayd)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{key}: dkim.key_file: rsa key has 1024 bits, relayd needs at least 2048" in out.stderr
+    out = subprocess.run(
+        [*RELAYD, "check-config", "--config", str(relayd.config)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert f"{relayd.config}: dkim[0].key_file: {key}: dkim.key_file: rsa key has 1024 bits" in out.stderr
+    with pytest.raises(DkimKeyError, match="at least 2048 bits"):
+        keygen(DOMAIN, "s1", "rsa", tmp_path / "keys", bits=1024)

@@ -264,7 +264,7 @@ def submit_many(relayd: Relayd, n: int, prefix: str = "r", user: str = "acme") -
         for i in range(n):
             s.mail(f"app@{user}.example.test")
             s.rcpt(f"{prefix}{i}@example.test")
-            code, resp = s.data(message(f"{prefix} {i}"))
+            code, resp = s.data(message(f"{prefix} {i}", sender=f"app@{user}.example.test"))
             assert code == 250, resp
 
 

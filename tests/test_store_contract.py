@@ -594,8 +594,14 @@ async def test_sqlite_migration_3_folds_existing_rows(
     await old.open()
     t0 = datetime(2026, 1, 1, 10, 15, tzinfo=UTC)
     await old.record_sent([SentRecord("q000000000000001", 0, "acme", None, "a@example.test", t0)])
-    await old.record_events([Event(t0, "complaint", "acme", None, "a@example.test", "abuse")])
     await old.close()
+    # an event as schema 2 stores it (today's code writes columns that schema lacks)
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO events (at, kind, account, address, reason) VALUES (?, ?, ?, ?, ?)",
+            (int(t0.timestamp()) * 1_000_000, "complaint", "acme", "a@example.test", "abuse"),
+        )
+    conn.close()
     monkeypatch.undo()
     new = SqliteStore(path)
     await new.open()

@@ -28,6 +28,7 @@ def write_cert(tmp: Path, name: str) -> None:
     cert = CA.issue_cert(name, "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(tmp / "cert.pem")
     cert.private_key_pem.write_to_path(tmp / "key.pem")
+    (tmp / "key.pem").chmod(0o600)  # relayd refuses a TLS key others can read
 
 
 @pytest.fixture(scope="module")

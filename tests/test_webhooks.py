@@ -128,14 +128,19 @@ def first_arrivals(ids: list[int]) -> list[int]:
 def make_config(tmp_path: Path, url: str, events: list[str] | None = None, secret: bytes = SECRET) -> Config:
     secret_file = tmp_path / "acme-hook.secret"
     secret_file.write_bytes(secret + b"\n")
+    secret_file.chmod(0o600)
     hook: dict[str, Any] = {"url": url, "secret_file": str(secret_file)}
     if events is not None:
         hook["events"] = events
     return Config.model_validate(
         {
             "accounts": {
-                "acme": {"password_hash": "x", "domains": ["acme.example.test"], "webhooks": [hook]},
-                "other": {"password_hash": "x", "domains": ["other.example.test"]},
+                "acme": {
+                    "password_hash": PASSWORD_HASH,
+                    "domains": ["acme.example.test"],
+                    "webhooks": [hook],
+                },
+                "other": {"password_hash": PASSWORD_HASH, "domains": ["other.example.test"]},
             }
         }
     )
@@ -453,9 +458,10 @@ async def test_kill_9_and_restart_in_new_process_loses_nothing(tmp_path: Path, s
     receiver.delay = 0.03
     secret_file = tmp_path / "acme-hook.secret"
     secret_file.write_bytes(SECRET + b"\n")
+    secret_file.chmod(0o600)
     config = tmp_path / "relayd.toml"
     config.write_text(
-        f'[accounts.acme]\npassword_hash = "x"\ndomains = ["acme.example.test"]\n'
+        f'[accounts.acme]\npassword_hash = "{PASSWORD_HASH}"\ndomains = ["acme.example.test"]\n'
         f'webhooks = [{{ url = "{receiver.url}", secret_file = "{secret_file}" }}]\n'
     )
 
@@ -528,6 +534,7 @@ async def test_e2e_relayd_serve_posts_delivered_event(tmp_path: Path, sink: Sink
     receiver = await Receiver().start()
     secret_file = tmp_path / "acme-hook.secret"
     secret_file.write_bytes(SECRET + b"\n")
+    secret_file.chmod(0o600)
     accounts = f"""
 [accounts.acme]
 password_hash = "{PASSWORD_HASH}"
@@ -557,6 +564,7 @@ async def test_e2e_events_survive_a_daemon_restart_while_the_receiver_is_down(
     receiver = Receiver()  # its port is chosen, but nothing listens there yet
     secret_file = tmp_path / "acme-hook.secret"
     secret_file.write_bytes(SECRET + b"\n")
+    secret_file.chmod(0o600)
     accounts = f"""
 [accounts.acme]
 password_hash = "{PASSWORD_HASH}"

@@ -11,7 +11,9 @@ Formats, most structured first:
 * a plain forwarded complaint: a message that says "spam"/"abuse"/"complaint" and
   carries the original as an attachment or pasted headers.
 
-Pure, never raises; anything else is ``is_arf=False``.
+Pure, never raises; anything else is ``is_arf=False``. Anyone can send us a complaint,
+so parsing is linear in the input and reads at most the caps of
+:mod:`relayd.dsn.limits` (the readers are shared with the DSN parser).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import re
 
 from relayd.arf.model import NOT_ARF, ArfReport
-from relayd.dsn import heuristics, message, rfc3464
+from relayd.dsn import heuristics, limits, message, rfc3464
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _parse(raw: bytes) -> ArfReport:
         if not _COMPLAINT_WORDS.search(subject) or has_status or _BOUNCE_SENDER.search(sender):
             return NOT_ARF
         if original is None:
-            _, original = message.split_returned("\n".join(texts))
+            _, original = message.split_returned("\n".join(texts)[: limits.PART_LIMIT])
         if original is None:
             return NOT_ARF
         fmt, feedback_type = "forwarded", "abuse"

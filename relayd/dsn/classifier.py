@@ -21,7 +21,7 @@ import email.message
 import logging
 import re
 
-from relayd.dsn import fallback, heuristics, message, reasons, rfc3464, smtptext
+from relayd.dsn import fallback, heuristics, limits, message, reasons, rfc3464, smtptext
 from relayd.dsn.model import NOT_A_DSN, BouncedRecipient, DsnReport
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ _AUTOREPLY_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _DELIVERY_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
+#: DSN fields pasted into a text notice. ``[^\S\n]*``, not ``\s*``: after ``^`` in
+#: MULTILINE mode ``\s*`` would run over every following blank line from every line
+#: start (quadratic in a run of newlines); the match it finds is the same.
+_PASTED_FIELDS = re.compile(r"^[^\S\n]*(?:final|original)-recipient\s*:", re.IGNORECASE | re.MULTILINE)
 
 
 def classify(raw: bytes) -> DsnReport:
@@ -92,11 +96,11 @@ def _classify(raw: bytes) -> DsnReport:
     records: list[rfc3464.StatusRecord] = []
     reporting_mta: str | None = None
     texts = list(anatomy.status_texts)
-    if re.search(r"^\s*(?:final|original)-recipient\s*:", anatomy.notice, re.IGNORECASE | re.MULTILINE):
+    if _PASTED_FIELDS.search(anatomy.notice):
         texts.append(anatomy.notice)
     for text in texts:
         per_message, found = rfc3464.parse(text)
-        records.extend(found)
+        records.extend(found[: limits.MAX_RECIPIENTS - len(records)])
         reporting_mta = reporting_mta or rfc3464._typed(per_message.get("reporting-mta"))[1]
 
     sender_text = " ".join(headers.get(name, "") for name in ("from", "sender"))
@@ -158,7 +162,7 @@ def _classify(raw: bytes) -> DsnReport:
             targets = _addresses(" ".join(message.header_text(original.get(n)) for n in ("to", "cc")))
             hits_list = [heuristics.TextHit(address, anatomy.notice) for address in sorted(targets - exclude)]
             source = "original"
-        for hit in hits_list:
+        for hit in hits_list[: limits.MAX_RECIPIENTS]:
             recipients.append(_from_text(hit, source))
     if not recipients:
         return dataclasses.replace(base, is_dsn=is_report)
@@ -337,5 +341,5 @@ def _from_json(item: heuristics.JsonBounce) -> BouncedRecipient:
 def _short(text: str | None, limit: int = 500) -> str | None:
     if not text:
         return None
-    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", text[: limits.CONTEXT_LIMIT]).strip()
     return text[:limit] or None

@@ -4,13 +4,19 @@ flufl.bounce knows a few dozen historic formats (AOL, GroupWise, Netscape, SMTP3
 that our generic reader may miss. It only returns addresses, so we use it for *who*, and
 still decide *why* ourselves. Its detectors are old and occasionally choke on odd
 input; any exception means "nothing found".
+
+Its regular expressions were written for trusted, tidy notices and some backtrack badly
+on long hostile lines, so it only ever sees a bounded copy of the message: the first
+:data:`~relayd.dsn.limits.FALLBACK_LIMIT` bytes, each line cut to
+:data:`~relayd.dsn.limits.FALLBACK_LINE_LIMIT`, at most
+:data:`~relayd.dsn.limits.MAX_PARTS` MIME parts. The notices it knows are short.
 """
 
 from __future__ import annotations
 
 import logging
 
-from relayd.dsn import heuristics, message
+from relayd.dsn import heuristics, limits, message
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +27,8 @@ def recipients(raw: bytes) -> list[str]:
         from flufl.bounce import all_failures
     except ImportError:  # pragma: no cover - declared dependency
         return []
-    msg = message.parse_message(message.normalise_newlines(raw))
-    if msg is None:
+    msg = message.parse_message(bounded_copy(raw))
+    if msg is None or sum(1 for _ in msg.walk()) > limits.MAX_PARTS:
         return []
     try:
         temporary, permanent = all_failures(msg)
@@ -36,3 +42,9 @@ def recipients(raw: bytes) -> list[str]:
             if address not in out:
                 out.append(address)
     return out
+
+
+def bounded_copy(raw: bytes) -> bytes:
+    """The start of ``raw`` with LF line ends and every line cut to the line limit."""
+    head = message.normalise_newlines(raw[: limits.FALLBACK_LIMIT])
+    return b"\n".join(line[: limits.FALLBACK_LINE_LIMIT] for line in head.split(b"\n"))

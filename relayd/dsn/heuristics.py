@@ -21,6 +21,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from relayd.dsn.limits import NOTICE_LIMIT
+
 _ADDRESS = re.compile(
     r"(?<![A-Za-z0-9!#$%&'*+/=?^_`{|}~.-])"
     r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-][A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]*"
@@ -32,12 +34,15 @@ _SUMMARY_LINE = re.compile(
     r"in-reply-to|references|received|x-[a-z-]+|envelope-to|delivered-to)\s*:",
     re.IGNORECASE,
 )
-#: Text just before an address that marks it as the sender or an id, not a recipient.
-_SENDER_TAIL = re.compile(
+#: The word just before an address (and its ``:``, ``=``, bracket) that marks it as the
+#: sender or an id, not a recipient. Searched only over the few characters that end at
+#: the word (see :func:`_after_sender_word`); at most 15 of them plus one for ``\b``.
+_SENDER_WORD = re.compile(
     r"(?:mail from|envelope-from|envelope sender|message-id|message id|queue id|return-path|"
-    r"\bfrom|\bsender|\bid)\s*[:=]?\s*[<(\[]?\s*$",
+    r"\bfrom|\bsender|\bid)\Z",
     re.IGNORECASE,
 )
+_SENDER_WORD_WINDOW = 16
 _LOCAL_PARTS_NEVER = frozenset({"mailer-daemon", "mailer_daemon", "mail-daemon", "noreply", "no-reply"})
 
 
@@ -57,27 +62,57 @@ def addresses_in(text: str) -> list[str]:
     return list(seen)
 
 
+def _skip_space_back(text: str, end: int) -> int:
+    """The start of the whitespace run that ends at ``end``."""
+    while end and text[end - 1].isspace():
+        end -= 1
+    return end
+
+
+def _after_sender_word(text: str, end: int) -> bool:
+    """True when ``text[:end]`` ends in a sender or id word, then ``:``/``=`` and an
+    opening bracket, each optional, with any whitespace between (``MAIL FROM: <``).
+
+    Read backwards from ``end``: the cost is the whitespace skipped plus a fixed
+    window, never the length of the line (a regex ending in optional whitespace,
+    punctuation and whitespace again, searched over the line, backtracks in cubic time
+    on a long run of spaces).
+    """
+    end = _skip_space_back(text, end)
+    if end and text[end - 1] in "<([":
+        end = _skip_space_back(text, end - 1)
+    if end and text[end - 1] in ":=":
+        end = _skip_space_back(text, end - 1)
+    return _SENDER_WORD.search(text, max(0, end - _SENDER_WORD_WINDOW), end) is not None
+
+
 def scan_notice(notice: str, exclude: set[str]) -> list[TextHit]:
     """Failed recipients named in a free-text notice, each with its context block.
 
     An address's block runs from the line of its first mention to the line before the
     first mention of the next recipient; a lone recipient gets the whole notice (Lotus
-    Notes writes the reason *before* the address).
+    Notes writes the reason *before* the address). At most
+    :data:`~relayd.dsn.limits.NOTICE_LIMIT` characters of the notice are read.
     """
-    lines = notice.split("\n")
+    lines = notice[:NOTICE_LIMIT].split("\n")
     first_line: dict[str, int] = {}
     summary_only: dict[str, int] = {}
     for index, line in enumerate(lines):
+        summary: bool | None = None
         for match in _ADDRESS.finditer(line):
             address = match.group(1).strip(".").lower()
             if address in exclude or address.split("@", 1)[0] in _LOCAL_PARTS_NEVER:
                 continue
-            before = line[: match.start()]
-            if not before.strip() and index:
-                before = f"{lines[index - 1]} {before}"
-            if _SENDER_TAIL.search(before):
+            if _skip_space_back(line, match.start()) == 0:
+                # Nothing but blanks before it: the word may end the line above.
+                previous = lines[index - 1] if index else ""
+                if _after_sender_word(previous, len(previous)):
+                    continue
+            elif _after_sender_word(line, match.start()):
                 continue
-            if _SUMMARY_LINE.match(line):
+            if summary is None:
+                summary = _SUMMARY_LINE.match(line) is not None
+            if summary:
                 summary_only.setdefault(address, index)
                 continue
             first_line.setdefault(address, index)

@@ -21,6 +21,8 @@ import quopri
 import re
 from dataclasses import dataclass, field
 
+from relayd.dsn import limits
+
 _REPORT_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 _ORIGINAL_TYPES = frozenset(
     {
@@ -55,9 +57,14 @@ _RETURNED_MARKERS = re.compile(
 )
 
 _HEADER_LINE = re.compile(rb"^[A-Za-z][A-Za-z0-9-]*:")
+_CONTENT_TYPE_FIELD = re.compile(rb"^content-type[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _TAG = re.compile(r"<[^>]*>")
 _BLOCK_TAG = re.compile(r"<\s*(?:br|/p|/div|/tr|/li|/h\d|p|div)\b[^>]*>", re.IGNORECASE)
-_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_SCRIPT_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
+_SCRIPT_CLOSE = {
+    "script": re.compile(r"</script\s*>", re.IGNORECASE),
+    "style": re.compile(r"</style\s*>", re.IGNORECASE),
+}
 
 
 @dataclass(slots=True)
@@ -79,17 +86,62 @@ class Anatomy:
     body_text: str = ""
 
 
+@dataclass(slots=True)
+class _Budget:
+    """MIME parts still to be examined in one message (:data:`limits.MAX_PARTS`)."""
+
+    parts: int = limits.MAX_PARTS
+
+
 def normalise_newlines(raw: bytes) -> bytes:
     """CRLF and lone CR to LF, so wire copies and stored copies parse the same."""
     return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def parse_message(raw: bytes) -> email.message.Message | None:
-    """Parse with the lenient compat32 policy (header defects never raise later)."""
+    """Parse with the lenient compat32 policy (header defects never raise later).
+
+    Over-long Content-Type fields are cut first (:func:`bound_content_types`).
+    """
     try:
-        return email.message_from_bytes(raw, policy=email.policy.compat32)
+        return email.message_from_bytes(bound_content_types(raw), policy=email.policy.compat32)
     except Exception:  # the parser itself is defensive; this is belt and braces
         return None
+
+
+def bound_content_types(raw: bytes) -> bytes:
+    """``raw`` with every Content-Type field (folded lines included) cut to
+    :data:`limits.CONTENT_TYPE_LIMIT` bytes, in the message and in its parts.
+
+    The standard library reads parameters (``boundary`` while parsing, ``charset`` and
+    ``report-type`` later) in time quadratic in the field's length: 64 KB of ``;``
+    inside quotes costs seconds, 1 MB hours (Python 3.11's ``email.message._parseparam``).
+    A real Content-Type field is a few hundred bytes.
+    """
+    out: list[bytes] = []
+    done = 0
+    for match in _CONTENT_TYPE_FIELD.finditer(raw):
+        start = match.start()
+        if start < done:
+            continue
+        end = _field_end(raw, start)
+        if end - start > limits.CONTENT_TYPE_LIMIT:
+            # No trailing line break or fold: that would end the header block early.
+            out.append(raw[done:start])
+            out.append(raw[start : start + limits.CONTENT_TYPE_LIMIT].rstrip(b" \t\r\n"))
+            done = end
+    if not out:
+        return raw
+    out.append(raw[done:])
+    return b"".join(out)
+
+
+def _field_end(raw: bytes, start: int) -> int:
+    """Index of the line break that ends the header field starting at ``start``."""
+    end = raw.find(b"\n", start)
+    while end >= 0 and raw[end + 1 : end + 2] in (b" ", b"\t"):
+        end = raw.find(b"\n", end + 1)
+    return len(raw) if end < 0 else end
 
 
 def decode_bytes(data: bytes, charset: str | None) -> str:
@@ -146,7 +198,10 @@ def _transfer_decode(data: bytes, cte: str) -> bytes:
 
 
 def part_text(part: email.message.Message) -> str:
-    """Decoded text of a leaf part; HTML is reduced to its text."""
+    """Decoded text of a leaf part; HTML is reduced to its text.
+
+    Only the first :data:`limits.PART_LIMIT` bytes of the decoded part are read.
+    """
     try:
         payload = part.get_payload(decode=True)
     except Exception:
@@ -154,6 +209,7 @@ def part_text(part: email.message.Message) -> str:
     if not isinstance(payload, bytes):
         raw = part.get_payload()
         payload = raw.encode("latin-1", "replace") if isinstance(raw, str) else _raw_body(part)
+    payload = payload[: limits.PART_LIMIT]
     try:
         charset = part.get_content_charset()
     except Exception:
@@ -165,11 +221,59 @@ def part_text(part: email.message.Message) -> str:
 
 
 def html_to_text(text: str) -> str:
-    """Crude but sufficient: drop scripts and tags, keep line structure and entities."""
-    text = _SCRIPT.sub(" ", text)
-    text = _BLOCK_TAG.sub("\n", text)
-    text = _TAG.sub(" ", text)
+    """Crude but sufficient: drop scripts and tags, keep line structure and entities.
+
+    Linear in the length of ``text``, whatever it holds: the HTML comes from whoever
+    sent the report (see :func:`_drop_scripts` and :func:`_sub_tags`).
+    """
+    text = _drop_scripts(text)
+    text = _sub_tags(_BLOCK_TAG, "\n", text)
+    text = _sub_tags(_TAG, " ", text)
     return html.unescape(text)
+
+
+def _drop_scripts(text: str) -> str:
+    """Replace each ``<script ...>...</script>`` (and style) element with a space.
+
+    Each element ends at the first closing tag of its name after its opening, as the
+    lazy regex ``<(script|style)\\b.*?</\\1\\s*>`` would say; but that regex scans to the end
+    of the text again for every unclosed opening (quadratic in ``<script `` repeated).
+    Here a name whose closing tag was not found once is never searched for again: no
+    later opening of it can be closed either.
+    """
+    out: list[str] = []
+    done = 0
+    closable = {"script": True, "style": True}
+    opening = _SCRIPT_OPEN.search(text)
+    while opening is not None:
+        # By length, not by lower(): IGNORECASE also matches a long s (U+017F) for "s".
+        name = "script" if len(opening.group(1)) == 6 else "style"
+        closing = _SCRIPT_CLOSE[name].search(text, opening.end()) if closable[name] else None
+        if closing is None:
+            closable[name] = False
+            if not any(closable.values()):
+                break
+            opening = _SCRIPT_OPEN.search(text, opening.end())
+            continue
+        out.append(text[done : opening.start()])
+        out.append(" ")
+        done = closing.end()
+        opening = _SCRIPT_OPEN.search(text, done)
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _sub_tags(pattern: re.Pattern[str], replacement: str, text: str) -> str:
+    """``pattern.sub`` for a tag pattern that ends at the first ``>`` after its start.
+
+    Without a ``>`` further on, every ``<`` makes such a pattern scan to the end of the
+    text (quadratic); no match can end after the last ``>``, so only the text up to it
+    is searched.
+    """
+    last = text.rfind(">")
+    if last < 0:
+        return text
+    return pattern.sub(replacement, text[: last + 1]) + text[last + 1 :]
 
 
 def status_text(part: email.message.Message) -> str:
@@ -177,7 +281,7 @@ def status_text(part: email.message.Message) -> str:
     payload = part.get_payload()
     data = payload.encode("latin-1", "replace") if isinstance(payload, str) else _raw_body(part)
     data = _transfer_decode(data, str(part.get("Content-Transfer-Encoding", "")))
-    return decode_bytes(data, "utf-8")
+    return decode_bytes(data[: limits.PART_LIMIT], "utf-8")
 
 
 def header_block(data: bytes) -> bytes | None:
@@ -258,19 +362,22 @@ def dissect(raw: bytes) -> Anatomy | None:
     except Exception:
         anatomy.report_type = None
     texts: list[str] = []
-    _walk(msg, anatomy, texts, depth=0)
-    body = _unquote("\n".join(texts))
+    _walk(msg, anatomy, texts, 0, _Budget())
+    body = _unquote("\n".join(texts)[: limits.PART_LIMIT])
     anatomy.body_text = body
     notice, pasted = split_returned(body)
-    anatomy.notice = notice
+    anatomy.notice = notice[: limits.NOTICE_LIMIT]
     if anatomy.original is None and pasted is not None:
         anatomy.original = pasted
     return anatomy
 
 
-def _walk(part: email.message.Message, anatomy: Anatomy, texts: list[str], depth: int) -> None:
-    if depth > 20:
+def _walk(
+    part: email.message.Message, anatomy: Anatomy, texts: list[str], depth: int, budget: _Budget
+) -> None:
+    if depth > 20 or budget.parts <= 0:
         return
+    budget.parts -= 1
     try:
         ctype = part.get_content_type()
     except Exception:
@@ -283,7 +390,7 @@ def _walk(part: email.message.Message, anatomy: Anatomy, texts: list[str], depth
         if inner is not None and not anatomy.status_texts:
             # A bounce forwarded as an attachment (some gateways wrap the MTA's DSN):
             # read the wrapped report as if it were the message itself.
-            _walk(inner, anatomy, texts, depth + 1)
+            _walk(inner, anatomy, texts, depth + 1, budget)
         elif anatomy.original is None:
             anatomy.original = embedded_headers(part)
         return
@@ -292,7 +399,7 @@ def _walk(part: email.message.Message, anatomy: Anatomy, texts: list[str], depth
         if isinstance(payload, list):
             for sub in payload:
                 if isinstance(sub, email.message.Message):
-                    _walk(sub, anatomy, texts, depth + 1)
+                    _walk(sub, anatomy, texts, depth + 1, budget)
         return
     if ctype.startswith("text/") or depth == 0:
         text = part_text(part)

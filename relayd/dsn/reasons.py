@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from relayd.dsn.limits import CONTEXT_LIMIT, DIAGNOSTIC_LIMIT
 from relayd.dsn.patterns import mentions
 
 #: Reasons that say the address itself is bad. ``notaccept`` joins them on a 5xx only.
@@ -195,9 +196,12 @@ def normalise_text(text: str | None) -> str:
 
     Multi-line replies quoted into one line (``550-5.7.1 ... 550-5.7.1 ...``, Gmail)
     lose their continuation prefixes so phrases spanning two reply lines still match.
+    At most :data:`~relayd.dsn.limits.CONTEXT_LIMIT` characters are read and
+    :data:`~relayd.dsn.limits.DIAGNOSTIC_LIMIT` returned: the text comes from whoever
+    sent the report, and every phrase table is searched over it.
     """
-    text = _SPACE.sub(" ", text or "").strip()
-    return _CONTINUATION.sub("", text).lower()
+    text = _SPACE.sub(" ", (text or "")[:CONTEXT_LIMIT]).strip()
+    return _CONTINUATION.sub("", text[:DIAGNOSTIC_LIMIT]).lower()
 
 
 def status_reason(status: str | None) -> str | None:

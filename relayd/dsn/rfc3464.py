@@ -16,12 +16,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relayd.dsn.limits import ADDRESS_FIELD_LIMIT, MAX_RECIPIENTS
+
 _FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)$")
 _RECIPIENT_KEYS = ("final-recipient", "original-recipient", "x-actual-recipient")
 _PER_MESSAGE_KEYS = frozenset(
     {"reporting-mta", "received-from-mta", "arrival-date", "original-envelope-id", "dsn-gateway"}
 )
+#: The lookbehind starts a match only where a run of local-part characters starts: the
+#: leftmost match is the same, but a long run without ``@`` is scanned once, not once
+#: per character (quadratic).
 _ADDRESS = re.compile(
+    r"(?<![A-Za-z0-9!#$%&'*+/=?^_`{|}~.-])"
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+"
 )
 
@@ -61,31 +67,42 @@ class StatusRecord:
 
 
 def fields(text: str) -> list[list[tuple[str, str]]]:
-    """Blocks of (lower-cased name, unfolded value) pairs, split at blank lines."""
+    """Blocks of (lower-cased name, unfolded value) pairs, split at blank lines.
+
+    Folded lines are collected and joined once per field: appending each to the value
+    so far would copy the value again for every line (quadratic in a long fold).
+    """
     blocks: list[list[tuple[str, str]]] = []
-    current: list[tuple[str, str]] = []
+    current: list[tuple[str, list[str]]] = []
+
+    def close() -> None:
+        blocks.append([(name, " ".join(parts)) for name, parts in current])
+        current.clear()
+
     for line in text.split("\n"):
         if not line.strip():
             if current:
-                blocks.append(current)
-                current = []
+                close()
             continue
         if line[:1] in " \t" and current:
-            name, value = current[-1]
-            current[-1] = (name, f"{value} {line.strip()}")
+            current[-1][1].append(line.strip())
             continue
         match = _FIELD.match(line)
         if match:
-            current.append((match.group(1).lower(), match.group(2).strip()))
+            current.append((match.group(1).lower(), [match.group(2).strip()]))
     if current:
-        blocks.append(current)
+        close()
     return blocks
 
 
 def extract_address(value: str | None) -> str | None:
-    """``rfc822; <User@Example.org>`` -> ``user@example.org``; None if no address."""
+    """``rfc822; <User@Example.org>`` -> ``user@example.org``; None if no address.
+
+    Only the first :data:`~relayd.dsn.limits.ADDRESS_FIELD_LIMIT` characters are read.
+    """
     if not value:
         return None
+    value = value[:ADDRESS_FIELD_LIMIT]
     if ";" in value:
         value = value.split(";", 1)[1]
     match = _ADDRESS.search(value)
@@ -155,7 +172,7 @@ def parse(text: str) -> tuple[dict[str, str], list[StatusRecord]]:
             per_message.setdefault(pname, pvalue)
     reporting = _typed(per_message.get("reporting-mta"))[1]
     out = []
-    for record in records:
+    for record in records[:MAX_RECIPIENTS]:
         final = extract_address(record.get("final-recipient")) or extract_address(
             record.get("x-actual-recipient")
         )

@@ -4,19 +4,28 @@ Free-text bounces (and many Diagnostic-Code values) carry the remote server's re
 somewhere in prose: ``host mx.example.org said: 550 5.1.1 <a@b>: Recipient address
 rejected (in reply to RCPT TO command)``. These helpers find the pieces without being
 fooled by IP addresses (``192.0.2.1``), version numbers or dates.
+
+Every pattern here runs in time linear in its input (no unbounded quantifier is followed
+by something that can fail after it and send it back over the same text), and each
+function reads at most :data:`~relayd.dsn.limits.CONTEXT_LIMIT` characters.
 """
 
 from __future__ import annotations
 
 import re
 
+from relayd.dsn.limits import CONTEXT_LIMIT
+
 # An enhanced status code not embedded in a longer dotted number (an IPv4 address).
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?!\.?\d)")
 _REPLIED_ENHANCED = re.compile(r"(?<![\d.])([45]\d\d)[ -]+['\"]?([45])\.(\d{1,3})\.(\d{1,3})(?!\.?\d)")
 # A reply code where replies sit: line start, after "said:", before an enhanced code.
 _REPLY_BEFORE_ENHANCED = re.compile(r"(?<![\d.])([245]\d\d)[ -]+['\"]?[245]\.\d{1,3}\.\d{1,3}(?!\.?\d)")
+# Host names are at most 255 characters, address literals under 64: bounded, so that
+# "host a [" repeated without a "]" is not rescanned to the end once per "host".
 _REPLY_PLACED = re.compile(
-    r"(?:^|said:|returned:|error:|was:|reply:|\[|<<<|\(|host \S+ \[[^\]]*\]:|: )[ \t]*([245]\d\d)(?=[ -]|$)",
+    r"(?:^|said:|returned:|error:|was:|reply:|\[|<<<|\(|host \S{1,255} \[[^\]\n]{0,64}\]:|: )"
+    r"[ \t]*([245]\d\d)(?=[ -]|$)",
     re.MULTILINE | re.IGNORECASE,
 )
 
@@ -60,7 +69,9 @@ _EXPLICIT_COMMANDS: tuple[tuple[str, re.Pattern[str]], ...] = (
 _TRANSCRIPT_COMMAND = re.compile(
     r"^[ \t]*(?:>>>|in:)[ \t]*(EHLO|HELO|STARTTLS|AUTH|MAIL|RCPT|DATA|BDAT|QUIT|RSET)\b", re.I | re.M
 )
-_TRANSCRIPT_FAILURE = re.compile(r"^[ \t]*(?:<<<|out:)?[ \t]*[45]\d\d[ -]", re.I | re.M)
+# One run of blanks when there is no "<<<" / "Out:": two adjacent optional runs would try
+# every split of a long run of spaces (quadratic).
+_TRANSCRIPT_FAILURE = re.compile(r"^[ \t]*(?:(?:<<<|out:)[ \t]*)?[45]\d\d[ -]", re.I | re.M)
 
 
 def enhanced_code(text: str | None) -> str | None:
@@ -72,6 +83,7 @@ def enhanced_code(text: str | None) -> str | None:
     """
     if not text:
         return None
+    text = text[:CONTEXT_LIMIT]
     # The remote server's own code sits right after its reply code ("550-5.7.1 ...");
     # a gateway may put its own summary code in front (Amazon SES "5.1.0 - ...").
     for match in _REPLIED_ENHANCED.finditer(text):
@@ -93,6 +105,7 @@ def reply_code(text: str | None) -> str | None:
     """The SMTP reply code (4xx/5xx) the remote server gave, if the text shows one."""
     if not text:
         return None
+    text = text[:CONTEXT_LIMIT]
     match = _REPLY_BEFORE_ENHANCED.search(text)
     if match and match.group(1)[0] in "45":
         return match.group(1)
@@ -110,6 +123,7 @@ def smtp_command(text: str | None) -> str | None:
     """
     if not text:
         return None
+    text = text[:CONTEXT_LIMIT]
     found: str | None = None
     position = len(text) + 1
     for name, pattern in _EXPLICIT_COMMANDS:

@@ -7,7 +7,10 @@ from ``[policy] discard_patterns``, per-account ones from ``[accounts.NAME] disc
 
 A discard-pattern hit is refused at RCPT (``550 5.7.1``): the sender should fix its list. A spam-trap hit is
 *accepted and dropped*: telling the sender which address is a trap would teach list-washers to avoid it,
-and the hit counts against the account (DESIGN.md: any spam-trap hit suspends).
+and the hit counts against the account (DESIGN.md: any spam-trap hit suspends) -- unless the message is a
+confirmation mail (double opt-in), whose recipient is whatever someone typed into a sign-up form: that hit
+is recorded as ``spamtrap:optin`` and counts for nothing, or anyone could suspend a customer by typing a
+known trap into its form. The hit is recorded when the message is accepted (relayd.policy.pipeline).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ class DiscardRule:
         return None
 
 
+#: drop reason of a spam-trap hit; these events count against the account (relayd.reputation)
+TRAP_REASON = "spamtrap"
+#: drop reason of a trap hit by a confirmation mail (double opt-in): recorded, never counted, since the
+#: address came from whoever filled in the sender's sign-up form (relayd.policy.pipeline)
+OPTIN_TRAP_REASON = "spamtrap:optin"
+
+
 class SpamtrapRule:
     name = "spamtrap"
 
@@ -63,5 +73,5 @@ class SpamtrapRule:
     async def check(self, req: RcptRequest) -> Verdict | None:
         addr = req.address.lower()
         if addr in self._exact or (self._patterns is not None and self._patterns.match(addr)):
-            return Verdict(Action.DROP, self.name, "spamtrap", "250 2.1.5 Ok")
+            return Verdict(Action.DROP, self.name, TRAP_REASON, "250 2.1.5 Ok")
         return None

@@ -138,16 +138,7 @@ def rewrite_part(
     charset with 8-bit text) or when the footer can't be added without re-encoding text that isn't valid in
     its declared charset.
     """
-    content = _decode_cte(body, cte)
-    codec = _codec(charset)
-    if codec is None:
-        if not content.isascii():
-            raise MimeError(f"text part has unknown charset {charset!r} and 8-bit content (RFC 2046 §4.1.2)")
-        codec = "ascii"  # every MIME charset is a superset of ASCII for pure-ASCII content
-    try:
-        text = content.decode(codec, "surrogateescape")
-    except UnicodeError:
-        raise MimeError(f"text part can't be decoded as {charset!r} (RFC 2046 §4.1.2)") from None
+    text, codec = decode_text(body, charset=charset, cte=cte)
     html_part = subtype == "html"
     substitute = placeholder in text
     offset = _insertion_point(text) if html_part else len(text)
@@ -179,6 +170,24 @@ def rewrite_part(
         raise MimeError(f"footer can't be added to this {charset or 'us-ascii'} text part without damage")
     segments, new_cte = done
     return PartRewrite(tuple(segments), label, new_cte if new_cte != cte else None)
+
+
+def decode_text(body: bytes, *, charset: str | None, cte: str) -> tuple[str, str]:
+    """(text, codec) of one text part's encoded ``body``: the text :func:`rewrite_part` puts the footer
+    into and substitutes placeholders in, so a check of that text sees exactly what the rewrite sees.
+
+    Octets invalid in the charset are kept as surrogate escapes. Raises :class:`MimeError` like
+    :func:`rewrite_part` (unknown transfer encoding, invalid base64, unknown charset with 8-bit text)."""
+    content = _decode_cte(body, cte)
+    codec = _codec(charset)
+    if codec is None:
+        if not content.isascii():
+            raise MimeError(f"text part has unknown charset {charset!r} and 8-bit content (RFC 2046 §4.1.2)")
+        codec = "ascii"  # every MIME charset is a superset of ASCII for pure-ASCII content
+    try:
+        return content.decode(codec, "surrogateescape"), codec
+    except UnicodeError:
+        raise MimeError(f"text part can't be decoded as {charset!r} (RFC 2046 §4.1.2)") from None
 
 
 def _reencode(

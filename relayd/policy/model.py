@@ -3,13 +3,16 @@
 A rule looks at one recipient (RCPT stage) or at one submitted message (DATA stage) and either has no
 opinion (``None``) or returns a :class:`Verdict` naming itself, the reason and the exact SMTP reply. The first
 verdict wins; the pipeline records every drop as an event with its reason (DESIGN.md: ``suppressed:<reason>``,
-``discard``, ``spamtrap``, ``cap``, ``no_consent``, ``suspended``).
+``discard``, ``spamtrap``, ``cap``, ``no_consent``, ``suspended``; and ``spamtrap:optin``, a trap hit by a
+confirmation mail, which counts against nobody). A content rule looks at the message itself, before any
+recipient rule, and refuses it whole or has no opinion.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.message import Message
 from enum import Enum
 from typing import Protocol
 
@@ -65,3 +68,25 @@ class MessageRule(Protocol):
     name: str
 
     async def check(self, req: MessageRequest, recipients: tuple[str, ...]) -> dict[str, Verdict]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ContentRequest:
+    """One message's content at the end of DATA, before anything is counted or rewritten.
+
+    ``headers`` is the top-level header block as the stdlib parses it (``policy=compat32``); ``raw`` the
+    content as submitted (dot-unstuffed); ``optin`` whether it is a confirmation mail (X-Relayd-Optin)."""
+
+    account: str
+    headers: Message
+    raw: bytes
+    optin: bool
+
+
+class ContentRule(Protocol):
+    """A rule over the message itself: it refuses the whole message (its verdict's reply is the answer to
+    DATA) or has no opinion. No I/O: the content is all it reads."""
+
+    name: str
+
+    def check(self, req: ContentRequest) -> Verdict | None: ...

@@ -5,8 +5,12 @@ verdict for a recipient wins, and each verdict names its rule and reason. Stages
 
     MAIL FROM  suspension                                       -> 550 5.7.1 account suspended
     RCPT       discard patterns, spam traps, suppression        -> 550 5.7.1 per recipient (traps: dropped)
-    DATA       list suppression, consent, send caps             -> recipient dropped, event recorded
+    DATA       content: header From/Sender are the account's    -> 550 5.7.1 (unreadable: 550 5.6.0)
+               content: a confirmation mail's confirm link      -> 554 5.7.1
+               list suppression, consent, send caps             -> recipient dropped, event recorded
                (all recipients dropped -> 550 5.7.1)
+               spam traps met at RCPT are recorded once the message is accepted; a confirmation
+               mail's hits don't count against the account (anyone can type a trap into a form)
     rewrite    strip forged headers; List-Unsubscribe + One-Click, Feedback-ID, X-Relayd-ID;
                unsubscribe link + imprint in every text part    -> broken MIME: 554 5.6.0
     render     per recipient at delivery (relayd.policy.render): the holes filled, then DKIM on the
@@ -30,9 +34,21 @@ from relayd import metrics
 from relayd.config import Config, ListConfig
 from relayd.dkim import Signer
 from relayd.policy.caps import CapsRule, cap_windows
+from relayd.policy.confirmlink import ConfirmLinkRule
 from relayd.policy.consent import ConsentRule
-from relayd.policy.discard import DiscardRule, SpamtrapRule
-from relayd.policy.model import MessageRequest, MessageRule, RcptRequest, RcptRule, Verdict
+from relayd.policy.discard import OPTIN_TRAP_REASON, TRAP_REASON, DiscardRule, SpamtrapRule
+from relayd.policy.fromheader import FromHeaderRule
+from relayd.policy.headers import check_parameter_counts
+from relayd.policy.model import (
+    Action,
+    ContentRequest,
+    ContentRule,
+    MessageRequest,
+    MessageRule,
+    RcptRequest,
+    RcptRule,
+    Verdict,
+)
 from relayd.policy.render import (
     BIG_MESSAGE,
     Prepared,
@@ -46,7 +62,7 @@ from relayd.policy.suppression import ListSuppressionRule, SuppressionRule
 from relayd.policy.suspension import SUSPENDED_REPLY, AccountGate
 from relayd.store.base import Event, SentRecord, Store
 
-__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "unsubscribe_url"]
+__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused", "unsubscribe_url"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +77,9 @@ class Processed:
     prepared: Prepared
     dropped: dict[str, Verdict]
     list_name: str | None
+    #: spam-trap hits recorded for this message that count against the account (the listener then
+    #: judges its reputation); a confirmation mail's hits are recorded but don't count
+    trap_hits: int = 0
 
 
 class AllDropped(Exception):
@@ -69,6 +88,15 @@ class AllDropped(Exception):
     def __init__(self, reply: str) -> None:
         super().__init__(reply)
         self.reply = reply
+
+
+class Refused(Exception):
+    """A content rule refused the whole message; the reply is its verdict's."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.reply)
+        self.verdict = verdict
+        self.reply = verdict.reply
 
 
 class Pipeline:
@@ -109,6 +137,8 @@ class Pipeline:
         )
         # --- end consent ---
         self.unlisted_rules: tuple[MessageRule, ...] = (CapsRule(store),)  # no list: RCPT checked the rest
+        #: the whole message, before anything is counted or rewritten: the first refusal is the reply
+        self.content_rules: tuple[ContentRule, ...] = (FromHeaderRule(cfg), ConfirmLinkRule())
 
     # --- MAIL FROM and RCPT ----------------------------------------------------------------------------
 
@@ -117,12 +147,15 @@ class Pipeline:
         return SUSPENDED_REPLY if self.gate.is_suspended(account) else None
 
     async def check_rcpt(self, account: str, address: str, now: datetime) -> Verdict | None:
-        """First verdict of the RCPT rules; rejections and drops are recorded as events."""
+        """First verdict of the RCPT rules; rejections are recorded as events now. A drop (a spam trap) is
+        recorded by :meth:`process` once the message is accepted: only then is it known whether the
+        message is a confirmation mail, and whether anything was sent to the trap at all."""
         req = RcptRequest(account, address, now)
         for rule in self.rcpt_rules:
             verdict = await rule.check(req)
             if verdict is not None:
-                await self._record(now, account, None, {address: verdict}, queue_id=None)
+                if verdict.action is not Action.DROP:
+                    await self._record(now, account, None, {address: verdict}, queue_id=None)
                 return verdict
         return None
 
@@ -137,11 +170,25 @@ class Pipeline:
         recipients: Sequence[str],
         raw: bytes,
         now: datetime,
+        traps: Sequence[str] = (),
     ) -> Processed:
-        """Run the message rules and rewrite the message once; each copy is made at delivery.
+        """Run the content and message rules and rewrite the message once; each copy is made at delivery.
 
-        Raises MimeError (554 5.6.0), AllDropped (550), StoreError (451)."""
+        ``traps`` are the recipients dropped at RCPT as spam traps: the message passes the same checks
+        as any other (its reply tells nothing about which addresses are traps), and they are recorded
+        once it is accepted. With no ``recipients`` left, nothing is counted and the result has none.
+
+        Raises Refused (a content rule's reply), MimeError (554 5.6.0), AllDropped (550),
+        StoreError (451)."""
+        check_parameter_counts(raw)  # before any stdlib parse reads a parameter (MimeError: 554 5.6.0)
         meta = read_meta(raw)  # OptinHeaderError (a MimeError: 554 5.6.0) for a malformed X-Relayd-Optin
+        content = ContentRequest(account, meta.headers, raw, meta.optin)
+        if len(raw) > BIG_MESSAGE:
+            refusal = await asyncio.to_thread(self._check_content, content)
+        else:
+            refusal = self._check_content(content)
+        if refusal is not None:
+            raise Refused(refusal)
         lname = meta.list_name
         list_cfg = self.cfg.accounts[account].lists.get(lname or "", ListConfig())
         req = MessageRequest(
@@ -159,6 +206,9 @@ class Pipeline:
             prepared = await asyncio.to_thread(prepare_message, self.cfg, self.signer, account, meta, raw)
         else:
             prepared = prepare_message(self.cfg, self.signer, account, meta, raw)
+        if not recipients:  # spam traps only: the same answer as any message, nothing to send
+            hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
+            return Processed(queue_id, (), prepared, {}, lname, trap_hits=hits)
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
         rules = self.optin_rules if meta.optin else self.message_rules  # consent (issue 9)
@@ -180,7 +230,39 @@ class Pipeline:
         await self.store.record_sent(
             SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
         )
-        return Processed(queue_id, remaining, prepared, dropped, lname)
+        hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
+        return Processed(queue_id, remaining, prepared, dropped, lname, trap_hits=hits)
+
+    def _check_content(self, req: ContentRequest) -> Verdict | None:
+        """The first content rule's refusal, or None."""
+        for rule in self.content_rules:
+            verdict = rule.check(req)
+            if verdict is not None:
+                return verdict
+        return None
+
+    async def _record_traps(
+        self,
+        now: datetime,
+        account: str,
+        lname: str | None,
+        traps: Sequence[str],
+        optin: bool,
+        queue_id: str,
+    ) -> int:
+        """Record the spam traps a message went to; returns how many count against the account.
+
+        A confirmation mail's hits are recorded with reason ``spamtrap:optin`` and count for nothing
+        (:func:`relayd.reputation.rates` counts reason ``spamtrap``): the address was typed into the
+        sender's sign-up form by whoever filled it in, so counting it would let anyone suspend any
+        customer with a form. The consent rule still allows only one confirmation mail per address a
+        day, and the trap never gets one."""
+        if not traps:
+            return 0
+        reason = OPTIN_TRAP_REASON if optin else TRAP_REASON
+        hit = Verdict(Action.DROP, SpamtrapRule.name, reason, "250 2.1.5 Ok")
+        await self._record(now, account, lname, dict.fromkeys(traps, hit), queue_id=queue_id)
+        return 0 if optin else len(traps)
 
     def render(self, done: Processed, index: int) -> bytes:
         """Recipient ``index``'s copy of a processed message, as delivery makes it (without our
@@ -225,4 +307,4 @@ class Pipeline:
             )
 
 
-__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed"]
+__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused"]

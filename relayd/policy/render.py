@@ -17,7 +17,6 @@ after a restart, prepares it again from the stored message: the same code on the
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import time
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from relayd import metrics
-from relayd.config import Config
+from relayd.config import Config, domain_key
 from relayd.dkim import Signer
 from relayd.policy.consent import confirm_url, optin_list, prepare_confirmation
+from relayd.policy.fromheader import author_domain
 from relayd.policy.listid import campaign_id, list_name
 from relayd.policy.rewrite import (
     DEFAULT_HTML_TEMPLATE,
@@ -112,7 +112,7 @@ def prepare_message(cfg: Config, signer: Signer, account: str, meta: Meta, raw: 
     """Rewrite ``raw`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
 
     An account no longer configured (removed while its mail was queued) still gets the footer, without
-    an imprint, and the DKIM key of its From domain if there is one."""
+    an imprint, and no DKIM signature (:func:`signing_domain`)."""
     acct = cfg.accounts.get(account)
     imprint = acct.imprint if acct is not None else ""
     feedback_id = format_feedback_id(
@@ -123,21 +123,29 @@ def prepare_message(cfg: Config, signer: Signer, account: str, meta: Meta, raw: 
     else:
         spec = FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, imprint)
         template = prepare(raw, spec, feedback_id)
-    return Prepared(template, meta.optin, signing_domain(cfg, signer, account, meta.headers.get("From")))
+    return Prepared(template, meta.optin, signing_domain(cfg, signer, account, author_domain(meta.headers)))
 
 
-def signing_domain(cfg: Config, signer: Signer, account: str, from_header: str | None) -> str | None:
-    """d= is the From domain when we hold a key for it (DMARC alignment), else the account's
-    ``signing_domain``; None when neither has a key."""
-    _, addr = email.utils.parseaddr(from_header or "")
-    from_domain = addr.rpartition("@")[2].lower().rstrip(".")
-    keyed = signer.domains()
-    if from_domain in keyed:
-        return from_domain
+def signing_domain(cfg: Config, signer: Signer, account: str, from_domain: str | None) -> str | None:
+    """DKIM ``d=`` for a message of ``account`` whose (first) From address has ``from_domain``.
+
+    Only the account's own domains are candidates: a key held for another tenant's domain must never
+    sign this account's mail, or the mail passes DMARC as that tenant. So: the From domain, or the
+    closest parent of it that is still the account's (relaxed alignment, RFC 7489 §3.1.1), when we hold
+    a key for it; else the account's ``signing_domain`` (the operator's choice) when keyed; else None,
+    and the message goes unsigned (logged at submission). An account no longer configured signs
+    nothing: nothing says which domains are its own any more."""
     acct = cfg.accounts.get(account)
-    if acct is not None and acct.signing_domain and acct.signing_domain.lower() in keyed:
-        return acct.signing_domain.lower()
-    return None
+    if acct is None:
+        return None
+    keyed = signer.domains()
+    candidate = domain_key(from_domain) if from_domain else ""
+    while candidate and acct.sends_as(candidate):
+        if candidate in keyed:
+            return candidate
+        candidate = candidate.partition(".")[2]
+    own = domain_key(acct.signing_domain) if acct.signing_domain else ""
+    return own if own in keyed else None
 
 
 def trace_end(data: bytes) -> int:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email import errors as email_errors
 from email.message import Message
@@ -92,6 +93,8 @@ __all__ = [
     "canonical_crlf",
     "format_feedback_id",
     "prepare",
+    "text_parts",
+    "transfer_encoding",
 ]
 
 #: Header fields only relayd may set; the app's instances are removed (compared case-insensitively).
@@ -310,13 +313,7 @@ class _Walker:
 
     def _text(self, ent: Entity, node: Message, subtype: str) -> tuple[list[bytes], bytes, list[Segment]]:
         _check_unique(ent.fields)
-        # RFC 2045 §6.1: a token, possibly followed by a comment; absent means 7bit.
-        # strip only blanks: str.strip() would also eat C0 separators (\x1c-\x1f), taking "base64\x1d" --
-        # not an encoding any reader knows -- for base64 (found by the fuzzer)
-        cte = (
-            str(node.get("content-transfer-encoding", "")).partition("(")[0].strip(" \t\r\n").lower()
-            or "7bit"
-        )
+        cte = transfer_encoding(node)
         result = rewrite_part(
             ent.body,
             subtype=subtype,
@@ -340,6 +337,31 @@ class _Walker:
             new = b"Content-Transfer-Encoding: " + result.cte.encode("ascii") + CRLF
             fields = replace_field(fields, b"content-transfer-encoding", new)
         return fields, CRLF, list(result.segments)
+
+
+def transfer_encoding(node: Message) -> str:
+    """The part's Content-Transfer-Encoding as the rewrite reads it, lower case; "7bit" when absent.
+
+    RFC 2045 §6.1: a token, possibly followed by a comment. Strip only blanks: str.strip() would also eat
+    C0 separators (\\x1c-\\x1f), taking "base64\\x1d" -- not an encoding any reader knows -- for base64
+    (found by the fuzzer)."""
+    value = str(node.get("content-transfer-encoding", ""))
+    return value.partition("(")[0].strip(" \t\r\n").lower() or "7bit"
+
+
+def text_parts(node: Message) -> Iterator[Message]:
+    """The parts :func:`prepare` footers and substitutes placeholders in, in order: text/plain and
+    text/html that aren't attachments, reached through multiparts other than signed and encrypted (the
+    walk :class:`_Walker` makes; ``message/*`` parts are attachments and stay opaque)."""
+    maintype, subtype = _content_type(node)
+    if maintype == "multipart" and subtype not in _OPAQUE_MULTIPART:
+        children = node.get_payload()
+        if isinstance(children, list):
+            for child in children:
+                if isinstance(child, Message):
+                    yield from text_parts(child)
+    elif _is_body_text(node, maintype, subtype):
+        yield node
 
 
 def _content_type(node: Message) -> tuple[str, str]:

@@ -5,7 +5,9 @@ This is the transport seam of the queue: :meth:`Transport.send` either returns t
 
 * Opportunistic STARTTLS (``tls = "may"``, Postfix's ``smtp_tls_security_level = may``): used when offered,
   certificates not verified (there is no trust anchor for MX hosts without DANE/MTA-STS); a failed handshake
-  is retried once in plaintext, as Postfix does, because an unencrypted delivery beats a bounce.
+  is retried once in plaintext, as Postfix does, because an unencrypted delivery beats a bounce. The host
+  then gets plaintext for :data:`TLS_FALLBACK_TTL` only (counted in ``relayd_tls_fallback_total``): for
+  good, one man-in-the-middle that broke one handshake would have turned TLS off until the next restart.
 * Connections are kept per (host, source address, EHLO name) for ``messages_per_connection`` transactions
   (RSET between them) and closed when idle: a bulk sender sends many messages to the same few MX hosts, and a
   connection opened from one pool's address must never carry another account's mail.
@@ -21,17 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from relayd import metrics
 from relayd.errors import PermanentFailure, TemporaryFailure
 from relayd.queue.smtpclient import LeanSMTP
 
 log = logging.getLogger(__name__)
 
 _IDLE_SECONDS = 10.0
+#: Seconds a host whose STARTTLS handshake failed is sent to in plaintext before TLS is tried again.
+TLS_FALLBACK_TTL = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,20 @@ class _Conn:
     idle_since: float = field(default_factory=time.monotonic)
 
 
+def _fallback_reason(exc: BaseException) -> str:
+    """A closed set of label values for ``relayd_tls_fallback_total`` (no host names: unbounded)."""
+    causes = (exc, exc.__cause__)
+    if any(isinstance(e, ssl.SSLError) for e in causes):
+        return "tls_error"
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return "refused"  # the server answered STARTTLS with an error code
+    if any(isinstance(e, TimeoutError | aiosmtplib.SMTPTimeoutError) for e in causes):
+        return "timeout"
+    if any(isinstance(e, ConnectionError) for e in causes):
+        return "closed"  # the connection was cut in the handshake (what a stripping middlebox does)
+    return "other"
+
+
 class _StaleConnection(Exception):
     """A pooled connection turned out to be closed before anything was sent on it."""
 
@@ -88,6 +109,8 @@ class Transport:
         connect_timeout: float,
         command_timeout: float,
         messages_per_connection: int,
+        tls_fallback_ttl: float = TLS_FALLBACK_TTL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._helo = helo
         self._tls = tls
@@ -96,7 +119,10 @@ class Transport:
         self._per_conn = messages_per_connection
         self._idle: dict[_Key, list[_Conn]] = {}
         self._open: dict[str, int] = {}  # lane -> connections open (in use or idle)
-        self._no_tls: set[tuple[str, int]] = set()
+        #: (host, port) -> when TLS is tried again, after a failed handshake
+        self._no_tls: dict[tuple[str, int], float] = {}
+        self._tls_fallback_ttl = tls_fallback_ttl
+        self._clock = clock
         self._reaper: asyncio.Task[None] | None = None
 
     def open_connections(self, lane: str) -> int:
@@ -105,7 +131,7 @@ class Transport:
 
     async def _connect(self, host: str, port: int, ch: Channel) -> _Conn:
         helo = ch.helo or self._helo
-        use_tls = self._tls == "may" and (host, port) not in self._no_tls
+        use_tls = self._tls == "may" and not self._tls_suspended(host, port)
         client = LeanSMTP(
             hostname=host,
             port=port,
@@ -128,12 +154,34 @@ class Transport:
                 await client.starttls(validate_certs=False)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
-                log.warning("STARTTLS with %s:%d failed (%s); retrying without TLS", host, port, exc)
-                self._no_tls.add((host, port))
+                log.warning(
+                    "STARTTLS with %s:%d failed (%s); plaintext for this host for %.0fs",
+                    host,
+                    port,
+                    exc,
+                    self._tls_fallback_ttl,
+                )
+                self._suspend_tls(host, port, exc)
                 return await self._connect(host, port, ch)
         self._open[ch.lane] = self._open.get(ch.lane, 0) + 1
         limit = ch.messages_per_connection or self._per_conn
         return _Conn(client, host, port, (host, port, ch.address, helo), ch.lane, limit)
+
+    def _tls_suspended(self, host: str, port: int) -> bool:
+        until = self._no_tls.get((host, port))
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._no_tls[(host, port)]  # expired: this connection tries TLS again
+        return False
+
+    def _suspend_tls(self, host: str, port: int, exc: BaseException) -> None:
+        now = self._clock()
+        for key in [k for k, until in self._no_tls.items() if until <= now]:
+            del self._no_tls[key]  # the map holds only hosts still in their fallback period
+        self._no_tls[(host, port)] = now + self._tls_fallback_ttl
+        metrics.TLS_FALLBACKS.labels(_fallback_reason(exc)).inc()
 
     async def _checkout(self, host: str, port: int, ch: Channel) -> _Conn:
         pool = self._idle.get((host, port, ch.address, ch.helo or self._helo))

@@ -20,11 +20,23 @@ What it does not do: AUTH (delivery never authenticates), SMTPUTF8 addresses.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 
 import aiosmtplib
 
+log = logging.getLogger(__name__)
+
 _MAX_LINE = 8192
+#: What is kept of one (multi-line) reply: its first lines, up to this many characters in all. Real replies
+#: are a few lines (an EHLO list of 15, a rejection with a URL or two); the kept text is what classification
+#: and the logs read. Like Postfix's smtp_chat.c ("defend against a denial of service attack by limiting
+#: the amount of multi-line text that we are willing to store"), the rest is read and thrown away.
+MAX_REPLY_LINES = 100
+MAX_REPLY_TEXT = 16 * 1024
+#: What is read of one reply before the server is taken for broken: past it the connection is closed and the
+#: attempt fails temporarily (a hostile MX streaming continuation lines must not keep a delivery busy).
+MAX_REPLY_BYTES = 1024 * 1024
 
 #: the replies a BDAT transaction must get; a refused chunk is reported as DATA (the content stage)
 _BDAT_EXPECTED = (("MAIL", (250,)), ("RCPT", (250, 251)), ("DATA", (250,)))
@@ -197,12 +209,17 @@ class LeanSMTP:
 
     async def _replies(self, n: int) -> list[tuple[int, str]]:
         """The replies to a group of ``n`` pipelined commands, which arrive together: the group gets
-        ``timeout`` (one round trip), like a single command."""
+        ``timeout`` (one round trip), like a single command.
+
+        Of each reply the first :data:`MAX_REPLY_LINES` lines (:data:`MAX_REPLY_TEXT` characters) are
+        kept and the rest read and dropped; a reply over :data:`MAX_REPLY_BYTES` closes the connection
+        with an ``SMTPResponseException`` (code -1: a temporary failure of the attempt)."""
         reader = self._reader
         if reader is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         out: list[tuple[int, str]] = []
         lines: list[str] = []
+        kept = size = dropped = 0  # of the reply being read: characters kept, bytes read, lines dropped
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every readline in a new Task
             async with asyncio.timeout(self.timeout):
@@ -211,17 +228,40 @@ class LeanSMTP:
                     if not raw:
                         self.close()
                         raise aiosmtplib.SMTPServerDisconnected("Unexpected EOF received")
+                    size += len(raw)
+                    if size > MAX_REPLY_BYTES:
+                        self.replied = True
+                        self.close()
+                        raise aiosmtplib.SMTPResponseException(
+                            -1,
+                            f"Reply longer than {MAX_REPLY_BYTES} bytes: {lines[0][:100] if lines else ''}",
+                        )
                     line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
                     if len(line) < 3 or not line[:3].isdigit():
                         self.close()
                         raise aiosmtplib.SMTPResponseException(
                             -1, f"Malformed SMTP response line: {line[:100]}"
                         )
-                    lines.append(line[4:])
+                    if len(lines) < MAX_REPLY_LINES and kept < MAX_REPLY_TEXT:
+                        text = line[4 : 4 + MAX_REPLY_TEXT - kept]
+                        lines.append(text)
+                        kept += len(text) + 1
+                    else:
+                        dropped += 1
                     if line[3:4] != "-":
                         self.replied = True
+                        if dropped:
+                            log.info(
+                                "%s:%d: %d-line reply of %d bytes; kept its first %d lines",
+                                self.hostname,
+                                self.port,
+                                len(lines) + dropped,
+                                size,
+                                len(lines),
+                            )
                         out.append((int(line[:3]), "\n".join(lines)))
                         lines = []
+                        kept = size = dropped = 0
             return out
         except TimeoutError as exc:
             self.close()

@@ -14,7 +14,9 @@ What it accepts, and why so little:
   sender can't use us for backscatter. Mail we cannot use is still answered ``250`` and kept as an event.
 * DATA goes through :class:`~relayd.smtp.protocol.StrictSMTP` (strict terminator, bare-LF refusal,
   timeouts, size limit ``[inbound] max_message_size`` -> ``552``), with the submission listener's timeouts
-  and error limit and their own connection limits.
+  and error limit, connection limits of its own (``[inbound] max_connections``,
+  ``max_connections_per_ip``: this listener is open to anyone, so they are well below submission's) and
+  the process's DATA budget (``[server] max_data_in_flight``) shared with submission.
 * Each client address may start ``[inbound] rate_per_ip`` transactions (MAIL commands); beyond that it gets
   ``421 4.7.0`` and is disconnected. Forged reports cost a store lookup each, so a flood of them must not
   get unlimited lookups; a real MTA simply retries a 421 later, so nothing genuine is lost.
@@ -29,15 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import Envelope
 
-from relayd import arf
 from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
-from relayd.feedback import on_arf, on_dsn, on_unsubscribe_mail
+from relayd.feedback import on_arf, on_dsn, on_unclassified, on_unsubscribe_mail
+from relayd.parseworker import ParseAbandoned, ParsedReport, ParserBusy, ParseWorker, parse_report
 from relayd.queue.store import QueueStore
 from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
 from relayd.smtp.ratelimit import RateLimiter, source_key
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = ["InboundHandler", "InboundSMTP", "Role", "start_inbound"]
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
+PARSER_BUSY = "451 4.3.2 Too many reports in progress, try again later"
 RATE_LIMITED = "421 4.7.0 Too many messages from your address, try again later"
 #: Recipients per transaction: a report has one; a few more are tolerated (a FBL copying abuse@ and fbl@).
 MAX_RECIPIENTS = 20
@@ -82,14 +86,44 @@ def role_of(address: str, domains: frozenset[str]) -> Role | None:
     return None
 
 
+class Reading:
+    """The parse of one message, shared by the roles of its recipients: parsed once, or abandoned once (a
+    message to twenty VERP addresses must not hold the parser twenty times ``parse_timeout``)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._result: ParsedReport | ParseAbandoned | None = None
+
+    async def get(self, parse: Callable[[bytes], Awaitable[ParsedReport]]) -> ParsedReport:
+        """The parse, made by ``parse`` the first time; raises ParseAbandoned every time it was."""
+        if self._result is None:
+            try:
+                self._result = await parse(self.raw)
+            except ParseAbandoned as exc:
+                self._result = exc
+        if isinstance(self._result, ParseAbandoned):
+            raise ParseAbandoned(self._result.why)
+        return self._result
+
+
 class InboundHandler:
     """aiosmtpd hooks of the inbound listener; one instance serves every connection."""
 
-    def __init__(self, cfg: Config, store: Store, queue: QueueStore, secret: bytes) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        queue: QueueStore,
+        secret: bytes,
+        parser: ParseWorker | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.queue = queue
         self.secret = secret
+        #: the report parser child; None parses in a thread of this process, with no time limit (for tests
+        #: of the listener alone: the daemon always passes one)
+        self.parser = parser
         self._domains = frozenset(cfg.inbound.domains)
         rate = cfg.inbound.rate_per_ip
         self.rate = RateLimiter(rate.events, rate.per)
@@ -128,12 +162,18 @@ class InboundHandler:
         roles = list(
             dict.fromkeys(r for a in envelope.rcpt_tos if (r := role_of(a, self._domains)) is not None)
         )
+        reading = Reading(raw)  # one parse for every role of the message
         try:
             for role in roles:
-                await self.process(role, raw, datetime.now(UTC))
+                await self.process(
+                    role, raw, datetime.now(UTC), reading, source_ip=source_key(server.peer_ip)
+                )
         except StorageError as exc:
             log.error("%s: inbound report not processed (will be retried): %s", server.peer_ip, exc)
             return TEMPFAIL
+        except ParserBusy as exc:
+            log.warning("%s: inbound report not processed (will be retried): %s", server.peer_ip, exc)
+            return PARSER_BUSY
         except RecursionError:
             # MIME nested ~1000 deep exhausts the stdlib parser's stack: no report is built like that, and
             # a 451 would only bring the same message back forever
@@ -152,26 +192,66 @@ class InboundHandler:
         )
         return "250 2.0.0 Ok: report received"
 
-    async def process(self, role: Role, raw: bytes, now: datetime) -> None:
+    async def process(
+        self,
+        role: Role,
+        raw: bytes,
+        now: datetime,
+        reading: Reading | None = None,
+        *,
+        source_ip: str | None = None,
+    ) -> None:
         """Route one message by recipient role. A VERP address also receives feedback loops that send to
         the Return-Path (some FBLs do), so a real ARF report there is treated as a complaint; postmaster@
-        gets ARF reports and bounces alike."""
+        gets ARF reports and bounces alike.
+
+        The message is parsed once (:func:`relayd.parseworker.parse_report`), in the parser child when
+        there is one. A report the child could not parse within ``[inbound] parse_timeout`` (or died on)
+        is kept as an ``unclassified`` event that acts on nobody, and the sender gets ``250``: a 4xx
+        would only bring the same bytes back to the same slow path for days, and a 5xx would lose a
+        genuine report for good as well. Raises ParserBusy when too many reports wait for the child.
+        ``reading`` carries the parse from one role of the message to the next; ``source_ip`` (the
+        client's address, an IPv6 client's /64) groups the reports that act on nobody, one event per source
+        and hour."""
         store, queue, secret, cfg = self.store, self.queue, self.secret, self.cfg
         if role.kind == "unsubscribe":
             assert role.token is not None
-            await on_unsubscribe_mail(store, queue, secret, cfg, raw, role.token, now)
+            await on_unsubscribe_mail(store, queue, secret, cfg, raw, role.token, now, source_ip=source_ip)
             return
-        report = await asyncio.to_thread(arf.parse, raw)
+        try:
+            parsed = await (reading or Reading(raw)).get(self.parse)
+        except ParseAbandoned as exc:
+            await on_unclassified(store, raw, role.kind, exc.why, now, source_ip=source_ip)
+            return
+        report, bounce = parsed.arf, parsed.dsn
         if role.kind == "bounce":
             if report.is_arf and report.format in ("rfc5965", "hotmail-jmrp"):
-                await on_arf(store, queue, secret, cfg, raw, now, verp_token=role.token, report=report)
+                await on_arf(
+                    store,
+                    queue,
+                    secret,
+                    cfg,
+                    raw,
+                    now,
+                    verp_token=role.token,
+                    report=report,
+                    source_ip=source_ip,
+                )
             else:
-                await on_dsn(store, queue, secret, cfg, raw, role.token, now)
+                await on_dsn(
+                    store, queue, secret, cfg, raw, role.token, now, report=bounce, source_ip=source_ip
+                )
             return
         if role.kind == "postmaster" and not report.is_arf:
-            await on_dsn(store, queue, secret, cfg, raw, None, now)
+            await on_dsn(store, queue, secret, cfg, raw, None, now, report=bounce, source_ip=source_ip)
             return
-        await on_arf(store, queue, secret, cfg, raw, now, report=report)
+        await on_arf(store, queue, secret, cfg, raw, now, report=report, bounce=bounce, source_ip=source_ip)
+
+    async def parse(self, raw: bytes) -> ParsedReport:
+        """The one reading of ``raw``: in the parser child, or (no child) in a thread of this process."""
+        if self.parser is not None:
+            return await self.parser.parse(raw)
+        return await asyncio.to_thread(parse_report, raw)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("inbound session failed")
@@ -183,7 +263,11 @@ class InboundSMTP(StrictSMTP):
 
     Lines up to 64 KiB are taken: real bounces quote long lines of the original (Amazon SES, GMX), and
     refusing a report from ``<>`` loses it for good. Nothing received here is relayed, so the RFC 5322
-    limit that protects downstream servers does not apply."""
+    limit that protects downstream servers does not apply.
+
+    PIPELINING is not offered (a bounce carries one message; MTAs that send them do not need it), so the
+    protocol runs in lockstep: a client that sends before it has read our reply, or before the greeting
+    has ended, is ratware, and gets ``554 5.5.0`` and a closed connection."""
 
     line_length_limit = 65536 + 2
 
@@ -222,6 +306,8 @@ def inbound_protocol(cfg: Config, handler: InboundHandler, limits: ConnectionLim
         limits=limits,
         data_timeout=cfg.submission.data_timeout,
         max_errors=cfg.submission.max_errors,
+        lockstep=True,  # no PIPELINING is offered here: a client that talks ahead is refused
+        greet_wait=cfg.inbound.greet_wait,
         hostname=cfg.server.hostname,
         ident="relayd",
         data_size_limit=cfg.inbound.max_message_size,

@@ -33,6 +33,16 @@ Hostile clients (issue 10), and what bounds the memory each one can make us use:
 * Header bombs: more than :data:`MAX_HEADER_FIELDS` header fields or :data:`MAX_HEADER_BYTES` of header
   section are refused ``554 5.6.0`` after the terminator, without keeping the message (no MIME parser ever
   sees it).
+* Memory across sessions: every byte of DATA held counts against the process's :class:`DataBudget`
+  (``[server] max_data_in_flight``); a message that would pass it is read to its end, discarded and answered
+  ``452 4.3.1``, and each session's share is given back however its DATA ends.
+* NUL in DATA is refused ``554 5.6.0`` after the terminator, like a bare CR or LF: RFC 5322 text has no
+  NUL, and a next hop written in C may cut the message there.
+* Lockstep (the inbound listener, which offers no PIPELINING): a client that sends before it has our reply,
+  or before the greeting ends, gets ``554 5.5.0`` and is disconnected (Postfix's
+  ``reject_unauth_pipelining`` and postscreen's pregreet test).
+* EHLO lists exactly the SASL mechanisms implemented: only coroutine methods named ``auth_*`` count
+  (:class:`_MemberCache`); an unknown mechanism is ``504 5.5.4`` and counts as an error.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from typing import Any, ClassVar, cast
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relayd import metrics
 from relayd.smtp.ratelimit import source_key
 
 log = logging.getLogger(__name__)
@@ -69,6 +80,9 @@ HEADER_TOO_LARGE = (
     f"554 5.6.0 Message header too large (over {MAX_HEADER_FIELDS} fields or {MAX_HEADER_BYTES // 1024} KiB)"
 )
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+NUL_IN_DATA = "554 5.6.0 Error: NUL character in message data (RFC 5322 3.5)"
+OVER_DATA_BUDGET = "452 4.3.1 Insufficient system resources: too much mail in progress, try again later"
+TALKED_AHEAD = "554 5.5.0 Error: command sent before the previous reply (no PIPELINING here)"
 _ERROR_CODES = frozenset({"500", "501", "502", "503", "504", "530"})
 
 # A plain ``<local@domain>`` path (dot-atom local part, hostname domain): what nearly every MAIL/RCPT is.
@@ -101,8 +115,12 @@ class _MemberCache:
 
     @classmethod
     def getmembers(cls, obj: object) -> list[tuple[str, Any]]:
-        # aiosmtpd only keeps the auth_* members of what this returns
-        return [(n, getattr(obj, n)) for n in cls._cached(obj, "auth_")]
+        """The ``auth_*`` members that are SASL mechanisms. aiosmtpd keeps every ``auth_*`` member of the
+        protocol and of the handler as a mechanism, and lists it in EHLO: a plain attribute such as
+        ``auth_guard`` became mechanism ``guard``, and ``AUTH guard`` crashed the session. Only coroutine
+        methods (what aiosmtpd awaits) count here."""
+        members = ((n, getattr(obj, n, None)) for n in cls._cached(obj, "auth_"))
+        return [(n, m) for n, m in members if inspect.iscoroutinefunction(m)]
 
     @classmethod
     def dir(cls, obj: object) -> list[str]:
@@ -133,17 +151,55 @@ def _redact_auth(arg: object) -> object:
     return arg
 
 
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes received from the client and not read yet. StreamReader has no public way to ask this;
+    aiosmtpd reaches for the same ``_buffer`` (it clears it after STARTTLS)."""
+    return len(getattr(reader, "_buffer", b""))
+
+
 logging.getLogger("mail.log").addFilter(_RedactAuth())
 aiosmtpd.smtp.inspect = _MemberCache  # type: ignore[assignment,attr-defined]
 aiosmtpd.smtp.dir = _MemberCache.dir  # type: ignore[attr-defined]
 
 
-class ConnectionLimits:
-    """Counts open connections, in total and per client IP, across all listeners of one kind."""
+class DataBudget:
+    """Bytes of message data held in memory by all SMTP sessions of one process, against one limit.
 
-    def __init__(self, total: int, per_ip: int) -> None:
+    aiosmtpd-style servers keep a message in memory until its ``250``: without a process-wide bound,
+    ``max_connections`` clients each sending a maximum-size message hold their product (1,000 x 25 MB).
+    Each line of DATA is taken from the budget as it arrives and the session's whole share is given back
+    when its DATA ends, however it ends (reply sent, refusal, client gone, exception). A message that
+    would go over the budget is read to its end and discarded, then answered ``452 4.3.1`` (the client
+    keeps it and retries); messages already in progress are not disturbed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (and nothing reserved) when that would pass the limit."""
+        if self._held + size > self.limit:
+            return False
+        self._held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self._held -= size
+
+    @property
+    def held(self) -> int:
+        """Bytes reserved now (0 when no session is inside DATA)."""
+        return self._held
+
+
+class ConnectionLimits:
+    """Counts open connections, in total and per client IP, across all listeners of one kind; ``data`` is
+    the process's :class:`DataBudget`, shared by the listeners of every kind."""
+
+    def __init__(self, total: int, per_ip: int, data: DataBudget | None = None) -> None:
         self.total = total
         self.per_ip = per_ip
+        self.data = data
         self._by_ip: Counter[str] = Counter()
         self._open = 0
 
@@ -198,13 +254,24 @@ class StrictSMTP(SMTP):
         data_timeout: float,
         on_close: Any = None,
         max_errors: int = 20,
+        lockstep: bool = False,
+        greet_wait: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        """``lockstep``: a client that sends before it has our reply (pipelining, which this server never
+        offers, or talking before the greeting) gets ``554 5.5.0`` and is disconnected (Postfix's
+        ``reject_unauth_pipelining``). ``greet_wait``: with lockstep, the greeting is sent as ``220-``
+        first and completed with ``220`` this many seconds later, so that a client talking before the
+        greeting ends is seen (postscreen's pregreet test)."""
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._data_timeout = data_timeout
         self._on_close = on_close
         self._max_errors = max_errors
+        self._lockstep = lockstep
+        self._greet_wait = greet_wait if lockstep else 0.0
+        self._greeted = False
+        self._data_held = 0  # bytes of the DATA in progress taken from limits.data
         self._errors = 0  # protocol errors since the last accepted message
         self._hung_up = False
         self._held: list[str] = []  # continuation lines of a multi-line reply, sent with its last line
@@ -289,11 +356,27 @@ class StrictSMTP(SMTP):
         if isinstance(status, bytes):  # aiosmtpd's AUTH challenges ("334 ...")
             await super().push(status)
             return
+        if self._lockstep and status[3:4] != "-":
+            if not self._greeted and status[:4] == "220 ":
+                self._greeted = True
+                if self._greet_wait > 0:
+                    await super().push("220-" + status[4:])
+                    await asyncio.sleep(self._greet_wait)
+            if _buffered(self._reader):
+                # Every byte in the buffer now was sent before this reply (to the previous command, or
+                # the greeting) was: the client does not wait for replies. A real MTA without
+                # PIPELINING always does; spambots and protocol fuzzers do not.
+                log.info("%s: client talked ahead of our reply: %s", self.peer_ip, TALKED_AHEAD)
+                self._held.clear()
+                await super().push(TALKED_AHEAD)
+                self.hang_up()
+                return
         if status[3:4] == "-" and status[:3].isdigit():
             # a continuation line ("250-PIPELINING"): aiosmtpd pushes each line of the EHLO reply on its
             # own, one send(2) each; held here, the whole reply is one write. Writing replies was 14% of
             # an accepting process's CPU under load (py-spy), EHLO's lines more than half of the writes.
-            self._held.append(status)
+            if status.rstrip() != "250-AUTH":  # aiosmtpd lists AUTH even when every mechanism is excluded
+                self._held.append(status)
             return
         code = status[:9]
         if self._held:
@@ -334,7 +417,26 @@ class StrictSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self._data_timeout)
+        try:
+            await self._receive_data()
+        finally:
+            self._release_data()  # however DATA ended: reply sent, refused, client gone, our exception
 
+    def _release_data(self) -> None:
+        """Give this session's share of the process's DATA budget back."""
+        if self._limits.data is not None:
+            self._limits.data.give(self._data_held)
+        self._data_held = 0
+
+    async def _receive_data(self) -> None:
+        """Read the message after ``354``, check it line by line, and hand it to the DATA hook.
+
+        Any problem is answered only after the terminator, once, and what was read so far is dropped at
+        once (memory and budget): bare CR/LF (smuggling), NUL (RFC 5322 §3.5 has no NUL in ``text``; with
+        no BINARYMIME offered, a NUL is never legitimate, and some next hops end a string there), over-long
+        lines, over the size limit, a header bomb, or over the process's :class:`DataBudget`."""
+        assert self.envelope is not None
+        budget = self._limits.data
         lines: list[bytes] = []
         size = 0
         limit = self.data_size_limit
@@ -351,6 +453,7 @@ class StrictSMTP(SMTP):
                 continuation = True
                 problem = problem or "554 5.6.0 Message has a line over 998 characters (RFC 5322 2.1.1)"
                 lines.clear()
+                self._release_data()
                 continue
             except asyncio.IncompleteReadError:
                 return  # client went away mid-DATA: nothing was accepted
@@ -363,11 +466,16 @@ class StrictSMTP(SMTP):
             if line.count(b"\n") != 1 or line.count(b"\r") != 1:
                 # a CR or LF that is not part of CRLF: refuse, never guess (SMTP smuggling)
                 problem = "554 5.5.2 Error: bare <CR> or <LF> received in message data"
-                lines.clear()
+            elif b"\x00" in line:
+                problem = NUL_IN_DATA
             elif limit and size > limit:
                 problem = f"552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
-                lines.clear()
+            elif budget is not None and not budget.take(len(line)):
+                problem = OVER_DATA_BUDGET
+                metrics.DATA_BUDGET_REFUSALS.inc()
             else:
+                if budget is not None:
+                    self._data_held += len(line)
                 if in_header:
                     if line == b"\r\n":
                         in_header = False  # RFC 5322 §2.1: the empty line ends the header section
@@ -376,9 +484,11 @@ class StrictSMTP(SMTP):
                         header_fields += line[:1] not in (b" ", b"\t")
                         if header_fields > MAX_HEADER_FIELDS or header_bytes > MAX_HEADER_BYTES:
                             problem = HEADER_TOO_LARGE
-                            lines.clear()
-                            continue
-                lines.append(line[1:] if line[:1] == b"." else line)  # RFC 5321 §4.5.2 dot-unstuffing
+                if problem is None:
+                    lines.append(line[1:] if line[:1] == b"." else line)  # RFC 5321 §4.5.2 dot-unstuffing
+            if problem is not None:
+                lines.clear()
+                self._release_data()
         else:
             return
         self._reset_timeout()

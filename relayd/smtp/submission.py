@@ -2,8 +2,10 @@
 
 Relay control comes first and stands apart from policy (Postfix's ``smtpd_relay_restrictions``): a client
 that is neither authenticated nor inside an account's ``networks`` can do nothing but AUTH (``530 5.7.0``),
-and an account may only use its own sending domains in MAIL FROM (``553 5.7.1``). Nothing here can make
-relayd an open relay, whatever the policy rules later say.
+and an account may only use its own sending domains in MAIL FROM (``553 5.7.1``; the header From and
+Sender are held to the same :meth:`~relayd.config.AccountConfig.sends_as` at DATA by
+:mod:`relayd.policy.fromheader`). Nothing here can make relayd an open relay, whatever the policy rules
+later say.
 
 The ``250`` after DATA is sent only when the queue's commit holding the message has returned; a storage
 error answers ``451 4.3.0`` and the client keeps the message.
@@ -36,9 +38,9 @@ from relayd import metrics, reputation
 from relayd.address import AddressError, normalize
 from relayd.config import Config, parse_hostport
 from relayd.errors import StorageError
-from relayd.passwords import check_plain, verify_password
+from relayd.passwords import Credential, PasswordChecker, PlainPassword, parse_hash
 from relayd.policy.model import Action
-from relayd.policy.pipeline import AllDropped, MimeError, Pipeline
+from relayd.policy.pipeline import AllDropped, MimeError, Pipeline, Refused
 from relayd.queue.handoff import Handoff
 from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
 from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
@@ -73,7 +75,7 @@ class SubmissionSMTP(StrictSMTP):
 
     def __init__(self, handler: SubmissionHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self.guard = handler.auth_guard
+        self.guard = handler.login_guard
         self.auth_verdict: AuthVerdict | None = None
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -88,6 +90,29 @@ class SubmissionSMTP(StrictSMTP):
             await asyncio.sleep(verdict.delay)
             await self.push(verdict.reply)
 
+    # aiosmtpd's PLAIN and LOGIN call the authenticator synchronously, but a password check is slow (scrypt,
+    # run in a thread). So the credentials they decode are parked by _authenticate and the overrides below
+    # await the handler's check. Anything that reaches _authenticate otherwise fails closed.
+    _parked_login: tuple[str, LoginPassword] | None = None
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        if isinstance(auth_data, LoginPassword):
+            self._parked_login = (mechanism, auth_data)
+        return AuthResult(success=False, handled=False)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check_parked(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check_parked(await super().auth_LOGIN(_, args))
+
+    async def _check_parked(self, result: AuthResult) -> AuthResult:
+        parked, self._parked_login = self._parked_login, None
+        if parked is None or not isinstance(self.session, RelaySession) or self.envelope is None:
+            return result  # aiosmtpd answered already (bad base64, "*"), or nothing was decoded
+        handler: SubmissionHandler = self.event_handler
+        return await handler.authenticate(self, self.session, self.envelope, *parked)
+
 
 class SubmissionHandler:
     """aiosmtpd hooks for the submission listener (one instance shared by all connections)."""
@@ -100,10 +125,13 @@ class SubmissionHandler:
         #: who starts delivery of a committed message (relayd.queue.handoff)
         self.handoff = handoff
         self.pipeline = pipeline
-        self._passwords = self._read_passwords(cfg)
+        #: AUTH password checks: scrypt in a thread, bounded, successes remembered (relayd.passwords)
+        self.passwords = PasswordChecker()
+        self.passwords.configure(self._read_passwords(cfg))
         self._sessions: dict[str, set[int]] = {}
         sub = cfg.submission
-        self.auth_guard = AuthGuard(
+        #: not ``auth_guard``: aiosmtpd takes every handler attribute named ``auth_*`` for a SASL mechanism
+        self.login_guard = AuthGuard(
             max_failures=sub.auth_max_failures,
             account_max_failures=sub.auth_account_max_failures,
             window=sub.auth_failure_window,
@@ -113,19 +141,24 @@ class SubmissionHandler:
         self.tls_context: ssl.SSLContext | None = None
 
     @staticmethod
-    def _read_passwords(cfg: Config) -> dict[str, str]:
-        return {
-            name: acct.password_file.read_text(encoding="utf-8").strip()
-            for name, acct in cfg.accounts.items()
-            if acct.password_file is not None
-        }
+    def _read_passwords(cfg: Config) -> dict[str, Credential]:
+        """Each account's credential: its parsed ``password_hash`` or its ``password_file``'s content (both
+        checked by the config loader). Accounts with only ``networks`` have none: AUTH as them fails."""
+        out: dict[str, Credential] = {}
+        for name, acct in cfg.accounts.items():
+            if acct.password_hash:
+                out[name] = parse_hash(acct.password_hash)
+            elif acct.password_file is not None:
+                out[name] = PlainPassword(acct.password_file.read_text(encoding="utf-8").strip().encode())
+        return out
 
     def reload(self, cfg: Config, pipeline: Pipeline | None) -> None:
         """Swap config and policy (SIGHUP); sessions in progress use them from their next command on."""
-        passwords = self._read_passwords(cfg)
-        self.cfg, self.pipeline, self._passwords = cfg, pipeline, passwords
+        credentials = self._read_passwords(cfg)
+        self.cfg, self.pipeline = cfg, pipeline
+        self.passwords.configure(credentials)  # a changed password forgets the logins remembered with it
         sub = cfg.submission
-        self.auth_guard.configure(
+        self.login_guard.configure(
             max_failures=sub.auth_max_failures,
             account_max_failures=sub.auth_account_max_failures,
             window=sub.auth_failure_window,
@@ -147,7 +180,7 @@ class SubmissionHandler:
         if account is not None and account in self._sessions:
             self._sessions[account].discard(id(server))
 
-    def authenticate(
+    async def authenticate(
         self,
         server: SubmissionSMTP,
         session: RelaySession,
@@ -155,16 +188,18 @@ class SubmissionHandler:
         mechanism: str,
         auth_data: Any,
     ) -> AuthResult:
-        """Check a login. A failure is answered by ``server`` after the guard's delay (``handled=True``
-        tells aiosmtpd not to answer itself); the password never reaches a log line."""
+        """Check a login (awaited by :class:`SubmissionSMTP`: the scrypt check runs in a thread). A failure
+        is answered by ``server`` after the guard's delay (``handled=True`` tells aiosmtpd not to answer
+        itself); the password never reaches a log line. Every failure costs one full check, whatever the
+        account (unknown, ``networks`` only, ``password_file``): no account-name oracle."""
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         login = auth_data.login.decode("utf-8", "replace")
         password = auth_data.password.decode("utf-8", "replace")
         ip = server.peer_ip
-        if self.auth_guard.account_locked(login, ip):
+        if self.login_guard.account_locked(login, ip):
             # no password check at all: a guesser learns nothing while the account is under attack
-            server.auth_verdict = verdict = self.auth_guard.failed(ip, login, count_account=False)
+            server.auth_verdict = verdict = self.login_guard.failed(ip, login, count_account=False)
             log.warning(
                 "%s: AUTH %s for %r refused: account locked after repeated failures (client failures=%d)",
                 ip,
@@ -173,19 +208,9 @@ class SubmissionHandler:
                 verdict.failures,
             )
             return AuthResult(success=False, handled=True)
-        acct = self.cfg.accounts.get(login)
-        ok = False
-        if acct is not None:
-            if acct.password_hash:
-                ok = verify_password(password, acct.password_hash)
-            elif login in self._passwords:
-                ok = check_plain(password, self._passwords[login])
-        else:
-            verify_password(
-                password, "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAA"
-            )  # same cost either way
+        ok = await self.passwords.check(login, password)
         if not ok:
-            server.auth_verdict = verdict = self.auth_guard.failed(ip, login)
+            server.auth_verdict = verdict = self.login_guard.failed(ip, login)
             log.warning(
                 "%s: AUTH %s failed for %r (client failures=%d%s)",
                 ip,
@@ -195,7 +220,7 @@ class SubmissionHandler:
                 ", disconnecting" if verdict.close else "",
             )
             return AuthResult(success=False, handled=True)
-        self.auth_guard.succeeded(ip, login)
+        self.login_guard.succeeded(ip, login)
         if not self._claim_session(server, login):
             return AuthResult(
                 success=False,
@@ -230,8 +255,7 @@ class SubmissionHandler:
             return "553 5.7.1 <>: null sender not allowed on submission"
         if not _valid_address(address):
             return f"501 5.1.7 <{address}>: bad sender address syntax"
-        domain = address.rpartition("@")[2].lower().rstrip(".")
-        if domain not in acct.domains:
+        if not acct.sends_as(address.rpartition("@")[2]):
             return f"553 5.7.1 <{address}>: sender domain not owned by account {session.account}"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -262,18 +286,9 @@ class SubmissionHandler:
             if verdict is not None and verdict.action is Action.REJECT:
                 return verdict.reply
             if verdict is not None and verdict.action is Action.DROP:
+                # a spam trap: recorded (and judged) at DATA, once the message is known to be accepted
+                # and whether it is a confirmation mail (whose trap hits don't count)
                 envelope.dropped.add(rcpt)
-                if verdict.reason == "spamtrap":  # any trap hit may suspend the account (DESIGN.md)
-                    try:
-                        await reputation.evaluate(
-                            self.pipeline.store,
-                            self.queue,
-                            self.cfg,
-                            session.account,
-                            dt.datetime.now(dt.UTC),
-                        )
-                    except StorageError as exc:
-                        log.error("%s: reputation check after a trap hit failed: %s", server.peer_ip, exc)
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
@@ -317,8 +332,7 @@ class SubmissionHandler:
                 "%s: account=%s not queued: queue filesystem below min_free_space", queue_id, session.account
             )
             return INSUFFICIENT_STORAGE
-        if not recipients:
-            # only spam traps: answer as for any message, deliver nothing (the traps are already recorded)
+        if not recipients and self.pipeline is None:
             log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
             return f"250 2.0.0 Ok: queued as {queue_id}"
         if self.pipeline is None:
@@ -338,7 +352,11 @@ class SubmissionHandler:
                     recipients=recipients,
                     raw=content,
                     now=dt.datetime.now(dt.UTC),
+                    traps=tuple(dict.fromkeys(r for r in envelope.rcpt_tos if r in envelope.dropped)),
                 )
+            except Refused as exc:
+                log.info("%s: account=%s refused by %s: %s", queue_id, session.account, exc.verdict.rule, exc)
+                return exc.reply
             except MimeError as exc:
                 log.info("%s: account=%s refused: broken MIME: %s", queue_id, session.account, exc)
                 return f"554 5.6.0 Message refused: malformed MIME ({_one_line(str(exc))})"
@@ -352,6 +370,11 @@ class SubmissionHandler:
             except StorageError as exc:
                 log.error("%s: account=%s policy store failed: %s", queue_id, session.account, exc)
                 return POLICY_UNAVAILABLE
+            if not done.recipients:
+                # only spam traps: answer as for any message (the same checks ran), deliver nothing
+                log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
+                await self._judge_traps(queue_id, session.account, done.trap_hits)
+                return f"250 2.0.0 Ok: queued as {queue_id}"
             msg = NewMessage(
                 queue_id=queue_id,
                 account=session.account,
@@ -394,7 +417,21 @@ class SubmissionHandler:
             },
         )
         metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
+        if msg.render:  # after the commit: a suspension holds this message too
+            await self._judge_traps(queue_id, session.account, done.trap_hits)
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def _judge_traps(self, queue_id: str, account: str, hits: int) -> None:
+        """After spam-trap hits that count, judge the account (any hit may suspend it, DESIGN.md). The
+        hits are on record already, so a failure here is logged: the next event judges again."""
+        if not hits or self.pipeline is None:
+            return
+        try:
+            await reputation.evaluate(
+                self.pipeline.store, self.queue, self.cfg, account, dt.datetime.now(dt.UTC)
+            )
+        except StorageError as exc:
+            log.error("%s: account=%s reputation check after a trap hit failed: %s", queue_id, account, exc)
 
     def _short_of_space(self, size: int) -> bool:
         """Postfix's queue_minfree, checked before any work is done for the message."""
@@ -433,6 +470,8 @@ def _outcome(reply: str) -> tuple[str, str]:
         return "refused", "mime"
     if "dropped by policy" in reply:
         return "refused", "policy"
+    if reply.startswith(("550 5.6.0", "550 5.7.1 From:", "550 5.7.1 Sender:", "554 5.7.1")):
+        return "refused", "content"  # a content rule (relayd.policy.fromheader, relayd.policy.confirmlink)
     if reply.startswith("4"):
         return "deferred", "policy_store" if "policy" in reply else "storage"
     return "refused", "other"
@@ -492,7 +531,6 @@ async def start_submission(
                 timeout=sub.command_timeout,
                 auth_required=False,
                 auth_require_tls=not plaintext_ok,
-                authenticator=handler.authenticate,
                 auth_exclude_mechanism=[] if sub.auth_required else ["LOGIN", "PLAIN"],
             )
 

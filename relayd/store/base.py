@@ -175,6 +175,11 @@ class Event:
     drop or bounce reason (``suppressed:hard_bounce``, ``cap``, ``userunknown``); ``evidence`` a JSON text
     (the DSN status line, the ARF feedback type) so the schema need not change for each new kind.
     Unattributable reports leave ``account``/``list``/``address`` as ``None``.
+
+    ``key`` makes an event one of a kind: recording an event whose key is already in the log adds its
+    ``count`` to the stored one and moves ``last_seen`` (the stored ``at``, evidence and fields stay those
+    of the first). Rate counts (:meth:`EventStore.count_events`) count keys, not repeats, so a report
+    replayed a hundred times counts once. ``None`` (most events): every record is a new row.
     """
 
     at: datetime
@@ -185,9 +190,14 @@ class Event:
     reason: str | None = None
     queue_id: str | None = None
     evidence: str = "{}"
+    key: str | None = None
+    count: int = 1
+    last_seen: datetime | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "at", as_utc(self.at))
+        if self.last_seen is not None:
+            object.__setattr__(self, "last_seen", as_utc(self.last_seen))
 
 
 class SuppressionStore(Protocol):
@@ -326,7 +336,12 @@ class EventStore(Protocol):
         ...
 
     async def record_events(self, events: Iterable[Event]) -> None:
-        """Append several events in one transaction."""
+        """Append several events in one transaction (keyed ones upserted, see :class:`Event`)."""
+        ...
+
+    async def event_by_key(self, key: str) -> Event | None:
+        """The event stored under ``key`` (with its ``count`` and ``last_seen``), or None: whether a report
+        was seen before, so its effects are applied once."""
         ...
 
     async def events(
@@ -340,7 +355,8 @@ class EventStore(Protocol):
         ...
 
     async def prune_events(self, before: datetime) -> int:
-        """Delete events older than ``before``; return how many."""
+        """Delete events older than ``before`` (by first ``at``, whatever their ``last_seen``); return how
+        many."""
         ...
 
     async def count_events(
@@ -353,6 +369,7 @@ class EventStore(Protocol):
         reason: str | None = None,
     ) -> int:
         """Events of ``kind`` at or after ``since``, narrowed to ``account``/``address``/``reason`` if given.
+        A keyed event counts once, however often it was recorded (its first ``at`` decides the window).
 
         For rate checks that run after every complaint or bounce, so it must not read the raw log: with
         ``account`` (and no ``address``) it sums hourly roll-ups and counts only the first partial hour

@@ -21,13 +21,21 @@ Why it is built this way: ESPs move suppression lists of millions of rows betwee
   nothing measurable: both halves are GIL-bound Python.) Measured by ``bench/suppression.py``.
 * so the import is not atomic: a failure midway leaves the earlier batches imported; because ``add``
   upserts, running the same file again is harmless.
+
+Formula injection (OWASP "CSV Injection"): exports are opened in spreadsheets, and a cell starting with
+``=``, ``+``, ``-``, ``@``, tab or CR is read there as a formula; addresses, user agents and sources come
+from outsiders (``=cmd|' /C calc'!A0@example.test`` is a valid address). Every exported cell that starts
+with one of those (after any leading ``'``) gets one more leading ``'``, which spreadsheets show as text
+(:func:`neutralize`). Every import takes one leading ``'`` off such a cell again (:func:`restore`), so an
+export imports back exactly, ``-foo@example.test`` included. The price: a hand-written file whose cell
+really starts with ``'=`` (or ``'-`` ...) must write ``''=``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,12 +45,30 @@ from relayd.address import AddressError, normalize
 
 from .base import Reason, Scope, SuppressionEntry, SuppressionStore, as_utc, utcnow
 
-__all__ = ["HEADER", "ImportResult", "export_csv", "import_csv"]
+__all__ = ["HEADER", "ImportResult", "export_csv", "import_csv", "neutralize", "restore", "safe_rows"]
 
 HEADER: tuple[str, ...] = ("address", "scope", "account", "list", "reason", "created_at", "expires_at")
 _HEADER_WITH_SOURCE = (*HEADER, "source")
 _SCOPES = {s.value: s for s in Scope}
 _REASONS = {r.value: r for r in Reason}
+#: what makes a spreadsheet read a cell as a formula (OWASP CSV Injection)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralize(cell: str) -> str:
+    """The cell as exported: with one more leading ``'`` when it would start a formula (see the module
+    docstring); :func:`restore` undoes it."""
+    return "'" + cell if cell.lstrip("'").startswith(_FORMULA_START) else cell
+
+
+def restore(cell: str) -> str:
+    """An imported cell with the ``'`` that :func:`neutralize` added taken off again."""
+    return cell[1:] if cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_START) else cell
+
+
+def safe_rows(rows: Iterable[Iterable[str]]) -> list[list[str]]:
+    """Rows ready for ``csv.writer``, every cell through :func:`neutralize`. Every CSV export uses this."""
+    return [[neutralize(cell) for cell in row] for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +91,8 @@ def read_batch(
 ) -> list[T]:
     """Up to ``size`` parsed rows from a ``csv.reader``. Malformed CSV and rows ``parse`` rejects with
     :class:`RowError` are recorded in ``errors`` as (line number, problem) and skipped; blank lines are
-    skipped silently. Shared by every CSV import (suppressions, consent) so they report alike."""
+    skipped silently. Cells come through :func:`restore`. Shared by every CSV import (suppressions,
+    consent) so they report and read alike."""
     batch: list[T] = []
     while len(batch) < size:
         try:
@@ -78,7 +105,7 @@ def read_batch(
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # blank line
         try:
-            batch.append(parse(row))
+            batch.append(parse([restore(cell) for cell in row]))
         except RowError as exc:
             errors.append((reader.line_num, str(exc)))
     return batch
@@ -227,6 +254,6 @@ async def export_csv(
             if include_source:
                 row.append(e.source)
             rows.append(row)
-        writer.writerows(rows)
+        writer.writerows(safe_rows(rows))
         written += len(rows)
     return written

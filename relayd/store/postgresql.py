@@ -25,11 +25,13 @@ Why this shape:
   the insert joins, so it is held before the first id is drawn), which keeps the insert one round trip.
   Events are group-committed as in SQLite, so the lock is taken once per batch, not per event.
 * **Durability per kind of write**, like SQLite's ``synchronous`` switch: the pool's sessions run with
-  ``synchronous_commit = off`` (send counters, events, the ledger, webhook cursors: consistent after a
-  crash, may lose the last ~0.6 s of commits), and suppression, consent and account-state transactions
-  switch it back on (``SET LOCAL``), so they return only once the WAL is flushed.
+  ``synchronous_commit = off`` (send counters, events, webhook cursors: consistent after a crash, may lose
+  the last ~0.6 s of commits), and suppression, consent, account-state and sent-ledger transactions switch
+  it back on (``SET LOCAL``), so they return only once the WAL is flushed (the ledger must outlive a crash
+  as the queue does: queued mail carries tokens that only its ledger rows make verifiable).
 * **Round trips**: most non-durable writes are one autocommit statement (one round trip, no
-  BEGIN/COMMIT); the per-message write path (``record_sent`` + ``record_event``) costs two.
+  BEGIN/COMMIT); the per-message write path costs four (the ledger's durable transaction, three, shared by
+  every message of a group commit; then ``record_event``).
 * **Change propagation**: suppression writes ``NOTIFY relayd_suppression`` and account-state writes
   ``NOTIFY relayd_account`` inside their transaction (delivered only if it commits).
   :meth:`PostgresStore.subscribe` listens on a dedicated connection that reconnects by itself and, after a
@@ -49,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -163,15 +166,21 @@ _RESERVE: Final = (
     " RETURNING address"
 )
 _ACCOUNT_COLUMNS: Final = "account, suspended, reason, details, since"
-_EVENT_COLUMNS: Final = "at, kind, account, list_name, address, reason, queue_id, evidence"
+_EVENT_COLUMNS: Final = (
+    "at, kind, account, list_name, address, reason, queue_id, evidence, dedup_key, count, last_seen"
+)
 # `{lock}`: the events lock of this store's schema. The INSERT joins the one-row CTE that takes it, so no
 # row (and no id drawn by the identity default) exists before the lock is held; ORDER BY i draws the ids
-# in the order the caller gave the events.
+# in the order the caller gave the events. A keyed event seen again adds to the stored one (migration 6):
+# an update, so the statement trigger's NEW TABLE (inserted rows only) leaves the roll-ups alone.
 _INSERT_EVENTS: Final = (
     "WITH serialise AS (SELECT pg_advisory_xact_lock({lock}))"
     f" INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM serialise, unnest($1::int8[],"
-    " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])"
-    f" WITH ORDINALITY AS e({_EVENT_COLUMNS}, i) ORDER BY i"
+    " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
+    f" $10::int8[], $11::int8[]) WITH ORDINALITY AS e({_EVENT_COLUMNS}, i) ORDER BY i"
+    " ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO UPDATE SET"
+    " count = events.count + excluded.count,"
+    " last_seen = greatest(coalesce(events.last_seen, events.at), coalesce(excluded.last_seen, excluded.at))"
 )
 _CONSENT_COLUMNS: Final = "account, list_name, address, confirmed_at, ip, user_agent, source, evidence"
 _UPSERT_CONSENT: Final = (
@@ -227,7 +236,7 @@ def _entry(row: Record) -> SuppressionEntry:
 
 
 def _event(row: Record, first: int = 0) -> Event:
-    """The event in ``row``'s columns ``first`` .. ``first + 7`` (``_EVENT_COLUMNS`` order)."""
+    """The event in ``row``'s columns ``first`` .. ``first + 10`` (``_EVENT_COLUMNS`` order)."""
     return Event(
         at=_dt(row[first]),
         kind=row[first + 1],
@@ -237,6 +246,9 @@ def _event(row: Record, first: int = 0) -> Event:
         reason=row[first + 5],
         queue_id=row[first + 6],
         evidence=row[first + 7],
+        key=row[first + 8],
+        count=row[first + 9],
+        last_seen=_opt_dt(row[first + 10]),
     )
 
 
@@ -266,6 +278,27 @@ def _account_state(row: Record) -> AccountState:
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> builtins.list[builtins.list[Any]]:
     """Rows to per-column lists: the array arguments of an ``unnest`` insert."""
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
+
+
+def _merge_keyed(events: Iterable[Event]) -> builtins.list[Event]:
+    """One event per key, at the place of its first: one INSERT .. ON CONFLICT may not update a row twice.
+
+    The later ones add their ``count`` and move ``last_seen``, as they would have one statement later."""
+    out: builtins.list[Event] = []
+    where: dict[str, int] = {}
+    for e in events:
+        if e.key is None:
+            out.append(e)
+            continue
+        i = where.get(e.key)
+        if i is None:
+            where[e.key] = len(out)
+            out.append(e)
+            continue
+        first = out[i]
+        seen = max(first.last_seen or first.at, e.last_seen or e.at)
+        out[i] = dataclasses.replace(first, count=first.count + e.count, last_seen=seen)
+    return out
 
 
 def _lock_key(*parts: str) -> int:
@@ -975,18 +1008,34 @@ class PostgresStore:
 
     async def record_events(self, events: Iterable[Event]) -> None:
         rows = [
-            (_us(e.at), e.kind, e.account, e.list, e.address, e.reason, e.queue_id, e.evidence)
-            for e in events
+            (
+                _us(e.at),
+                e.kind,
+                e.account,
+                e.list,
+                e.address,
+                e.reason,
+                e.queue_id,
+                e.evidence,
+                e.key,
+                e.count,
+                None if e.last_seen is None else _us(e.last_seen),
+            )
+            for e in _merge_keyed(events)
         ]
         if not rows:
             return
         self._require_pool()
         if len(rows) <= _CHUNK:
-            await self._autocommit(self._insert_events, *_columns(rows, 8))
+            await self._autocommit(self._insert_events, *_columns(rows, 11))
             return
         async with self._transaction(durable=False) as conn:  # the lock is re-entrant: one per chunk is fine
             for start in range(0, len(rows), _CHUNK):
-                await conn.execute(self._insert_events, *_columns(rows[start : start + _CHUNK], 8))
+                await conn.execute(self._insert_events, *_columns(rows[start : start + _CHUNK], 11))
+
+    async def event_by_key(self, key: str) -> Event | None:
+        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events WHERE dedup_key = $1", key)
+        return _event(rows[0]) if rows else None
 
     async def events(
         self,
@@ -1052,13 +1101,13 @@ class PostgresStore:
             await self._sent.add(rows)
 
     async def _write_sent(self, rows: builtins.list[tuple[Any, ...]]) -> None:
+        """Durable (WAL flushed at commit), unlike the other per-message writes: the queue is, and a
+        queued message whose ledger row a server crash took would carry an unsubscribe link, VERP address
+        and trace token that verify for nothing. Group commit shares the flush among concurrent messages."""
         # One row per (queue_id, idx), the last given: insert-or-replace, and one statement may not
         # upsert a row twice.
         unique = builtins.list({(row[0], row[1]): row for row in rows}.values())
-        if len(unique) <= _CHUNK:
-            await self._autocommit(_UPSERT_SENT, *_columns(unique, 6))
-            return
-        async with self._transaction(durable=False) as conn:
+        async with self._transaction(durable=True) as conn:
             for start in range(0, len(unique), _CHUNK):
                 await conn.execute(_UPSERT_SENT, *_columns(unique[start : start + _CHUNK], 6))
 

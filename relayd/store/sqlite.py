@@ -12,9 +12,11 @@ Why this shape:
   lock is waited for up to ``busy_timeout`` seconds, then :class:`StoreError` is raised.
 * **Durability per kind of write.** Suppression and account-state commits run with ``synchronous=FULL``
   (the WAL is fsynced at commit: an unsubscribe acknowledged is an unsubscribe kept, even across power loss);
-  send counters and events with ``synchronous=NORMAL`` (consistent after a crash, may lose the last
-  commits; a lost counter row lets at most one extra message through a cap). A FULL commit also flushes
-  every NORMAL commit before it.
+  so does the per-message writer below, because it writes the sent ledger, which must be as durable as the
+  queue (a queued message whose ledger row a power loss took would carry tokens that verify for nothing);
+  the cap reservations and events of its batches ride on the same fsync. Other writes (``record_sends``,
+  pruning, webhook cursors) use ``synchronous=NORMAL`` (consistent after a crash, may lose the last
+  commits). A FULL commit also flushes every NORMAL commit before it.
 * **The writes of every message are group-committed, on the event loop's thread.** Send-cap reservations,
   the sent ledger and events run on a second writer connection (:mod:`relayd.sqlitewriter`): every write
   waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go, and each caller
@@ -90,14 +92,21 @@ _UPSERT_SEND: Final = (
     " ON CONFLICT (account, list_name, address, sent_at) DO UPDATE SET n = send_log.n + excluded.n"
 )
 _SELECT_ACCOUNT: Final = "SELECT account, suspended, reason, details, since FROM account_state"
-_SELECT_EVENTS: Final = "SELECT at, kind, account, list_name, address, reason, queue_id, evidence FROM events"
+_EVENT_COLUMNS: Final = (
+    "at, kind, account, list_name, address, reason, queue_id, evidence, dedup_key, count, last_seen"
+)
+_SELECT_EVENTS: Final = f"SELECT {_EVENT_COLUMNS} FROM events"
 _INSERT_SENT: Final = (
     "INSERT OR REPLACE INTO sent (queue_id, idx, account, list_name, address, sent_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+# A keyed event seen again adds to the stored one (migration 6); as an update, not an insert, it leaves the
+# hourly roll-ups alone, so rates count each key once.
 _INSERT_EVENT: Final = (
-    "INSERT INTO events (at, kind, account, list_name, address, reason, queue_id, evidence)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO UPDATE SET"
+    " count = events.count + excluded.count,"
+    " last_seen = max(coalesce(events.last_seen, events.at), coalesce(excluded.last_seen, excluded.at))"
 )
 
 #: What aiosqlite hands back: sqlite3.Row in its annotations, plain tuples at run time (no row_factory).
@@ -145,7 +154,11 @@ def _entry(row: Row) -> SuppressionEntry:
 
 
 def _event_row(e: Event) -> Row:
-    return (_us(e.at), e.kind, e.account, e.list, e.address, e.reason, e.queue_id, e.evidence)
+    last_seen = None if e.last_seen is None else _us(e.last_seen)
+    return (
+        *(_us(e.at), e.kind, e.account, e.list, e.address, e.reason, e.queue_id, e.evidence),
+        *(e.key, e.count, last_seen),
+    )
 
 
 def _event(row: Row) -> Event:
@@ -158,6 +171,9 @@ def _event(row: Row) -> Event:
         reason=row[5],
         queue_id=row[6],
         evidence=row[7],
+        key=row[8],
+        count=row[9],
+        last_seen=_opt_dt(row[10]),
     )
 
 
@@ -191,10 +207,13 @@ def _insert_many(sql: str, rows: builtins.list[Row], db: sqlite3.Connection) -> 
 
 
 def _connect_hot(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """The per-message writer's connection (see the module docstring); ``synchronous=NORMAL``: it serves
-    only the writes that may lose their last commits."""
+    """The per-message writer's connection (see the module docstring); ``synchronous=FULL``, because the
+    sent ledger is written here: a message the queue holds (fsynced) must find its ledger row after a
+    power loss, or its unsubscribe link, VERP address and trace token verify for nothing. The ledger rows
+    share each batch's transaction with that batch's cap reservations and events, so they are made
+    durable by the same single fsync per batch."""
     db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout, check_same_thread=False)
-    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA temp_store = MEMORY")
     db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
     return db
@@ -707,6 +726,10 @@ class SqliteStore:
         params.append(limit)
         return [_event(row) for row in await self._fetch(sql, params)]
 
+    async def event_by_key(self, key: str) -> Event | None:
+        rows = await self._fetch(f"{_SELECT_EVENTS} WHERE dedup_key = ?", [key])
+        return _event(rows[0]) if rows else None
+
     async def prune_events(self, before: datetime) -> int:
         async with self._transaction(durable=False) as db:
             cursor = await db.execute("DELETE FROM events WHERE at < ?", [_us(before)])
@@ -804,10 +827,7 @@ class SqliteStore:
         # Read by primary-key range, never through the account indexes: SQLite would otherwise pick
         # events_account_* for "account = ?" and sort the account's whole history by id on every poll.
         # `coalesce(account, '')` hides the column from the planner (portable, unlike SQLite's `+account`).
-        sql = (
-            "SELECT id, at, kind, account, list_name, address, reason, queue_id, evidence FROM events"
-            " WHERE id > ?"
-        )
+        sql = f"SELECT id, {_EVENT_COLUMNS} FROM events WHERE id > ?"
         params: builtins.list[Any] = [after_id]
         if account is not None:
             sql += " AND coalesce(account, '') = ?"

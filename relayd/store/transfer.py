@@ -97,6 +97,9 @@ async def export_store(store: Store, out: TextIO) -> TransferCounts:
                     "reason": ev.reason,
                     "queue_id": ev.queue_id,
                     "evidence": ev.evidence,
+                    "key": ev.key,
+                    "count": ev.count,
+                    "last_seen": _iso(ev.last_seen),
                 },
             )
             after = event_id
@@ -186,7 +189,10 @@ async def import_store(store: Store, lines: Iterable[str]) -> TransferCounts:
                     )
                 result.add("account_state")
             elif kind == "event":
-                events.append(Event(_dt(rec.pop("at")), **rec))
+                last_seen = rec.pop("last_seen", None)  # absent from exports made before repeat counts
+                events.append(
+                    Event(_dt(rec.pop("at")), **rec, last_seen=_dt(last_seen) if last_seen else None)
+                )
             elif kind == "sent":
                 sent.append(
                     SentRecord(

@@ -9,13 +9,14 @@ Routes::
     POST /c/<token>   record the consent (time, client IP, user agent) when the body is our button's
                       ``confirm=yes``; 200 with the done page, or 303 to the list's ``redirect`` URL
     GET  /healthz     200 ``ok``: the process serves HTTP (liveness, not a store check)
-    (/metrics: Prometheus, see _add_routes)
+    GET  /metrics     Prometheus; only to peers inside ``[http] metrics_allow`` (default loopback), else 403
 
 Rate limit (issue 10): each client address gets ``[http] rate_per_ip`` requests (token bucket, IPv6 by /64)
 to the token pages; beyond that ``429`` with ``Retry-After``, before any token is looked at. ``/healthz`` and
-``/metrics`` are not counted (monitoring polls them; they touch no store). Mailbox providers send one-click
-POSTs from a few addresses of their own, so the default is generous; behind a reverse proxy every request
-comes from the proxy's address, and the limit should be set there instead (``rate_per_ip = "unlimited"``).
+``/metrics`` for ``metrics_allow`` peers are not counted (monitoring polls them; they touch no store).
+Mailbox providers send one-click POSTs from a few addresses of their own, so the default is generous; behind
+a reverse proxy every request comes from the proxy's address, and the limit should be set there instead
+(``rate_per_ip = "unlimited"``).
 
 Status codes: 200 done or page shown; 400 invalid token (malformed, tampered, for another address, not in
 the ledger) or a POST that does not ask to unsubscribe, and then nothing changed; 405 any other method
@@ -42,6 +43,7 @@ shared cache must not keep a page showing someone's address), ``X-Robots-Tag: no
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -88,12 +90,13 @@ _SECURITY_HEADERS = {
 }
 
 _REASONS = {
+    403: ("Forbidden", "This address is not for you."),
     404: ("Not found", "There is nothing at this address."),
     405: ("Method not allowed", "This address only answers GET and POST."),
     413: ("Request too large", "The request body is larger than this page accepts."),
     429: ("Too many requests", "Please wait a minute and try again."),
 }
-_UNLIMITED_PATHS = frozenset({"/healthz", "/metrics"})
+_UNLIMITED_PATHS = frozenset({"/healthz"})
 
 
 @dataclass(slots=True)
@@ -162,7 +165,11 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 async def _rate_limit(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """429 for a client over ``[http] rate_per_ip`` (the outermost middleware: it costs one dict lookup)."""
     limiter = request.app[_LIMITER]
-    if request.path in _UNLIMITED_PATHS or limiter.allow(source_key(request.remote or "")):
+    if (
+        request.path in _UNLIMITED_PATHS
+        or (request.path == "/metrics" and _metrics_allowed(request))
+        or limiter.allow(source_key(request.remote or ""))
+    ):
         return await handler(request)
     log.debug("web: %s over [http] rate_per_ip", request.remote)
     heading, text = _REASONS[429]
@@ -333,11 +340,33 @@ def _add_routes(app: web.Application) -> None:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of relayd's own registry (relayd/metrics.py)."""
+    """Prometheus text exposition of relayd's own registry (relayd/metrics.py), for clients inside
+    ``[http] metrics_allow`` only: it names accounts and their volumes and complaints, and this listener
+    also serves the public unsubscribe pages. 403 for everyone else."""
+    if not _metrics_allowed(request):
+        log.debug("web: /metrics refused to %s (not in [http] metrics_allow)", _peer_ip(request))
+        raise web.HTTPForbidden()
     body, content_type = metrics.exposition()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
     return resp
+
+
+def _peer_ip(request: web.Request) -> str:
+    """The address of the TCP peer itself: never ``X-Forwarded-For`` or ``Forwarded``, which the
+    client writes."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
+def _metrics_allowed(request: web.Request) -> bool:
+    try:
+        ip = ipaddress.ip_address(_peer_ip(request).partition("%")[0])  # drop an IPv6 zone ("fe80::1%eth0")
+    except ValueError:
+        return False  # a Unix socket or no peer at all: nobody we can check
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+    return any(ip in net for net in request.app[_DEPS].cfg.http.metrics_allow)
 
 
 def update_config(app: web.Application, cfg: Config) -> None:

@@ -286,7 +286,7 @@ async def _session(body: bytes) -> tuple[list[bytes], list[bytes]]:
 
 def smtp_data(data: bytes) -> None:
     """One DATA phase, whatever its bytes: exactly one final reply, then QUIT's 221. A 250 means exactly one
-    message, the dot-unstuffed bytes with no bare CR or LF; a bare CR or LF means a 554 refusal."""
+    message, the dot-unstuffed bytes with no bare CR or LF and no NUL; either means a 554 refusal."""
     body = _without_terminator(data)
     replies, messages = asyncio.run(_session(body))
     codes = [r[:3] for r in replies if r[3:4] == b" "]  # final lines of each reply
@@ -297,6 +297,7 @@ def smtp_data(data: bytes) -> None:
     if tail[0] == b"250":
         assert messages == [expected], "the message differs from what was sent"
         assert _BARE.search(body) is None, "a bare CR or LF was accepted"
+        assert b"\0" not in body, "a NUL was accepted"
     else:
         assert tail[0] in (b"554", b"552"), replies
         assert messages == []
