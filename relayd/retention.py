@@ -1,11 +1,14 @@
-"""Forget what is older than its keep time: the sent ledger and the event log.
+"""Forget what is older than its keep time: the sent ledger, the event log, the caps' send log and the
+opt-in confirmations sent.
 
 Why: both grow with every message and every report, and anyone can mail us reports. The ledger is kept
 for ``[inbound] report_max_age``: a report about an older copy acts on nobody anyway, and once its row is
 gone every token of that copy (VERP address, trace id, unsubscribe link) verifies for nothing, so tokens
 expire without carrying a date. Events are kept for ``[store] keep_events``, but never for less than
 ``report_max_age``: the keyed outcome events are how a replayed report is recognised, for as long as its
-token still attributes. Account rates do not read the pruned rows (hourly roll-ups, which stay).
+token still attributes. Account rates do not read the pruned rows (hourly roll-ups, which stay). The
+caps' send log is needed for the longest cap window (30 days), the confirmations sent for the opt-in
+window (24 h): older rows count for nothing, so they go too.
 
 Deletes are idempotent, so several processes or nodes pruning the same store do no harm; the daemon runs
 it in one process per store. Failure: a store error is logged and the next run tries again.
@@ -22,7 +25,17 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from relayd.config import Config
-from relayd.store.base import EventStore, SentLedger, StoreError, as_utc, utcnow
+from relayd.policy.caps import MONTH
+from relayd.policy.consent import OPTIN_WINDOW
+from relayd.store.base import (
+    ConsentStore,
+    EventStore,
+    SendCounterStore,
+    SentLedger,
+    StoreError,
+    as_utc,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +45,8 @@ __all__ = ["INTERVAL", "Pruned", "prune", "run"]
 INTERVAL = 3600.0
 
 
-class PrunableStore(SentLedger, EventStore, Protocol):
-    """The two slices of the store pruning needs."""
+class PrunableStore(SentLedger, EventStore, SendCounterStore, ConsentStore, Protocol):
+    """The slices of the store pruning needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +55,30 @@ class Pruned:
 
     sent: int
     events: int
+    sends: int = 0
+    optin: int = 0
 
 
 async def prune(store: PrunableStore, cfg: Config, now: datetime | None = None) -> Pruned:
-    """Delete ledger rows older than ``report_max_age`` and events older than ``keep_events`` (at least
-    ``report_max_age``). Raises StoreError."""
+    """Delete ledger rows older than ``report_max_age``, events older than ``keep_events`` (at least
+    ``report_max_age``), caps' sends older than the longest cap window and opt-in confirmations older
+    than the opt-in window. Raises StoreError."""
     now = as_utc(now or utcnow())
     ledger_age = cfg.inbound.report_max_age
     events_age = max(cfg.store.keep_events, ledger_age)
     sent = await store.prune_sent(now - timedelta(seconds=ledger_age))
     events = await store.prune_events(now - timedelta(seconds=events_age))
-    if sent or events:
-        log.info("pruned %d sent-ledger row(s) and %d event(s)", sent, events)
-    return Pruned(sent, events)
+    sends = await store.prune(now - timedelta(seconds=MONTH))
+    optin = await store.prune_optin(now - timedelta(seconds=OPTIN_WINDOW))
+    if sent or events or sends or optin:
+        log.info(
+            "pruned %d sent-ledger row(s), %d event(s), %d caps send(s), %d opt-in confirmation(s)",
+            sent,
+            events,
+            sends,
+            optin,
+        )
+    return Pruned(sent, events, sends, optin)
 
 
 async def run(

@@ -153,7 +153,7 @@ async def test_pruning_removes_old_ledger_rows_and_events_and_a_pruned_token_att
         [Event(T0 - timedelta(days=100), "delivered", "acme"), Event(T0 - DAY, "delivered", "acme")]
     )
     pruned = await retention.prune(env.store, env.cfg, T0)
-    assert pruned == retention.Pruned(sent=1, events=1)
+    assert (pruned.sent, pruned.events) == (1, 1)
     assert await env.store.lookup_sent(old.queue_id, old.index) is None
     assert await env.store.lookup_sent(young.queue_id, young.index) == young
     assert len(await env.events("delivered")) == 1
@@ -177,8 +177,21 @@ async def test_events_are_kept_at_least_as_long_as_the_ledger() -> None:
             seen.append(("events", before))
             return 0
 
+        async def prune(self, before: object) -> int:
+            seen.append(("caps sends", before))
+            return 0
+
+        async def prune_optin(self, before: object) -> int:
+            seen.append(("opt-in confirmations", before))
+            return 0
+
     await retention.prune(Recorder(), cfg, T0)  # type: ignore[arg-type]
-    assert seen == [("sent", T0 - timedelta(days=30)), ("events", T0 - timedelta(days=30))]
+    assert seen == [
+        ("sent", T0 - timedelta(days=30)),
+        ("events", T0 - timedelta(days=30)),
+        ("caps sends", T0 - timedelta(days=30)),  # the longest cap window
+        ("opt-in confirmations", T0 - timedelta(days=1)),  # the opt-in window
+    ]
 
 
 def test_report_max_age_and_keep_events_are_validated(tmp_path: Path) -> None:
