@@ -382,9 +382,12 @@ async def serve(
     workers: int = 1,
     role: Role = "all",
     channel: socket.socket | None = None,
+    reload_asked_before: Callable[[], bool] | None = None,
 ) -> None:
     """Run one relayd process until SIGTERM/SIGINT: the only one (``role="all"``), or the submission or
-    the delivery process of queue shard ``worker`` of ``workers`` (relayd.supervisor)."""
+    the delivery process of queue shard ``worker`` of ``workers`` (relayd.supervisor).
+    ``reload_asked_before`` tells whether a SIGHUP came before this coroutine ran (a forked worker still
+    importing): that reload runs once start-up is done, like one that comes during it."""
     daemon = Daemon(cfg, config_path, worker=worker, workers=workers, role=role, channel=channel)
     # Signals are handled from before the first listener binds: a SIGHUP's default action kills the
     # process, and a client (or a test) that saw the port open may send one while start-up still runs.
@@ -394,6 +397,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
+    if reload_asked_before is not None and reload_asked_before():
+        reload_asked.set()
     await daemon.start()
     # What start-up built (modules, config, compiled patterns, key objects) lives as long as the process:
     # keep the collector from walking it in every full collection. Under load a full collection in an

@@ -104,14 +104,25 @@ def _run_worker(
     os.environ.pop("WATCHDOG_USEC", None)  # the main process answers the watchdog
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop installs its reload handler
+    # until the worker's loop installs its reload handler, a SIGHUP (the supervisor passes each one on) is
+    # noted and run once start-up is done: ignored, a reload sent while this process imports was lost
+    hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
     code = 0
     try:
         from relayd.cli import run_event_loop
         from relayd.daemon import serve
 
         run_event_loop(
-            serve(cfg, config_path, worker=index, workers=cfg.server.workers, role=role, channel=channel)
+            serve(
+                cfg,
+                config_path,
+                worker=index,
+                workers=cfg.server.workers,
+                role=role,
+                channel=channel,
+                reload_asked_before=lambda: bool(hups),
+            )
         )
     except BaseException:
         log.exception("%s process %d failed", role, index)
