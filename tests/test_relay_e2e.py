@@ -104,6 +104,8 @@ def test_swaks_submission_to_postfix_smtp_sink(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stdout + out.stderr
         assert "250 2.0.0 Ok: queued as" in out.stdout
+        # smtp-sink creates its dump file when the transaction starts: read it once relayd has the 250
+        assert wait_until(lambda: "status=delivered" in relayd.log_text())
         assert wait_until(lambda: len(psink.dumps()) == 1)
         dump = psink.dumps()[0].decode()
     mail_args = re.search(r"^X-Mail-Args: (.*)$", dump, re.M)
