@@ -18,6 +18,7 @@ import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -25,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -147,11 +149,17 @@ class ServerConfig(_Model):
     max_data_in_flight: Size = Field(default=256_000_000, ge=1)
 
 
+#: What a DATA line ending in a bare LF gets (``[submission]``/``[inbound] bare_newline``).
+BareNewline = Literal["normalize", "reject"]
+
+
 class SubmissionConfig(_Model):
     listen: list[HostPort] = ["127.0.0.1:2525"]
     max_message_size: Size = 25_000_000
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: implicit TLS (RFC 8314 §3.3, port 465): TLS from the first byte, with tls_cert/tls_key
+    listen_tls: list[HostPort] = []
     auth_required: bool = True
     plaintext_auth: Literal["loopback", "never"] = "loopback"
     max_recipients: int = Field(default=1000, ge=1)
@@ -167,6 +175,18 @@ class SubmissionConfig(_Model):
     auth_failure_window: Duration = 600.0
     auth_max_failures: int = Field(default=5, ge=1)
     auth_account_max_failures: int = Field(default=20, ge=1)
+    #: a DATA line ending in a bare LF: taken as CRLF ("normalize", Postfix 3.9's default; smtplib's
+    #: sendmail with msg.as_bytes() sends such lines) or the message refused 554 5.5.2 ("reject"). Only
+    #: CRLF.CRLF ends the data either way, and a bare CR is always refused.
+    bare_newline: BareNewline = "normalize"
+
+    @field_validator("listen_tls")
+    @classmethod
+    def _tls_listener_has_cert(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        # declared after tls_cert/tls_key, so those are in info.data when they validated
+        if v and any(info.data.get(key, False) is None for key in ("tls_cert", "tls_key")):
+            raise ValueError("implicit TLS needs a certificate: set tls_cert and tls_key")
+        return v
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SubmissionConfig:
@@ -192,6 +212,8 @@ class InboundConfig(_Model):
     # a bounce or complaint about a copy sent longer ago than this is kept as an event and acts on nobody
     # (no suppression, no rate); the sent ledger, and so every token, is forgotten after it
     report_max_age: Annotated[Duration, Field(gt=0)] = 30 * 86400.0
+    #: as [submission] bare_newline, for mail arriving here
+    bare_newline: BareNewline = "normalize"
 
     @field_validator("domains")
     @classmethod
@@ -587,12 +609,19 @@ def _problems(path: Path, exc: ValidationError) -> list[str]:
     return lines
 
 
+def _dkim_file_checks(path: Path, entries: typing.Iterable[tuple[int, DkimConfig]]) -> list[str]:
+    """A missing key file of each (index in ``[[dkim]]``, entry)."""
+    return [
+        f"{path}: dkim[{i}].key_file: no such file: {d.key_file}"
+        for i, d in entries
+        if not d.key_file.is_file()
+    ]
+
+
 def _file_checks(path: Path, cfg: Config) -> list[str]:
-    """Checks that need the filesystem; run after the structural validation succeeded."""
-    problems = []
-    for i, d in enumerate(cfg.dkim):
-        if not d.key_file.is_file():
-            problems.append(f"{path}: dkim[{i}].key_file: no such file: {d.key_file}")
+    """Checks that need the filesystem, on a config that validated (or on what :func:`_salvaged_file_checks`
+    could save of one that did not)."""
+    problems = _dkim_file_checks(path, enumerate(cfg.dkim))
     for name, acct in cfg.accounts.items():
         if acct.password_file is not None and not acct.password_file.is_file():
             problems.append(f"{path}: accounts.{name}.password_file: no such file: {acct.password_file}")
@@ -657,7 +686,7 @@ def _secret_file_checks(path: Path, cfg: Config) -> list[str]:
 def _listens_beyond_loopback(cfg: Config) -> list[str]:
     """The submission listen addresses reachable from other hosts (anything but 127.0.0.0/8, ::1 and
     ``localhost``; a wildcard such as 0.0.0.0 counts as reachable)."""
-    specs = [*cfg.submission.listen, *getattr(cfg.submission, "listen_tls", [])]  # implicit TLS too, if any
+    specs = [*cfg.submission.listen, *cfg.submission.listen_tls]
     out = []
     for spec in specs:
         host = parse_hostport(spec)[0]
@@ -722,7 +751,73 @@ def warnings(cfg: Config) -> list[str]:
                 " to attack than the recommended N=131072, r=8, p=1; make a new hash with"
                 " relayd account hash-password"
             )
+    out.extend(_public_url_warnings(cfg))
     return out
+
+
+def _public_url_warnings(cfg: Config) -> list[str]:
+    """A warning when ``[http] public_url`` is not HTTPS: RFC 8058 §3.1 says the one-click URI MUST be
+    https, and mailbox providers ignore (or never offer) one-click unsubscribe for any other.
+
+    A loopback URL warns too, saying that it is fine for a test there: it is what the example config runs
+    with, and nobody outside this host could follow its links anyway, so it must not stay in production."""
+    url = cfg.http.public_url
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "https":
+        return []
+    host = parts.hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    advice = (
+        "fine for a test on loopback; set the https:// address mail readers reach before sending real mail"
+        if loopback
+        else "serve it through a TLS-terminating proxy and set the https:// address here"
+    )
+    return [
+        f"{cfg.source}: http.public_url: warning: {url} is not https://; mailbox providers ignore one-click"
+        f" unsubscribe links that are not HTTPS (RFC 8058 3.1): {advice}"
+    ]
+
+
+_Section = typing.TypeVar("_Section", bound=BaseModel)
+
+
+def _validated(model: type[_Section], value: object) -> _Section | None:
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def _salvaged_file_checks(path: Path, raw: dict[str, Any]) -> list[str]:
+    """The file checks for the parts of ``raw`` that validate on their own, when the whole does not.
+
+    Without them a missing key or password file shows only once every schema error is fixed, one run of
+    check-config later. Each section, ``[[dkim]]`` entry and account is validated alone; one with a problem
+    of its own is left out (that problem is reported already), and cross-section checks are not made."""
+    sections: dict[str, Any] = {}
+    for name, info in Config.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel) and isinstance(raw.get(name), dict):
+            section = _validated(model, raw[name])
+            if section is not None:
+                sections[name] = section
+    raw_accounts = raw.get("accounts")
+    accounts = {
+        str(name): acct
+        for name, value in (raw_accounts.items() if isinstance(raw_accounts, dict) else ())
+        if (acct := _validated(AccountConfig, value)) is not None
+    }
+    raw_dkim = raw.get("dkim")
+    dkim = [
+        (i, entry)
+        for i, value in enumerate(raw_dkim if isinstance(raw_dkim, list) else ())
+        if (entry := _validated(DkimConfig, value)) is not None
+    ]
+    partial = Config.model_construct(**sections, accounts=accounts, dkim=[], source=path)
+    return [*_dkim_file_checks(path, dkim), *_file_checks(path, partial)]
 
 
 def load(path: Path | str) -> Config:
@@ -732,7 +827,7 @@ def load(path: Path | str) -> Config:
     try:
         cfg = Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
-        raise ConfigError(_problems(path, exc)) from exc
+        raise ConfigError([*_problems(path, exc), *_salvaged_file_checks(path, raw)]) from exc
     problems = [*_limit_checks(path, cfg), *_file_checks(path, cfg)]
     if problems:
         raise ConfigError(problems)

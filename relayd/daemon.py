@@ -39,7 +39,7 @@ from relayd.queue.store import DueRecipient, QueueStore
 from relayd.secret import load_or_create
 from relayd.smtp.inbound import InboundHandler, start_inbound
 from relayd.smtp.protocol import ConnectionLimits, DataBudget
-from relayd.smtp.submission import SubmissionHandler, start_submission, tls_context
+from relayd.smtp.submission import SubmissionHandler, start_submission, start_submission_tls, tls_context
 from relayd.store import Event, Store, StoreError, open_store
 from relayd.supervisor import shard_path
 from relayd.systemd import sd_notify
@@ -243,6 +243,12 @@ class Daemon:
         for srv in self.servers:
             for sock in srv.sockets:
                 log.info("submission listening on %s", sock.getsockname()[:2])
+        # implicit TLS: the same handler and limits (one client's connections count on both ports)
+        tls_servers = await start_submission_tls(cfg, self.handler, self.limits, reuse_port=self.workers > 1)
+        for srv in tls_servers:
+            for sock in srv.sockets:
+                log.info("submission (implicit TLS) listening on %s", sock.getsockname()[:2])
+        self.servers += tls_servers
         self.inbound = InboundHandler(cfg, self.store, self.queue, self.secret, self.report_parser)
         self.inbound_limits = ConnectionLimits(
             max(1, -(-cfg.inbound.max_connections // self.workers)), cfg.inbound.max_connections_per_ip, data
@@ -250,6 +256,9 @@ class Daemon:
         self.inbound_servers = await start_inbound(
             cfg, self.inbound, self.inbound_limits, reuse_port=self.workers > 1
         )
+        for srv in self.inbound_servers:
+            for sock in srv.sockets:
+                log.info("inbound listening on %s", sock.getsockname()[:2])
         host, port = parse_hostport(cfg.http.listen)
         self.web = await start_web(
             create_app(cfg, self.store, self.secret, self.queue), host, port, reuse_port=self.workers > 1
@@ -292,7 +301,8 @@ class Daemon:
         if self.role != "delivery":
             pipeline = Pipeline(new, self.store, self.secret, signer, self.gate, self.renderer)
             self.handler.reload(new, pipeline)
-            # TLS (issue 10): new STARTTLS sessions use the re-read certificate
+            # TLS: new STARTTLS and implicit-TLS handshakes use the re-read certificate (both kinds of
+            # listener read this context for each new connection)
             self.handler.tls_context = tls
             if self.webhooks is not None:
                 self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))

@@ -387,10 +387,18 @@ async def test_malformed_reports_get_250_and_the_listener_lives_on(live: Live, r
 
 
 async def test_bare_lf_in_a_report_is_refused_not_processed(live: Live) -> None:
-    """The smuggling defence applies here too: StrictSMTP refuses DATA with bare LFs after the real end."""
+    """The smuggling defence applies here too: with ``[inbound] bare_newline = "reject"`` StrictSMTP refuses
+    DATA with bare LFs after the real end (normalize, the default: tests/test_bare_newline.py)."""
+    cfg = live.cfg.model_copy(
+        update={"inbound": live.cfg.inbound.model_copy(update={"bare_newline": "reject"})}
+    )
+    server = await asyncio.get_running_loop().create_server(
+        lambda: inbound_protocol(cfg, live.handler, ConnectionLimits(5, 5)), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
 
     def raw_session() -> bytes:
-        with socket.create_connection(("127.0.0.1", live.inbound_port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             f = sock.makefile("rwb")
             while f.readline()[3:4] == b"-":  # the greeting ends with its "220 " line
                 pass
@@ -410,7 +418,11 @@ async def test_bare_lf_in_a_report_is_refused_not_processed(live: Live) -> None:
             f.flush()
             return f.readline()
 
-    reply = await asyncio.to_thread(raw_session)
+    try:
+        reply = await asyncio.to_thread(raw_session)
+    finally:
+        server.close()
+        await server.wait_closed()
     assert reply.startswith(b"554 5.5.2"), reply
 
 

@@ -35,7 +35,8 @@ def test_metrics_after_a_known_sequence(tmp_path: Path, sink: Sink) -> None:
         assert relayd.submit(message("later"), to=["later@example.test"])[0] == 250
         assert relayd.submit(message("discard"), to=["abuse@example.test"])[0] == 550  # refused at RCPT
         broken = (
-            b"Subject: broken\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n\r\nno boundary\r\n"
+            b"From: App <app@acme.example.test>\r\nSubject: broken\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n"
         )
         assert relayd.submit(broken, to=["mime@example.test"])[0] == 554
         # feedback: a hard-bounce DSN for one delivered message, a complaint for another

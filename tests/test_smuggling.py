@@ -3,7 +3,8 @@
 Raw bytes on a socket, not smtplib, so nothing normalises line endings on the way. Each payload sits between
 the body of a message and a complete second transaction; the only acceptable outcomes are one message (the
 whole thing, smuggled text included, as a single body) or a refusal, and the smuggled recipient never
-receives anything.
+receives anything. The same payloads run against relayd in both ``bare_newline`` modes: ``normalize`` turns
+some refusals into one message, never into two.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def _replies(sock: socket.socket, until: bytes, timeout: float = 10.0) -> bytes:
     return buf
 
 
-@pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["normalize", "reject"])
+def peers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """relayd with ``[submission] bare_newline`` set to the param, delivering to a sink."""
     with Sink() as sink:
         tmp = tmp_path_factory.mktemp("smuggling")
-        with Relayd(tmp, routes={"example.test": sink.port}) as relayd:
+        mode = f'bare_newline = "{request.param}"'
+        with Relayd(tmp, routes={"example.test": sink.port}, submission_extra=mode) as relayd:
             yield relayd, sink
 
 
@@ -69,7 +72,8 @@ def test_payload_never_yields_two_messages(peers: tuple[Relayd, Sink], payload: 
         assert _replies(sock, b"\r\n").startswith(b"235")
         sock.sendall(b"MAIL FROM:<app@acme.example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n")
         assert b"354" in _replies(sock, b"354")
-        sock.sendall(b"Subject: " + marker + b"\r\n\r\nfirst body" + payload + SMUGGLED + b"\r\n.\r\n")
+        head = b"From: <app@acme.example.test>\r\nSubject: " + marker + b"\r\n\r\n"
+        sock.sendall(head + b"first body" + payload + SMUGGLED + b"\r\n.\r\n")
         first = _replies(sock, b"\r\n")
         sock.sendall(b"QUIT\r\n")
         rest = _replies(sock, b"221")
@@ -90,6 +94,7 @@ def test_payload_never_yields_two_messages(peers: tuple[Relayd, Sink], payload: 
     assert all(m.rcpt_tos != ["smuggled@example.test"] for m in sink.messages)
 
 
+@pytest.mark.parametrize("peers", ["reject"], indirect=True)  # normalize: tests/test_bare_newline.py
 def test_bare_lf_inside_data_is_refused(peers: tuple[Relayd, Sink]) -> None:
     relayd, _ = peers
     with relayd.smtp() as s:

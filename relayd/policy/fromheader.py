@@ -10,13 +10,12 @@ is then chosen among the account's own domains only (:func:`relayd.policy.render
 
 Replies (the first that applies):
 
-* ``550 5.6.0``: more than one From or Sender field (RFC 5322 §3.6 allows one of each), a From or Sender
-  that can't be read as addresses, a Sender of more than one address, several From addresses without a
-  Sender (RFC 5322 §3.6.2);
+* ``550 5.6.0``: no From field (RFC 5322 §3.6 requires one: without it nothing says whose mail it is,
+  DMARC has no domain to judge and receivers refuse it), more than one From or Sender field (RFC 5322
+  §3.6 allows one of each), a From or Sender that can't be read as addresses, a Sender of more than one
+  address, several From addresses without a Sender (RFC 5322 §3.6.2);
 * ``550 5.7.1 From: <ceo@beta.example>: beta.example is not a sending domain of account acme`` (or
   ``Sender:``), for the first address that isn't the account's.
-
-A message without From is left to other rules (it is signed with the account's ``signing_domain``).
 
 Parsing is :func:`email.utils.getaddresses`, a linear scanner, on the unfolded value, at most
 :data:`MAX_FIELD` characters; ``email.headerregistry`` is the stricter parser but super-linear on hostile
@@ -154,7 +153,12 @@ class FromHeaderRule:
             return None  # removed by a reload mid-session: the listener answers for that
         froms = field_values(req.headers, "From")
         if not froms:
-            return None
+            return Verdict(
+                Action.REJECT,
+                self.name,
+                "from_missing",
+                "550 5.6.0 Message refused: no From header field (RFC 5322 §3.6)",
+            )
         if len(froms) > 1:
             return _malformed(f"{len(froms)} From: fields (RFC 5322 §3.6 allows one)")
         authors = parse_mailboxes(froms[0])

@@ -5,12 +5,13 @@ verdict for a recipient wins, and each verdict names its rule and reason. Stages
 
     MAIL FROM  suspension                                       -> 550 5.7.1 account suspended
     RCPT       discard patterns, spam traps, suppression        -> 550 5.7.1 per recipient (traps: dropped)
-    DATA       content: header From/Sender are the account's    -> 550 5.7.1 (unreadable: 550 5.6.0)
+    DATA       content: header From/Sender are the account's    -> 550 5.7.1 (none/unreadable: 550 5.6.0)
                content: a confirmation mail's confirm link      -> 554 5.7.1
                list suppression, consent, send caps             -> recipient dropped, event recorded
                (all recipients dropped -> 550 5.7.1)
                spam traps met at RCPT are recorded once the message is accepted; a confirmation
                mail's hits don't count against the account (anyone can type a trap into a form)
+    fields     Date and Message-ID added when absent, and queued so (relayd.policy.missingfields)
     rewrite    strip forged headers; List-Unsubscribe + One-Click, Feedback-ID, X-Relayd-ID;
                unsubscribe link + imprint in every text part    -> broken MIME: 554 5.6.0
     render     per recipient at delivery (relayd.policy.render): the holes filled, then DKIM on the
@@ -27,7 +28,7 @@ import email.utils
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from relayd import metrics
@@ -39,6 +40,7 @@ from relayd.policy.consent import ConsentRule
 from relayd.policy.discard import OPTIN_TRAP_REASON, TRAP_REASON, DiscardRule, SpamtrapRule
 from relayd.policy.fromheader import FromHeaderRule
 from relayd.policy.headers import check_parameter_counts
+from relayd.policy.missingfields import add_missing_fields
 from relayd.policy.model import (
     Action,
     ContentRequest,
@@ -80,6 +82,9 @@ class Processed:
     #: spam-trap hits recorded for this message that count against the account (the listener then
     #: judges its reputation); a confirmation mail's hits are recorded but don't count
     trap_hits: int = 0
+    #: the content to queue: as submitted, with the Date and Message-ID it lacked added on top
+    #: (:mod:`relayd.policy.missingfields`), so that a copy prepared again from the queue has the same ones
+    content: bytes = field(kw_only=True)
 
 
 class AllDropped(Exception):
@@ -174,6 +179,7 @@ class Pipeline:
     ) -> Processed:
         """Run the content and message rules and rewrite the message once; each copy is made at delivery.
 
+        ``Processed.content`` is what to queue: ``raw`` with the Date and Message-ID it lacked.
         ``traps`` are the recipients dropped at RCPT as spam traps: the message passes the same checks
         as any other (its reply tells nothing about which addresses are traps), and they are recorded
         once it is accepted. With no ``recipients`` left, nothing is counted and the result has none.
@@ -189,6 +195,9 @@ class Pipeline:
             refusal = self._check_content(content)
         if refusal is not None:
             raise Refused(refusal)
+        raw = add_missing_fields(
+            raw, meta.headers, queue_id=queue_id, hostname=self.cfg.server.hostname, now=now
+        )
         lname = meta.list_name
         list_cfg = self.cfg.accounts[account].lists.get(lname or "", ListConfig())
         req = MessageRequest(
@@ -208,7 +217,7 @@ class Pipeline:
             prepared = prepare_message(self.cfg, self.signer, account, meta, raw)
         if not recipients:  # spam traps only: the same answer as any message, nothing to send
             hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
-            return Processed(queue_id, (), prepared, {}, lname, trap_hits=hits)
+            return Processed(queue_id, (), prepared, {}, lname, trap_hits=hits, content=raw)
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
         rules = self.optin_rules if meta.optin else self.message_rules  # consent (issue 9)
@@ -231,7 +240,7 @@ class Pipeline:
             SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
         )
         hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
-        return Processed(queue_id, remaining, prepared, dropped, lname, trap_hits=hits)
+        return Processed(queue_id, remaining, prepared, dropped, lname, trap_hits=hits, content=raw)
 
     def _check_content(self, req: ContentRequest) -> Verdict | None:
         """The first content rule's refusal, or None."""

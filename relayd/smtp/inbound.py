@@ -12,9 +12,9 @@ What it accepts, and why so little:
 * No AUTH is offered or accepted, and the null sender ``<>`` is accepted: DSNs come from it (RFC 3464 §2).
 * Nothing received here ever makes relayd send mail: no auto-reply, no DSN back, no forwarding, so a forged
   sender can't use us for backscatter. Mail we cannot use is still answered ``250`` and kept as an event.
-* DATA goes through :class:`~relayd.smtp.protocol.StrictSMTP` (strict terminator, bare-LF refusal,
-  timeouts, size limit ``[inbound] max_message_size`` -> ``552``), with the submission listener's timeouts
-  and error limit, connection limits of its own (``[inbound] max_connections``,
+* DATA goes through :class:`~relayd.smtp.protocol.StrictSMTP` (strict terminator, bare LF per
+  ``[inbound] bare_newline``, timeouts, size limit ``[inbound] max_message_size`` -> ``552``), with the
+  submission listener's timeouts and error limit, connection limits of its own (``[inbound] max_connections``,
   ``max_connections_per_ip``: this listener is open to anyone, so they are well below submission's) and
   the process's DATA budget (``[server] max_data_in_flight``) shared with submission.
 * Each client address may start ``[inbound] rate_per_ip`` transactions (MAIL commands); beyond that it gets
@@ -270,6 +270,7 @@ class InboundSMTP(StrictSMTP):
     has ended, is ratware, and gets ``554 5.5.0`` and a closed connection."""
 
     line_length_limit = 65536 + 2
+    max_line_octets = 65536
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 Error: command not implemented")
@@ -306,6 +307,7 @@ def inbound_protocol(cfg: Config, handler: InboundHandler, limits: ConnectionLim
         limits=limits,
         data_timeout=cfg.submission.data_timeout,
         max_errors=cfg.submission.max_errors,
+        normalize_bare_lf=cfg.inbound.bare_newline == "normalize",
         lockstep=True,  # no PIPELINING is offered here: a client that talks ahead is refused
         greet_wait=cfg.inbound.greet_wait,
         hostname=cfg.server.hostname,

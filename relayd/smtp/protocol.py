@@ -2,11 +2,16 @@
 
 What this subclass changes, and why:
 
-* DATA is read by our own loop: only ``<CR><LF>.<CR><LF>`` ends a message (aiosmtpd >= 1.4.6 does that too),
-  and any bare LF or bare CR in the stream makes the whole message refused with ``554 5.5.2`` after the real
-  terminator, as Postfix >= 3.9 does (``smtpd_forbid_bare_newline``). That is the SMTP smuggling defence
-  (Longin, SEC Consult, 2023): ``\\n.\\n``, ``\\r.\\r`` and friends can never end one message and start a
-  second one here, and we never pass such bytes on to a server that might read them differently.
+* DATA is read by our own loop: only ``<CR><LF>.<CR><LF>`` ends a message (aiosmtpd >= 1.4.6 does that too).
+  That is the SMTP smuggling defence (Longin, SEC Consult, 2023): ``\\n.\\n``, ``\\r.\\r`` and friends can
+  never end one message and start a second one here, and we never pass such bytes on to a server that might
+  read them differently. A bare LF is handled as Postfix 3.9's ``smtpd_forbid_bare_newline`` does, by the
+  listener's ``bare_newline`` setting: ``normalize`` takes a content line ending in a bare LF as if it ended
+  in CRLF (``smtplib.sendmail(..., msg.as_bytes())`` sends such lines), ``reject`` refuses the whole message
+  with ``554 5.5.2`` after the real terminator. Either way a ``.`` line that follows a bare LF, or that ends
+  in one, is content, never the end of the data. A bare CR (not followed by LF) is refused ``554 5.5.2`` in
+  both modes: no sender we know of ends lines with CR alone, Postfix's ``normalize`` leaves it alone too, and
+  guessing what it means is exactly the ambiguity smuggling lives on.
 * Oversized messages and over-long lines are read to the end and then refused once (RFC 5321 §4.2.5).
 * Separate timeouts: ``command_timeout`` between commands, ``data_timeout`` for the whole DATA phase
   (slowloris), each answered with ``421 4.4.2`` before the connection is closed.
@@ -81,6 +86,7 @@ HEADER_TOO_LARGE = (
 )
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 NUL_IN_DATA = "554 5.6.0 Error: NUL character in message data (RFC 5322 3.5)"
+BARE_NEWLINE = "554 5.5.2 Error: bare <CR> or <LF> received in message data"
 OVER_DATA_BUDGET = "452 4.3.1 Insufficient system resources: too much mail in progress, try again later"
 TALKED_AHEAD = "554 5.5.0 Error: command sent before the previous reply (no PIPELINING here)"
 _ERROR_CODES = frozenset({"500", "501", "502", "503", "504", "530"})
@@ -234,6 +240,17 @@ class RelaySession(Session):
         super().__init__(loop)
         self.account: str | None = None
 
+    # aiosmtpd (1.4) sets its own deprecated ``login_data`` after every successful AUTH, and the property
+    # logs "Session.login_data is deprecated" at WARNING each time: noise in every log, and nothing here
+    # reads it (``account`` and ``auth_data`` say who logged in). A plain attribute, without the warning.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
 
 class RelayEnvelope(Envelope):
     """aiosmtpd's envelope plus the recipients policy accepted only to drop (spam traps)."""
@@ -245,6 +262,9 @@ class RelayEnvelope(Envelope):
 
 class StrictSMTP(SMTP):
     line_length_limit = MAX_LINE + 1
+    #: Longest line of DATA taken, in octets before its line end, whether that end was CRLF or a bare LF
+    #: taken as one (RFC 5322 §2.1.1). ``line_length_limit`` bounds what the reader buffers; this is the rule.
+    max_line_octets: ClassVar[int] = MAX_LINE - 2
 
     def __init__(
         self,
@@ -256,14 +276,18 @@ class StrictSMTP(SMTP):
         max_errors: int = 20,
         lockstep: bool = False,
         greet_wait: float = 0.0,
+        normalize_bare_lf: bool = False,
         **kwargs: Any,
     ) -> None:
         """``lockstep``: a client that sends before it has our reply (pipelining, which this server never
         offers, or talking before the greeting) gets ``554 5.5.0`` and is disconnected (Postfix's
         ``reject_unauth_pipelining``). ``greet_wait``: with lockstep, the greeting is sent as ``220-``
         first and completed with ``220`` this many seconds later, so that a client talking before the
-        greeting ends is seen (postscreen's pregreet test)."""
+        greeting ends is seen (postscreen's pregreet test). ``normalize_bare_lf``: a DATA line ending in a
+        bare LF is taken as if it ended in CRLF (``bare_newline = "normalize"``) instead of refusing the
+        message."""
         super().__init__(handler, **kwargs)
+        self._normalize_bare_lf = normalize_bare_lf
         self._limits = limits
         self._data_timeout = data_timeout
         self._on_close = on_close
@@ -432,9 +456,17 @@ class StrictSMTP(SMTP):
         """Read the message after ``354``, check it line by line, and hand it to the DATA hook.
 
         Any problem is answered only after the terminator, once, and what was read so far is dropped at
-        once (memory and budget): bare CR/LF (smuggling), NUL (RFC 5322 §3.5 has no NUL in ``text``; with
-        no BINARYMIME offered, a NUL is never legitimate, and some next hops end a string there), over-long
-        lines, over the size limit, a header bomb, or over the process's :class:`DataBudget`."""
+        once (memory and budget): bare CR, or bare LF unless normalised (smuggling), NUL (RFC 5322 §3.5 has
+        no NUL in ``text``; with no BINARYMIME offered, a NUL is never legitimate, and some next hops end a
+        string there), lines over :attr:`max_line_octets`, over the size limit, a header bomb, or over the
+        process's :class:`DataBudget`.
+
+        Lines are read up to each LF, so a message of LF-only lines is as many short reads as it has lines,
+        and the reader never holds more than ``line_length_limit`` bytes of one line. The end of data is a
+        ``.<CR><LF>`` line right after a line that ended in CRLF (or right after DATA's own CRLF): a ``.``
+        line after a bare LF, or ending in one, is content in normalize mode (RFC 5321 §4.5.2 removes the
+        leading dot only when "there are other characters on the line", so it stays ``.``; the delivery
+        client dot-stuffs it again, or sends it with BDAT unstuffed)."""
         assert self.envelope is not None
         budget = self._limits.data
         lines: list[bytes] = []
@@ -442,38 +474,48 @@ class StrictSMTP(SMTP):
         limit = self.data_size_limit
         problem: str | None = None
         continuation = False  # the previous read ended inside an over-long line
+        after_crlf = True  # the previous line ended in CRLF: DATA's own, at first
+        too_long = f"554 5.6.0 Message has a line over {self.max_line_octets} characters (RFC 5322 2.1.1)"
         in_header = True
         header_fields = header_bytes = 0
         while self.transport is not None:
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                chunk = await self._reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
-                await self._reader.read(exc.consumed)
-                size += exc.consumed
+                # Leave the last byte unread: if it is the CR of a CRLF, the next read sees that CRLF, and a
+                # "." line after it is still the end of data.
+                await self._reader.read(exc.consumed - 1)
+                size += exc.consumed - 1
                 continuation = True
-                problem = problem or "554 5.6.0 Message has a line over 998 characters (RFC 5322 2.1.1)"
+                problem = problem or too_long
                 lines.clear()
                 self._release_data()
                 continue
             except asyncio.IncompleteReadError:
                 return  # client went away mid-DATA: nothing was accepted
-            if line == b".\r\n" and not continuation:
+            crlf = chunk[-2:] == b"\r\n"
+            if chunk == b".\r\n" and after_crlf and not continuation:
                 break
-            continuation = False
-            size += len(line)
-            if problem is not None:
+            after_crlf = crlf
+            text = chunk[:-2] if crlf else chunk[:-1]  # the line without its end
+            size += len(text) + 2  # as stored: a normalised line ends in CRLF too
+            if continuation or problem is not None:
+                continuation = False  # the rest of an over-long line, or anything after a refusal
                 continue
-            if line.count(b"\n") != 1 or line.count(b"\r") != 1:
-                # a CR or LF that is not part of CRLF: refuse, never guess (SMTP smuggling)
-                problem = "554 5.5.2 Error: bare <CR> or <LF> received in message data"
-            elif b"\x00" in line:
+            if b"\r" in text or not (crlf or self._normalize_bare_lf):
+                # a CR that is not part of CRLF, or a bare LF we do not normalise: refuse, never guess
+                problem = BARE_NEWLINE
+            elif b"\x00" in text:
                 problem = NUL_IN_DATA
+            elif len(text) > self.max_line_octets:
+                problem = too_long
             elif limit and size > limit:
                 problem = f"552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
-            elif budget is not None and not budget.take(len(line)):
+            elif budget is not None and not budget.take(len(text) + 2):
                 problem = OVER_DATA_BUDGET
                 metrics.DATA_BUDGET_REFUSALS.inc()
             else:
+                line = chunk if crlf else text + b"\r\n"
                 if budget is not None:
                     self._data_held += len(line)
                 if in_header:
@@ -485,7 +527,8 @@ class StrictSMTP(SMTP):
                         if header_fields > MAX_HEADER_FIELDS or header_bytes > MAX_HEADER_BYTES:
                             problem = HEADER_TOO_LARGE
                 if problem is None:
-                    lines.append(line[1:] if line[:1] == b"." else line)  # RFC 5321 §4.5.2 dot-unstuffing
+                    # RFC 5321 §4.5.2 dot-unstuffing; a lone "." here is content (see above) and stays
+                    lines.append(line[1:] if line[:1] == b"." and len(text) > 1 else line)
             if problem is not None:
                 lines.clear()
                 self._release_data()

@@ -19,18 +19,27 @@ working from its usual address). Failures are logged with client and login name,
 TLS (STARTTLS): TLS 1.2 and 1.3 only, forward-secret AEAD ciphers only (Mozilla's "intermediate" profile,
 minus the finite-field DHE suites that need a parameter file). The context lives on the handler and is read
 for every new connection, so a certificate renewed on disk is served after SIGHUP (``Daemon.reload``).
+
+Implicit TLS (``listen_tls``, RFC 8314 §3.3, port 465): the same protocol, handler, limits and TLS settings,
+TLS from the first byte. Each handshake uses the handler's context as it is then, so both kinds of listener
+serve the same certificate, reloaded together; connections still in their handshake are limited per client
+and in total like sessions (:class:`_ImplicitTls`). No STARTTLS there (the session is encrypted already);
+AUTH is offered from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
 import datetime as dt
 import email.utils
+import functools
 import ipaddress
 import logging
 import ssl
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
@@ -57,6 +66,13 @@ TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE
 POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
 MIME_TOO_DEEP = "554 5.6.0 Message refused: MIME structure nested too deeply"
 INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"  # RFC 3463 §3.4; Postfix says the same
+#: appended to the ``accepted`` line of a message whose client hung up before it could get our 250
+CLIENT_GONE_NOTE = " (client gone before the 250: it will send this message again)"
+#: transport extra-info keys aiosmtpd keeps in ``session.ssl`` after STARTTLS (asyncio.sslproto's ``_extra``)
+_TLS_EXTRA = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
+#: seconds a client on an implicit-TLS port has to finish its handshake (asyncio's default is 60); a real
+#: client needs milliseconds, one that stalls holds one of its handshake slots (:class:`_ImplicitTls`)
+TLS_HANDSHAKE_TIMEOUT = 20
 
 
 def _valid_address(address: str) -> bool:
@@ -77,6 +93,15 @@ class SubmissionSMTP(StrictSMTP):
         super().__init__(handler, **kwargs)
         self.guard = handler.login_guard
         self.auth_verdict: AuthVerdict | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """On an implicit-TLS listener the handshake is over before this runs; the session records it as
+        aiosmtpd does after STARTTLS (the Received line says ESMTPS(A), and a TLS transport's EOF is not
+        answered with a half-close it cannot do)."""
+        super().connection_made(transport)
+        session = self.session
+        if session is not None and session.ssl is None and transport.get_extra_info("ssl_object") is not None:
+            session.ssl = {key: transport.get_extra_info(key) for key in _TLS_EXTRA}
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self.guard.client_locked(self.peer_ip):
@@ -294,8 +319,39 @@ class SubmissionHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
+        """Finish the message whose final dot has arrived, even if its client is gone meanwhile.
+
+        aiosmtpd cancels the session's task when the client closes (or half-closes) the connection. Cut
+        short there, a message would be half done: caps and ledger written without it, or committed to
+        the queue (the commit goes on without its caller) with no ``accepted`` line and no hand-off. So
+        the work runs shielded to its end, as in Postfix, whose smtpd does not look at the socket again
+        before its reply; then the session ends as aiosmtpd meant. The client never saw our ``250`` and
+        will send the message again (RFC 5321 §4.1.1.4 leaves that duplicate to the sender): the
+        ``accepted`` line says so."""
+        fate = _DataReply()
+        work = asyncio.ensure_future(self._handle_data(server, session, envelope, fate))
+        while True:
+            try:
+                reply = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                if work.done():  # the work itself was cancelled: the loop is shutting down
+                    raise
+                fate.lost = True
+                continue
+            except Exception:
+                if not fate.lost:
+                    raise  # answered 451 by handle_exception
+                log.exception("DATA from %s failed after the client hung up", server.peer_ip)
+                raise asyncio.CancelledError from None
+            if fate.lost:
+                raise asyncio.CancelledError  # no reply to send: end the session as aiosmtpd meant to
+            return reply
+
+    async def _handle_data(
+        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
+    ) -> str:
         started = time.perf_counter()
-        reply = await self._data(server, session, envelope)
+        reply = await self._data(server, session, envelope, fate)
         outcome, reason = _outcome(reply)
         if outcome != "accepted":
             log.info(
@@ -319,7 +375,9 @@ class SubmissionHandler:
         metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
         return reply
 
-    async def _data(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
+    async def _data(
+        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
+    ) -> str:
         assert session.account is not None and envelope.mail_from is not None
         content = envelope.content
         assert isinstance(content, bytes)
@@ -380,7 +438,7 @@ class SubmissionHandler:
                 account=session.account,
                 mail_from=envelope.mail_from,
                 recipients=done.recipients,
-                data=received + content,
+                data=received + done.content,  # with the Date and Message-ID it lacked
                 list_name=done.list_name,
                 render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
             )
@@ -397,12 +455,13 @@ class SubmissionHandler:
             return "451 4.3.0 Temporary storage failure, try again later"
         self.handoff.submitted(msg, time.time())
         log.info(
-            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d",
+            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d%s",
             queue_id,
             session.account,
             envelope.mail_from,
             len(msg.recipients),
             len(msg.data),
+            CLIENT_GONE_NOTE if fate.lost else "",
             extra={
                 "fields": {
                     "event": "submission",
@@ -413,6 +472,7 @@ class SubmissionHandler:
                     "nrcpt": len(msg.recipients),
                     "size": len(msg.data),
                     "client": server.peer_ip,
+                    "reply_sent": not fate.lost,
                 }
             },
         )
@@ -460,6 +520,16 @@ class SubmissionHandler:
             f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
             f"\t{email.utils.formatdate(localtime=False)}\r\n"
         ).encode("ascii", "replace")
+
+
+class _DataReply:
+    """Whether the reply to a DATA can still reach its client: not once aiosmtpd has cancelled the
+    session because the client closed the connection (:meth:`SubmissionHandler.handle_DATA`)."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        self.lost = False
 
 
 def _outcome(reply: str) -> tuple[str, str]:
@@ -513,30 +583,136 @@ async def start_submission(
     for spec in sub.listen:
         host, port = parse_hostport(spec)
         plaintext_ok = sub.plaintext_auth == "loopback" and _is_loopback(host)
-
-        def factory(plaintext_ok: bool = plaintext_ok) -> SubmissionSMTP:
-            return SubmissionSMTP(
-                handler,
-                limits=limits,
-                data_timeout=sub.data_timeout,
-                max_errors=sub.max_errors,
-                on_close=handler.connection_closed,
-                hostname=cfg.server.hostname,
-                ident="relayd",
-                data_size_limit=sub.max_message_size,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                tls_context=handler.tls_context,  # read per connection: SIGHUP may have replaced it
-                require_starttls=False,
-                timeout=sub.command_timeout,
-                auth_required=False,
-                auth_require_tls=not plaintext_ok,
-                auth_exclude_mechanism=[] if sub.auth_required else ["LOGIN", "PLAIN"],
-            )
-
+        factory = _protocol_factory(cfg, handler, limits, implicit_tls=False, plaintext_ok=plaintext_ok)
         servers.append(
             await loop.create_server(
                 factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port, backlog=BACKLOG
             )
         )
     return servers
+
+
+async def start_submission_tls(
+    cfg: Config, handler: SubmissionHandler, limits: ConnectionLimits, *, reuse_port: bool = False
+) -> list[asyncio.Server]:
+    """Bind every ``[submission] listen_tls`` address (implicit TLS); return the servers. Called after
+    :func:`start_submission`, which loads the certificate (``handler.tls_context``) these listeners serve;
+    the config loader refuses ``listen_tls`` without one."""
+    sub = cfg.submission
+    if not sub.listen_tls:
+        return []
+    loop = asyncio.get_running_loop()
+    session = _protocol_factory(cfg, handler, limits, implicit_tls=True, plaintext_ok=False)
+    # connections still in their handshake are limited like sessions, but counted apart from them
+    handshakes = ConnectionLimits(limits.total, limits.per_ip)
+
+    def factory() -> _ImplicitTls:
+        return _ImplicitTls(session, handler, handshakes)
+
+    servers = []
+    for spec in sub.listen_tls:
+        host, port = parse_hostport(spec)
+        servers.append(
+            await loop.create_server(
+                factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port, backlog=BACKLOG
+            )
+        )
+    return servers
+
+
+class _ImplicitTls(asyncio.Protocol):
+    """Puts the TLS layer under an implicit-TLS connection as it is accepted; the SMTP session sits on it.
+
+    ``create_server(ssl=...)`` would show a connection to the protocol only once its handshake is over:
+    a client that connects and never finishes one would be counted by no limit, and the listening context
+    could not follow a certificate reload. Here each connection is counted by ``handshakes`` (per client
+    and in total) from accept until its handshake ends, the handshake is bounded by
+    :data:`TLS_HANDSHAKE_TIMEOUT`, one over the limit is closed at once (there is no plaintext reply on a
+    TLS port), and each handshake uses ``handler.tls_context`` as it is then: the STARTTLS context,
+    replaced whole by ``Daemon.reload``.
+
+    The TLS layer is asyncio's ``SSLProtocol``, put in place before the transport reads a byte (as
+    aiosmtpd does for STARTTLS; ``loop.start_tls`` is awaited, and uvloop starts reading as soon as
+    ``connection_made`` returns, so the ClientHello would reach the wrong protocol). The session's
+    ``connection_made`` runs once the handshake is done, as with ``create_server(ssl=...)``."""
+
+    def __init__(
+        self,
+        session: Callable[[], SubmissionSMTP],
+        handler: SubmissionHandler,
+        handshakes: ConnectionLimits,
+    ) -> None:
+        self._session = session
+        self._handler = handler
+        self._handshakes = handshakes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, so a cast, not isinstance()
+        tcp = cast(asyncio.Transport, transport)
+        peer = tcp.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        context = self._handler.tls_context
+        refusal = self._handshakes.admit(ip)
+        if refusal is not None or context is None:
+            log.warning("%s: implicit TLS connection closed: %s", ip, refusal or "no certificate loaded")
+            if refusal is None:
+                self._handshakes.release(ip)
+            tcp.abort()
+            return
+        loop = asyncio.get_running_loop()
+        handshake: asyncio.Future[None] = loop.create_future()
+        handshake.add_done_callback(functools.partial(self._handshake_over, ip))
+        tls = sslproto.SSLProtocol(
+            loop,
+            self._session(),
+            context,
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        )
+        tcp.set_protocol(tls)
+        tls.connection_made(tcp)
+
+    def _handshake_over(self, ip: str, handshake: asyncio.Future[None]) -> None:
+        """Done, failed (bad ClientHello, old protocol version), timed out, or the client left: the
+        connection no longer counts as a handshake. A failure closed the connection already."""
+        self._handshakes.release(ip)
+        if not handshake.cancelled() and (exc := handshake.exception()) is not None:
+            log.debug("%s: implicit TLS handshake failed: %s", ip, exc)
+
+
+def _protocol_factory(
+    cfg: Config,
+    handler: SubmissionHandler,
+    limits: ConnectionLimits,
+    *,
+    implicit_tls: bool,
+    plaintext_ok: bool,
+) -> Callable[[], SubmissionSMTP]:
+    """One listener's protocol factory. ``implicit_tls``: the transport is TLS already (the protocol only
+    sees a connection once its handshake is done), so STARTTLS is not offered and AUTH is."""
+    sub = cfg.submission
+
+    def factory() -> SubmissionSMTP:
+        return SubmissionSMTP(
+            handler,
+            limits=limits,
+            data_timeout=sub.data_timeout,
+            max_errors=sub.max_errors,
+            normalize_bare_lf=sub.bare_newline == "normalize",
+            on_close=handler.connection_closed,
+            hostname=cfg.server.hostname,
+            ident="relayd",
+            data_size_limit=sub.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            # read per connection: SIGHUP may have replaced it
+            tls_context=None if implicit_tls else handler.tls_context,
+            require_starttls=False,
+            timeout=sub.command_timeout,
+            auth_required=False,
+            auth_require_tls=not (plaintext_ok or implicit_tls),
+            auth_exclude_mechanism=[] if sub.auth_required else ["LOGIN", "PLAIN"],
+        )
+
+    return factory

@@ -249,7 +249,20 @@ def _unstuffed(text: bytes) -> bytes:
     return b"".join((ln[1:] if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
 
 
-async def _session(body: bytes) -> tuple[list[bytes], list[bytes]]:
+def _normalized(text: bytes) -> bytes | None:
+    """What ``bare_newline = "normalize"`` must make of ``text``: every line, ended by CRLF or a bare LF, as
+    a CRLF line, dot-unstuffed (a lone "." is content there and stays, RFC 5321 §4.5.2); None when a bare
+    CR is in it, which must be refused."""
+    out = []
+    for piece in text.split(b"\n")[:-1]:
+        line = piece[:-1] if piece.endswith(b"\r") else piece
+        if b"\r" in line:
+            return None
+        out.append((line[1:] if line.startswith(b".") and len(line) > 1 else line) + b"\r\n")
+    return b"".join(out)
+
+
+async def _session(body: bytes, *, lf_as_crlf: bool) -> tuple[list[bytes], list[bytes]]:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     recorder = _Recorder()
@@ -265,6 +278,7 @@ async def _session(body: bytes) -> tuple[list[bytes], list[bytes]]:
             data_size_limit=1_000_000,
             decode_data=False,
             enable_SMTPUTF8=True,
+            normalize_bare_lf=lf_as_crlf,
         )
 
     transport, _ = await loop.connect_accepted_socket(factory, sock=theirs)
@@ -285,24 +299,34 @@ async def _session(body: bytes) -> tuple[list[bytes], list[bytes]]:
 
 
 def smtp_data(data: bytes) -> None:
-    """One DATA phase, whatever its bytes: exactly one final reply, then QUIT's 221. A 250 means exactly one
-    message, the dot-unstuffed bytes with no bare CR or LF and no NUL; either means a 554 refusal."""
+    """One DATA phase, whatever its bytes, in both ``bare_newline`` modes: exactly one final reply, then
+    QUIT's 221. A 250 means exactly one message with no bare CR or LF and no NUL: in reject mode the
+    dot-unstuffed bytes as sent, in normalize mode the same with each bare LF taken as CRLF; anything else a
+    554 refusal (a bare CR always, a bare LF in reject mode). Only the harness's own ``CRLF . CRLF`` may end
+    the message in either mode."""
     body = _without_terminator(data)
-    replies, messages = asyncio.run(_session(body))
-    codes = [r[:3] for r in replies if r[3:4] == b" "]  # final lines of each reply
-    assert codes[:5] == [b"220", b"250", b"250", b"250", b"354"], replies
-    tail = codes[5:]
-    assert len(tail) == 2 and tail[1] == b"221", replies  # one answer to the message, then QUIT's
-    expected = _unstuffed(body + b"\r\n")
-    if tail[0] == b"250":
-        assert messages == [expected], "the message differs from what was sent"
-        assert _BARE.search(body) is None, "a bare CR or LF was accepted"
-        assert b"\0" not in body, "a NUL was accepted"
-    else:
-        assert tail[0] in (b"554", b"552"), replies
-        assert messages == []
-        if _BARE.search(body) is not None:
-            assert any(b"bare <CR> or <LF>" in r for r in replies) or any(b"5.6.0" in r for r in replies)
+    accepted: dict[bool, list[bytes]] = {}
+    for lf_as_crlf in (False, True):
+        replies, messages = asyncio.run(_session(body, lf_as_crlf=lf_as_crlf))
+        codes = [r[:3] for r in replies if r[3:4] == b" "]  # final lines of each reply
+        assert codes[:5] == [b"220", b"250", b"250", b"250", b"354"], replies
+        tail = codes[5:]
+        assert len(tail) == 2 and tail[1] == b"221", replies  # one answer to the message, then QUIT's
+        expected = _normalized(body + b"\r\n") if lf_as_crlf else _unstuffed(body + b"\r\n")
+        if tail[0] == b"250":
+            assert expected is not None, "a bare CR was accepted"
+            assert messages == [expected], "the message differs from what was sent"
+            assert _BARE.search(messages[0]) is None, "a bare CR or LF was passed on"
+            assert lf_as_crlf or _BARE.search(body) is None, "a bare CR or LF was accepted"
+            assert b"\0" not in body, "a NUL was accepted"
+        else:
+            assert tail[0] in (b"554", b"552"), replies
+            assert messages == []
+            if expected is None or (not lf_as_crlf and _BARE.search(body) is not None):
+                assert any(b"bare <CR> or <LF>" in r for r in replies) or any(b"5.6.0" in r for r in replies)
+        accepted[lf_as_crlf] = messages
+    if accepted[False]:
+        assert accepted[True] == accepted[False], "normalize mode changed a message without a bare LF"
 
 
 # --- registry and seeds ------------------------------------------------------------------------------------
@@ -347,6 +371,7 @@ def seeds(name: str) -> list[bytes]:
             b"Subject: x\r\n\r\nbody\n.\nMAIL FROM:<evil@example.test>\r\n",
             b"Subject: x\r\n\r\n..leading dot\r\n.\r\r\n\r.\r",
             b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n",
+            b"Subject: x\n\nLF only\n..stuffed\n.\nlone dot\n\r\n.\r\n" + b"z" * 999 + b"\n",
         ],
     }
     return by_target[name] or [b""]
