@@ -683,20 +683,20 @@ def _secret_file_checks(path: Path, cfg: Config) -> list[str]:
     return problems
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address or a name from the config) is this machine only: 127.0.0.0/8, ::1 or
+    ``localhost``. A wildcard such as 0.0.0.0 is not: it listens on every interface."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _listens_beyond_loopback(cfg: Config) -> list[str]:
     """The submission listen addresses reachable from other hosts (anything but 127.0.0.0/8, ::1 and
     ``localhost``; a wildcard such as 0.0.0.0 counts as reachable)."""
     specs = [*cfg.submission.listen, *cfg.submission.listen_tls]
-    out = []
-    for spec in specs:
-        host = parse_hostport(spec)[0]
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host.lower() == "localhost"
-        if not loopback:
-            out.append(spec)
-    return out
+    return [spec for spec in specs if not is_loopback_host(parse_hostport(spec)[0])]
 
 
 def _example_password_keys(cfg: Config) -> list[str]:
@@ -765,14 +765,9 @@ def _public_url_warnings(cfg: Config) -> list[str]:
     parts = urlsplit(url)
     if parts.scheme.lower() == "https":
         return []
-    host = parts.hostname or ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
     advice = (
         "fine for a test on loopback; set the https:// address mail readers reach before sending real mail"
-        if loopback
+        if is_loopback_host(parts.hostname or "")
         else "serve it through a TLS-terminating proxy and set the https:// address here"
     )
     return [

@@ -27,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from relayd.errors import ConfigError
+from relayd.secret import exposed
 
 __all__ = [
     "ALGORITHMS",
@@ -227,10 +227,9 @@ def load_key(domain: str, selector: str, key_file: Path, algorithm: str) -> Dkim
             )
     elif not isinstance(key, ed25519.Ed25519PrivateKey):
         raise DkimKeyError(f"{key_file}: algorithm is ed25519 but the file holds {_describe(key)}")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if (bits := exposed(mode)) is not None:
         raise UnsafeKeyFile(
-            f"{key_file}: dkim.key_file: readable by group or others (mode {stat.S_IMODE(mode):04o});"
-            " chmod 600 it"
+            f"{key_file}: dkim.key_file: readable by group or others (mode {bits:04o}); chmod 600 it"
         )
     return DkimKey(name, selector, algorithm, key)
 

@@ -336,18 +336,24 @@ def _source(source_ip: str | None, raw: bytes) -> str:
     return "from:" + (" ".join(domain.split())[:255] or "-")
 
 
-def _unattributed(now: datetime, what: str, why: str, evidence: dict[str, object], source: str) -> Event:
-    """The event of a report tied to nobody. One per (kind of report, source, hour): a forger mailing a
-    thousand reports gets one row whose ``count`` says how many, and the evidence of the first."""
-    log.info("unattributed %s report from %s: %s", what, source, why)
+def _per_source(now: datetime, kind: str, what: str, evidence: dict[str, object], source: str) -> Event:
+    """An event about a report that acts on nobody, one per (event kind, kind of report, source, hour): a
+    forger mailing a thousand reports gets one row whose ``count`` says how many, and the evidence of the
+    first."""
     interval = int(now.timestamp()) // UNATTRIBUTED_INTERVAL
     return Event(
         at=now,
-        kind="unattributed",
+        kind=kind,
         reason=what,
-        evidence=_json({**evidence, "why": why, "source": source}),
-        key=f"unattributed:{what}:{source}:{interval}",
+        evidence=_json({**evidence, "source": source}),
+        key=f"{kind}:{what}:{source}:{interval}",
     )
+
+
+def _unattributed(now: datetime, what: str, why: str, evidence: dict[str, object], source: str) -> Event:
+    """The event of a report tied to nobody (:func:`_per_source`)."""
+    log.info("unattributed %s report from %s: %s", what, source, why)
+    return _per_source(now, "unattributed", what, {**evidence, "why": why}, source)
 
 
 def _late(cfg: Config, record: SentRecord, now: datetime) -> bool:
@@ -827,16 +833,8 @@ async def on_unclassified(
     """
     now = as_utc(now)
     log.warning("unclassified %s report (%d bytes): %s", role, len(raw), why)
-    source = _source(source_ip, raw)
-    evidence = {"report": "unclassified", "why": why, "size": len(raw), "source": source}
-    interval = int(now.timestamp()) // UNATTRIBUTED_INTERVAL
-    event = Event(
-        at=now,
-        kind="unclassified",
-        reason=role,
-        evidence=_json(evidence),
-        key=f"unclassified:{role}:{source}:{interval}",
-    )
+    evidence: dict[str, object] = {"report": "unclassified", "why": why, "size": len(raw)}
+    event = _per_source(now, "unclassified", role, evidence, _source(source_ip, raw))
     await _commit(store, [event])
     return [event]
 

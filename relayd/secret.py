@@ -14,17 +14,22 @@ from pathlib import Path
 from relayd.errors import ConfigError
 
 
+def exposed(st_mode: int) -> int | None:
+    """The permission bits of a file with ``st_mode`` when group or others have any, else ``None``: the
+    one rule for every secret file (server secret, DKIM keys, password files, webhook secrets, TLS keys)."""
+    return stat.S_IMODE(st_mode) if st_mode & (stat.S_IRWXG | stat.S_IRWXO) else None
+
+
 def exposed_mode(path: Path) -> int | None:
-    """The permission bits of ``path`` when group or others have any (``None`` when only the owner has any,
-    or the file cannot be stat'ed: the caller's read reports that).
+    """:func:`exposed` for ``path`` (``None`` when only the owner has any permission, or the file cannot be
+    stat'ed: the caller's read reports that).
 
     Every secret file is held to the server secret's rule: a password file, a webhook secret or a TLS key
     that others can read is a credential others can use, so relayd refuses to start with one."""
     try:
-        mode = path.stat().st_mode
+        return exposed(path.stat().st_mode)
     except OSError:
         return None
-    return stat.S_IMODE(mode) if mode & (stat.S_IRWXG | stat.S_IRWXO) else None
 
 
 def load_or_create(path: Path) -> bytes:
@@ -39,7 +44,7 @@ def load_or_create(path: Path) -> bytes:
             f.flush()
             os.fsync(f.fileno())
         return key
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if exposed(st.st_mode) is not None:
         raise ConfigError([f"{path}: server.secret_file: readable by group or others; chmod 600 it"])
     text = path.read_bytes().strip()
     try:

@@ -34,7 +34,6 @@ import asyncio.sslproto as sslproto
 import datetime as dt
 import email.utils
 import functools
-import ipaddress
 import logging
 import ssl
 import time
@@ -45,7 +44,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
 from relayd import metrics, reputation
 from relayd.address import AddressError, normalize
-from relayd.config import Config, parse_hostport
+from relayd.config import Config, is_loopback_host, parse_hostport
 from relayd.errors import StorageError
 from relayd.passwords import Credential, PasswordChecker, PlainPassword, parse_hash
 from relayd.policy.model import Action
@@ -551,13 +550,6 @@ def _one_line(text: str, limit: int = 200) -> str:
     return " ".join(text.split())[:limit]
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
     sub = cfg.submission
     if sub.tls_cert is None or sub.tls_key is None:
@@ -582,7 +574,7 @@ async def start_submission(
     servers = []
     for spec in sub.listen:
         host, port = parse_hostport(spec)
-        plaintext_ok = sub.plaintext_auth == "loopback" and _is_loopback(host)
+        plaintext_ok = sub.plaintext_auth == "loopback" and is_loopback_host(host)
         factory = _protocol_factory(cfg, handler, limits, implicit_tls=False, plaintext_ok=plaintext_ok)
         servers.append(
             await loop.create_server(
