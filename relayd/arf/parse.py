@@ -157,8 +157,12 @@ def _original_rcpt(fields: dict[str, str], original: email.message.Message | Non
             return _visible(fields[name])
     for name in ("x-hmxmroriginalrecipient", "to", "delivered-to", "x-original-to"):
         value = _header(original, name)
-        if value:
-            return _visible(value)
+        if _first_address(value) is None:
+            # "To: undisclosed-recipients:;" (a Bcc delivery) names nobody: the receiving
+            # system's Delivered-To / X-Original-To may still do so.
+            continue
+        # An address the reporter redacted stays hidden: no later header is read for it.
+        return _visible(value)
     return None
 
 

@@ -280,6 +280,9 @@ def _judge(
             diagnostic_type=diagnostic_type,
         )
         reason = reasons.decide(wider)
+    if reason in {"onhold", "undefined"} and command == "MAIL":
+        # A refusal of MAIL FROM that names no other cause is a refusal of the sender.
+        reason = "rejected"
     return reason, ev
 
 

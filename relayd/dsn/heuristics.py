@@ -17,6 +17,7 @@ Amazon SES JSON notifications (delivered by SNS as mail) are read here too.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -119,6 +120,13 @@ def scan_notice(notice: str, exclude: set[str]) -> list[TextHit]:
     chosen = first_line or summary_only
     if not chosen:
         return []
+    # Exim's delay warning cuts the echoed reply short ("452 4.2.2 <user@example.ex"): an
+    # address that only begins another one is that one, truncated, not a recipient. In
+    # sorted order such a prefix sits right before an address that extends it.
+    names = sorted(chosen)
+    for shorter, longer in itertools.pairwise(names):
+        if longer.startswith(shorter):
+            del chosen[shorter]
     ordered = sorted(chosen.items(), key=lambda item: item[1])
     if len(ordered) == 1:
         return [TextHit(ordered[0][0], notice)]

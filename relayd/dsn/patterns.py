@@ -226,6 +226,14 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "banned sending ip",  # Office 365
         "blacklisted by",
         "blocked using ",
+        "client host blocked",
+        "client host rejected",  # Postfix smtpd_client_restrictions
+        "helo command rejected",  # Postfix smtpd_helo_restrictions: about our host
+        "listed in a dns blocklist",
+        "dnsbl",
+        ".spamhaus.org",
+        "barracudacentral.org",
+        ".sorbs.net",
         "blocked - see http",
         "dnsbl:attrbl",
         "client host rejected: abus detecte gu_eib_02",  # SFR
@@ -339,6 +347,8 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "archived recipient",
         "boite du destinataire archivee",
         "email account that you tried to reach is disabled",  # Gmail
+        "account is inactive",
+        "mailbox disabled",  # RFC 3463 X.2.1 text
         "has been suspended",
         "inactive account",
         "invalid/inactive user",
@@ -380,7 +390,11 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "all relevant mx records point to non-existent hosts",  # Exim
         "553 ... does not exist",
     ),
-    "hasmoved": (" has been replaced by ",),
+    "hasmoved": (
+        " has been replaced by ",
+        "user not local; please try",  # RFC 5321 section 3.4, reply 551
+        "mailbox was moved to",
+    ),
     "norelaying": (
         "as a relay",
         "email address is not verified.",
@@ -439,6 +453,7 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "all mail servers must have a ptr record with a valid reverse dns entry",
         "bad dns ptr resource record",
         "cannot find your hostname",
+        "cannot find your reverse hostname",  # Postfix reject_unknown_reverse_client_hostname
         "cannot resolve your address.",
         "client host rejected: cannot find your hostname",  # Postfix, Yahoo
         "fix reverse dns for ",
@@ -486,6 +501,7 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "//mail.163.com/help/help_spam_16.htm",
         "554 5.7.0 reject, id=",
         "appears to be unsolicited",
+        "spam message rejected",
         "blacklisted url in message",
         "block for spam",
         "blocked by policy: no spam please",
@@ -609,6 +625,7 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "message size exceeds fixed limit",
         "message size exceeds fixed maximum message size",
         "message size exceeds maximum value",
+        "message exceeds maximum fixed size",
         "message too big",
         "message too large for this ",
         "size limit",
@@ -640,11 +657,19 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "your message could not be delivered for more than",
         "could not be delivered for ... days",
         "retry timeout exceeded",  # Exim
+        "queue.expired",  # Exchange / Office 365
+        "message expired",
+        "greylisted",
+        "greylisting in action",
         "too many retries",
         "message has been in the queue",
         "delivery has failed for ... days",
     ),
     "networkerror": (
+        "lost connection with",  # Postfix
+        "network error on destination mxs",  # OpenSMTPD
+        "network is unreachable",
+        "conversation with ... timed out",  # Postfix
         "dns error:",  # Gmail
         "wasn't able to establish an smtp connection",  # qmail
         "could not connect and send the mail to",
@@ -666,6 +691,8 @@ PHRASES: Mapping[str, Sequence[str]] = {
     ),
     "notaccept": (
         "does not accept mail (nullmx)",
+        "domain does not accept mail",
+        "accepts no mail",
         "host/domain does not accept mail",  # iCloud
         "host does not accept mail",  # Sendmail
         "mail receiving disabled",
@@ -675,6 +702,7 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "smtp protocol returned a permanent error",
         "null mx",
         "doesn't receive email according to the administrator",  # Gmail: null MX
+        "mx or srv record indicated no smtp service",  # Exim: null MX (RFC 7505)
     ),
     "policyviolation": (
         "an illegal attachment on your message",
@@ -712,6 +740,8 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "recipient address rejected: access denied",
         "sorry, you don't authenticate or the domain isn't in my list of allowed rcpthosts",
         "unauthenticated senders not allowed",
+        "must issue a starttls command first",  # the receiver requires TLS we did not offer
+        "encryption required for requested authentication mechanism",
         "verification failure",
         "you are not authorized to send mail, authentication is required",
         "authentication failed; server ... said: ",  # Postfix
@@ -755,6 +785,8 @@ PHRASES: Mapping[str, Sequence[str]] = {
         "the message was rejected because it contains prohibited virus or spam content",
         "this form of attachment has been used by recent viruses or other malware",
         "virus detected",
+        "virus found in message",
+        "infected by a virus",
         "virus phishing/malicious_url detected",
         "your message was infected with a virus",
         "message contains a virus",
@@ -763,7 +795,6 @@ PHRASES: Mapping[str, Sequence[str]] = {
     "failedstarttls": (
         "starttls is required to send mail",
         "tls required but not supported",  # SendGrid
-        "must issue a starttls command first",
     ),
     "mailererror": (
         " || exit ",

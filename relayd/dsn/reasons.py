@@ -14,7 +14,12 @@ Order of evidence (after sisimai's ``reason.Find``):
 3. the status code alone when it is specific, otherwise a second ordered pass over the
    text patterns, then coarse fallbacks (x.6.x content, x.7.x security, local mailer
    exit codes, syntax-error reply codes, delayed -> expired);
-4. ``onhold`` when there was text we could not place, ``undefined`` when there was none.
+4. ``onhold`` when there was text we could not place, ``undefined`` when there was none;
+5. then the verdict meets the report's own facts: a failed report on a temporary 4.7.x
+   code whose text names no block is an expiry; a delayed 4.4.1/4.4.2 report is a network
+   error; and a hard reason gives way to the soft one its text also names (policy,
+   reputation, content, the sender), since suppression for good needs proof that the
+   mailbox itself is gone.
 
 The phrase lists live in :mod:`relayd.dsn.patterns`.
 """
@@ -88,7 +93,6 @@ STATUS_REASONS: Mapping[str, str] = {
     "4.7.24": "authfailure",
     "4.7.25": "requireptr",
     "4.7.26": "authfailure",
-    "5.1.0": "userunknown",
     "5.1.1": "userunknown",
     "5.1.2": "hostunknown",
     "5.1.3": "userunknown",
@@ -222,7 +226,11 @@ class _Facts:
 
 
 def _p_mailboxfull(f: _Facts) -> bool:
-    return f.sreason == "mailboxfull" or mentions("mailboxfull", f.text)
+    if mentions("mailboxfull", f.text):
+        return True
+    # Sendmail turns a bare "552 Message exceeds maximum fixed size" into Status 5.2.2
+    # (RFC 1893's reading of 552): the size phrase is the better evidence then.
+    return f.sreason == "mailboxfull" and not mentions("mesgtoobig", f.text)
 
 
 def _p_mesgtoobig(f: _Facts) -> bool:
@@ -432,7 +440,8 @@ def _second_pass(f: _Facts) -> str | None:
         return "syntaxerror"
     if ev.action in {"delayed", "expired"}:
         return "expired"
-    if ev.command in {"EHLO", "HELO"}:
+    if ev.command in {"CONN", "EHLO", "HELO"}:
+        # The server refused to talk to this client at all: a block on the client.
         return "blocked"
     if reply in {521, 556}:
         return "notaccept"
@@ -441,13 +450,77 @@ def _second_pass(f: _Facts) -> str | None:
     return None
 
 
+#: What a delayed report about an unanswered or broken connection may otherwise read as
+#: ("Connection refused by" is also a blocklist phrase; 4.4.1 alone maps to expiry).
+_STILL_TRYING = frozenset({"expired", "blocked", "onhold", "undefined"})
+
+#: Reasons that a temporary 4.7.x code alone suggests ("4.7.1 Please try again later" is
+#: how greylisting answers): when the MTA gave up on such a failure, the expiry is the news.
+_GAVE_UP_ON = frozenset({"blocked", "securityerror"})
+
+
 def decide(ev: Evidence) -> str:
     """The sisimai reason name for one recipient's failure. Never raises."""
     status = ev.status or ""
     if ev.action in {"delivered", "relayed", "expanded"} or status.startswith("2."):
         return "delivered"
     facts = _Facts(ev=ev, text=normalise_text(ev.diagnostic), sreason=status_reason(ev.status))
-    if ev.diagnostic_type in (None, "smtp"):
+    reason = _decide(facts)
+    if _gave_up(facts, reason):
+        return "expired"
+    if (
+        ev.action == "delayed"
+        and status[1:] in {".4.1", ".4.2"}
+        and reason in _STILL_TRYING
+        and not mentions("expired", facts.text)
+        and "timed out" not in facts.text  # sisimai: a timeout is an expiry in the making
+    ):
+        # RFC 3463 X.4.1 "no answer from host", X.4.2 "bad connection": the MTA is still
+        # retrying, so nothing has expired yet; what it reports is the network failing.
+        return "networkerror"
+    if reason in HARD_REASONS or reason == "notaccept":
+        return _policy_instead(facts) or reason
+    return reason
+
+
+#: Soft reasons whose phrases, next to a "user unknown" or "domain not found", show that
+#: the refusal may be about the sender, its host or the content rather than the mailbox
+#: ("Sender address rejected: Domain not found", "... blocked using zen.spamhaus.org").
+_POLICY_REASONS = (
+    "blocked",
+    "requireptr",
+    "badreputation",
+    "spamdetected",
+    "virusdetected",
+    "policyviolation",
+    "authfailure",
+    "norelaying",
+)
+
+
+def _policy_instead(facts: _Facts) -> str | None:
+    """The soft reason to report instead of a hard one, when the text gives one.
+
+    A hard verdict removes the address for good, so it needs evidence that the mailbox
+    itself is gone: a reply that also speaks of policy, reputation or the sender stays
+    soft however the rest of it is worded.
+    """
+    for reason in _POLICY_REASONS:
+        if mentions(reason, facts.text):
+            return reason
+    if facts.ev.command == "MAIL" or _sender_refused(facts.text):
+        return "rejected"
+    return None
+
+
+def _sender_refused(text: str) -> bool:
+    """A refusal that names the envelope sender ("Sender address rejected: ...")."""
+    return mentions("rejected", text) and ("sender" in text or "mail from" in text or "envelope from" in text)
+
+
+def _decide(facts: _Facts) -> str:
+    """Probes, then the second pass, then onhold/undefined (steps 2-4 of the module doc)."""
+    if facts.ev.diagnostic_type in (None, "smtp"):
         for name, probe in PROBES:
             if probe(facts):
                 return name
@@ -457,6 +530,25 @@ def decide(ev: Evidence) -> str:
     if mentions("vacation", facts.text):
         return "vacation"
     return "onhold" if facts.text else "undefined"
+
+
+def _gave_up(facts: _Facts, reason: str) -> bool:
+    """Action: failed on a temporary (4.x.x / 4xx) failure: the queue lifetime ran out.
+
+    RFC 3464 section 2.3.3: "failed" is final; with a transient status it means the MTA
+    stopped retrying. When only the generic 4.7.x code pointed at a block (the text names
+    no blocklist) and the server did not refuse the connection outright, the report is
+    an expiry.
+    """
+    ev = facts.ev
+    if ev.action != "failed" or reason not in _GAVE_UP_ON:
+        return False
+    transient = (ev.status or "").startswith("4.") or (
+        not ev.status and (ev.reply_code or "").startswith("4")
+    )
+    if not transient or ev.command in {"CONN", "EHLO", "HELO"}:
+        return False
+    return not mentions(reason, facts.text)
 
 
 def is_permanent(status: str | None, reply_code: str | None, action: str | None = None) -> bool:
@@ -471,14 +563,14 @@ def is_permanent(status: str | None, reply_code: str | None, action: str | None 
 def is_hard(reason: str, status: str | None, reply_code: str | None, action: str | None = None) -> bool:
     """Whether the reason says the address itself is bad (DESIGN.md "Reasons").
 
-    notaccept (null MX, 521/556) is hard only when permanent: a 4xx says the host is
-    refusing mail for now, not that the address is gone.
+    Each of them is hard only when permanent: a 4xx (or a delayed report) says the
+    host cannot take the mail for now, not that the address is gone.
     """
-    if reason in HARD_REASONS:
-        return True
-    if reason == "notaccept":
-        return is_permanent(status, reply_code, action)
-    return False
+    if reason not in HARD_REASONS and reason != "notaccept":
+        return False
+    # A hard verdict removes the address for good: a temporary code (a delayed report,
+    # a 4xx "user unknown" while a directory is down) is no proof that it is gone.
+    return is_permanent(status, reply_code, action)
 
 
 def classify_reply(

@@ -31,7 +31,14 @@ _REPLY_PLACED = re.compile(
 
 #: Phrases that name the SMTP command a reply answered, per MTA style.
 _EXPLICIT_COMMANDS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("CONN", re.compile(r"after initial connection|on connect|during the connection|\bgreeting\b", re.I)),
+    (
+        "CONN",
+        re.compile(
+            r"after initial connection|on connect|during the connection|\bgreeting\b|"
+            r"refused to talk to me",  # Postfix: the banner was a 4xx/5xx
+            re.I,
+        ),
+    ),
     (
         "EHLO",
         re.compile(r"(?:after|in reply to|did not like our|smtp:)\s*(?:pipelined\s+)?(?:EHLO|HELO)\b", re.I),
@@ -124,10 +131,13 @@ def smtp_command(text: str | None) -> str | None:
     if not text:
         return None
     text = text[:CONTEXT_LIMIT]
+    # Postfix and Sendmail fold long lines anywhere ("(in\n    reply to RCPT TO command)"):
+    # the explicit phrases are looked for in a copy with every run of blanks made one space.
+    flat = " ".join(text.split())
     found: str | None = None
-    position = len(text) + 1
+    position = len(flat) + 1
     for name, pattern in _EXPLICIT_COMMANDS:
-        match = pattern.search(text)
+        match = pattern.search(flat)
         if match and match.start() < position:
             found, position = name, match.start()
     if found:
@@ -137,6 +147,9 @@ def smtp_command(text: str | None) -> str | None:
     last: str | None = None
     for match in _TRANSCRIPT_COMMAND.finditer(text, 0, limit):
         last = match.group(1).upper()
+    if failure and last is None and "while talking to" in text[:limit]:
+        # Sendmail's transcript: a failure reply before any command is the banner.
+        return "CONN"
     if last == "BDAT":
         return "DATA"
     return last if last in {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA"} else None
