@@ -17,14 +17,16 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from relayd import apikey_cli, consent_cli, desk_cli, queue_cli
 from relayd import config as config_mod
-from relayd import consent_cli
 from relayd.errors import ConfigError, RelaydError
 
 EXAMPLES = """examples:
   relayd serve --config conf/relayd.toml
   relayd check-config --config conf/relayd.toml
   relayd queue list --config conf/relayd.toml --json
+  relayd queue summary --config conf/relayd.toml
+  relayd queue hold --domain example.com --config conf/relayd.toml
   relayd dsn classify --json bounce.eml
 """
 
@@ -139,19 +141,10 @@ def _message_json(row: Any) -> dict[str, Any]:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    """``relayd queue show``: whole messages with their recipients (the other queue commands are in
+    relayd.queue_cli)."""
+
     async def run(store: Any) -> int:
-        if args.action == "list":
-            rows = await store.list_messages(state=args.state, limit=args.limit)
-            for row in rows:
-                if args.json:
-                    print(json.dumps(_message_json(row)))
-                else:
-                    states = ",".join(sorted({r.state for r in row.recipients}))
-                    print(
-                        f"{row.queue_id}  {_fmt_time(row.created_at)}  {row.account:<12} {row.size:>8}  "
-                        f"{len(row.recipients):>3} rcpt  {states}  <{row.mail_from}>"
-                    )
-            return 0
         if args.action == "show":
             code = 0
             for qid in args.queue_id:
@@ -162,18 +155,6 @@ def cmd_queue(args: argparse.Namespace) -> int:
                     continue
                 print(json.dumps(_message_json(row), indent=None if args.json else 2))
             return code
-        if args.action == "retry":
-            targets = args.queue_id or [None]
-            n = sum([await store.retry_now(qid) for qid in targets])
-            print(f"{n} recipient(s) due now")
-            return 0
-        if args.action == "drop":
-            if not args.queue_id:
-                print("relayd queue drop: name at least one queue id", file=sys.stderr)
-                return 2
-            n = sum([await store.drop(qid) for qid in args.queue_id])
-            print(f"{n} recipient(s) dropped")
-            return 0
         return 2
 
     return _with_queue(args, run)
@@ -460,9 +441,14 @@ def cmd_arf_parse(args: argparse.Namespace) -> int:
 #: one example per subcommand, shown at the end of its --help (those given inline above win)
 SUBCOMMAND_EXAMPLES = {
     "serve": "relayd serve --config /etc/relayd/relayd.toml --log-level info",
+    "queue list": "relayd queue list --state deferred --domain example.com --older-than 2h --config FILE",
+    "queue summary": "relayd queue summary --config conf/relayd.toml   (like qshape; --json for scripts)",
+    "queue cat": "relayd queue cat agrarjeztjjtitkc --headers --config conf/relayd.toml",
     "queue show": "relayd queue show agrarjeztjjtitkc --config conf/relayd.toml",
-    "queue retry": "relayd queue retry --config conf/relayd.toml   (every deferred recipient, now)",
-    "queue drop": "relayd queue drop agrarjeztjjtitkc --config conf/relayd.toml",
+    "queue hold": "relayd queue hold --domain example.com --config conf/relayd.toml",
+    "queue release": "relayd queue release --domain example.com --config conf/relayd.toml",
+    "queue retry": "relayd queue retry --domain example.com --config conf/relayd.toml   (no selector: all)",
+    "queue drop": "relayd queue drop --recipient a@example.com --config conf/relayd.toml",
     "account hash-password": "echo 'change-me' | relayd account hash-password",
     "account list": "relayd account list --json --config conf/relayd.toml",
     "suppress remove": "relayd suppress remove a@example.test --scope global --config conf/relayd.toml",
@@ -521,22 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("queue", help="inspect and act on the queue").add_subparsers(
         dest="action", required=True
     )
-    sp = with_config(
-        q.add_parser("list", help="list queued messages", epilog="example: relayd queue list --json")
-    )
+    queue_cli.register(q, with_config)
+    sp = with_config(q.add_parser("show", help="show messages and their recipients"))
+    sp.add_argument("queue_id", nargs="*")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--state", choices=["queued", "held", "delivered", "failed", "expired", "dropped"])
-    sp.add_argument("--limit", type=int, default=1000)
     sp.set_defaults(fn=cmd_queue)
-    for name, helptext in (
-        ("show", "show messages and their recipients"),
-        ("retry", "make deferred recipients due now (all, or of the named messages)"),
-        ("drop", "drop the unfinished recipients of the named messages"),
-    ):
-        sp = with_config(q.add_parser(name, help=helptext))
-        sp.add_argument("queue_id", nargs="*")
-        sp.add_argument("--json", action="store_true")
-        sp.set_defaults(fn=cmd_queue)
 
     acct = sub.add_parser("account", help="accounts: state, suspension, rates").add_subparsers(
         dest="action", required=True
@@ -562,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("--details", default="suspended by an operator")
         sp.set_defaults(fn=cmd_account)
+    apikey_cli.register(acct, with_config)
 
     sup = sub.add_parser("suppress", help="suppression entries").add_subparsers(dest="action", required=True)
     sp = with_config(
@@ -632,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_events)
 
     consent_cli.register(sub)
+    desk_cli.register(sub)
 
     st = sub.add_parser("store", help="the policy store").add_subparsers(dest="action", required=True)
     sp = with_config(st.add_parser("migrate", help="create or upgrade the schema"))

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from relayd import passwords, secret
+from relayd.address import AddressError, normalize
 from relayd.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
@@ -214,6 +215,15 @@ class InboundConfig(_Model):
     report_max_age: Annotated[Duration, Field(gt=0)] = 30 * 86400.0
     #: as [submission] bare_newline, for mail arriving here
     bare_newline: BareNewline = "normalize"
+    #: STARTTLS on the inbound listener (TLS 1.2+, as submission), so bounces and reports can come back
+    #: encrypted; re-read on SIGHUP. Without them no STARTTLS is offered.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: the postmaster inbox (relayd.desk): each kept message is forwarded to this address through the
+    #: queue with a null return path; never an address at an inbound domain (it would come back)
+    postmaster_forward: str | None = None
+    #: inbox items, open or done, and DMARC aggregate counts are pruned after this
+    keep_inbox: Annotated[Duration, Field(gt=0)] = 90 * 86400.0
 
     @field_validator("domains")
     @classmethod
@@ -221,6 +231,25 @@ class InboundConfig(_Model):
         if not v:
             raise ValueError("at least one inbound domain is needed (it is the VERP return-path domain)")
         return [d.lower().rstrip(".") for d in v]
+
+    @field_validator("postmaster_forward")
+    @classmethod
+    def _forward_address(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        try:
+            address = normalize(v)
+        except AddressError as exc:
+            raise ValueError(f"not a mail address: {exc}") from None
+        if address.rpartition("@")[2] in (info.data.get("domains") or ()):
+            raise ValueError(f"{address} is at an inbound domain of relayd: the forward would come back")
+        return address
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> InboundConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
 
 
 class HttpConfig(_Model):
@@ -232,6 +261,11 @@ class HttpConfig(_Model):
     metrics_allow: list[Network] = Field(
         default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
     )
+    # the tenant API under /api/v1 (relayd.web.api): off unless asked for, so that a listener serving
+    # public unsubscribe pages does not grow an authenticated surface nobody uses
+    api: bool = False
+    # requests per API key, then 429 (requests without a valid key count against rate_per_ip)
+    api_rate: RateLimit = Rate(600, 60.0)
 
 
 class StoreConfig(_Model):
@@ -261,6 +295,10 @@ class QueueConfig(_Model):
     min_free_space: Size = 50_000_000
 
 
+#: The TLS levels of delivery (relayd.queue.tlspolicy says what each one means).
+TlsLevelName = Literal["none", "may", "encrypt", "verify"]
+
+
 class DeliveryConfig(_Model):
     mode: Literal["mx", "smarthost", "routes"] = "mx"
     smarthost: HostPort | None = None
@@ -271,7 +309,13 @@ class DeliveryConfig(_Model):
     messages_per_connection: int = Field(default=100, ge=1)
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
-    tls: Literal["may", "none"] = "may"
+    #: TLS level of delivery (relayd.queue.tlspolicy): none, may (opportunistic), encrypt (STARTTLS
+    #: required, nothing verified), verify (chain and host name verified); [tls_policy] overrides it
+    tls: TlsLevelName = "may"
+    #: PEM CA bundle that "verify" trusts instead of the system CA store (a private CA; tests)
+    tls_ca_file: Path | None = None
+    #: look up and apply recipient domains' MTA-STS policies (RFC 8461) on MX delivery (relayd.queue.mtasts)
+    mta_sts: bool = True
     helo: str | None = None
     nameservers: list[HostPort] = []
     # per-destination traffic shaping defaults ([shaping.NAME] sections in their own TOML file, e.g. the
@@ -349,6 +393,13 @@ WebhookEvent = Literal[
     "suppressed",
     "dropped",
     "suspended",
+    "held",
+    "released",
+    "retried",
+    # changes made through the tenant API (relayd.web.api)
+    "unsuppressed",
+    "imported",
+    "consented",
 ]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = typing.get_args(WebhookEvent)
 
@@ -374,6 +425,10 @@ class AccountConfig(_Model):
     webhooks: list[WebhookConfig] = []
     #: subdomains of ``domains`` are the account's too (MAIL FROM, the header From and Sender, DKIM d=)
     allow_subdomains: bool = False
+    #: the account may mark mail ``X-Relayd-Class: transactional`` (relayd.policy.messageclass): no
+    #: unsubscribe link, not held back by unsubscribes, caps or consent. Off by default: an account that
+    #: could set it on its newsletter would escape every unsubscribe.
+    transactional: bool = False
 
     @field_validator("domains")
     @classmethod
@@ -543,6 +598,8 @@ class Config(_Model):
     accounts: dict[str, AccountConfig] = {}
     pools: dict[str, PoolConfig] = {}
     shaping: dict[str, ShapingConfig] = {}
+    #: TLS level per recipient domain, keyed like [delivery] routes ("example.com", ".example.com", "*")
+    tls_policy: dict[str, TlsLevelName] = {}
 
     source: Path | None = Field(default=None, exclude=True)
 
@@ -635,10 +692,14 @@ def _file_checks(path: Path, cfg: Config) -> list[str]:
             load_shaping_file(cfg.delivery.shaping_file)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    for key in ("tls_cert", "tls_key"):
-        value = getattr(cfg.submission, key)
-        if value is not None and not Path(value).is_file():
-            problems.append(f"{path}: submission.{key}: no such file: {value}")
+    ca_file = cfg.delivery.tls_ca_file
+    if ca_file is not None and not ca_file.is_file():
+        problems.append(f"{path}: delivery.tls_ca_file: no such file: {ca_file}")
+    for section in ("submission", "inbound"):
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(getattr(cfg, section), key)
+            if value is not None and not Path(value).is_file():
+                problems.append(f"{path}: {section}.{key}: no such file: {value}")
     problems.extend(_secret_file_checks(path, cfg))
     return problems
 
@@ -752,6 +813,12 @@ def warnings(cfg: Config) -> list[str]:
                 " relayd account hash-password"
             )
     out.extend(_public_url_warnings(cfg))
+    if cfg.delivery.mode == "mx" and not cfg.delivery.nameservers:
+        out.append(
+            f"{cfg.source}: delivery.nameservers: warning: DANE is off: it takes TLSA records only from a"
+            " DNSSEC-validating resolver, which must be named here (the system resolver is not trusted"
+            " for that); MTA-STS and the TLS levels still apply"
+        )
     return out
 
 

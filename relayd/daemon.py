@@ -34,10 +34,13 @@ from relayd.policy.pipeline import Pipeline
 from relayd.policy.render import Renderer
 from relayd.policy.suspension import AccountGate
 from relayd.queue.handoff import Announcer, Handoff, LocalHandoff, Receiver
+from relayd.queue.routing import make_resolver
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import DueRecipient, QueueStore
+from relayd.queue.tlsrpt import ReportSender
 from relayd.secret import load_or_create
 from relayd.smtp.inbound import InboundHandler, start_inbound
+from relayd.smtp.inbound import tls_context as inbound_tls_context
 from relayd.smtp.protocol import ConnectionLimits, DataBudget
 from relayd.smtp.submission import SubmissionHandler, start_submission, start_submission_tls, tls_context
 from relayd.store import Event, Store, StoreError, open_store
@@ -56,6 +59,12 @@ Role = Literal["all", "submission", "delivery"]
 
 _GRACE = 10.0
 _STEP_TIMEOUT = 3.0
+#: keys of a restart-only section that a reload applies anyway: the listeners read their TLS context
+#: for each new connection, and :meth:`Daemon.reload` rebuilds it from these
+_RELOADED_KEYS: dict[str, frozenset[str]] = {
+    "submission": frozenset({"tls_cert", "tls_key"}),
+    "inbound": frozenset({"tls_cert", "tls_key"}),
+}
 
 
 class DeliveryRecorder:
@@ -86,7 +95,9 @@ class DeliveryRecorder:
                 address=item.address,
                 reason=None,
                 queue_id=item.queue_id,
-                evidence=json.dumps({"reply": reply[:500], "index": item.index}),
+                evidence=json.dumps(
+                    {"reply": reply[:500], "index": item.index, "class": item.msg_class.value}
+                ),
             )
         )
         if outcome in ("bounced", "expired") and error is not None:
@@ -125,6 +136,7 @@ async def refresh_gauges(queue: QueueStore, store: Store, stop: asyncio.Event, s
             metrics.QUEUE_OLDEST.set(max(0.0, time.time() - oldest) if oldest else 0.0)
             if n % 12 == 0:
                 metrics.SUPPRESSION_ENTRIES.set(await store.count())
+                metrics.INBOX_OPEN.set(await store.count_open_inbox())  # `relayd inbox done` is elsewhere
         except StoreError as exc:
             log.warning("could not refresh gauges: %s", exc)
         n += 1
@@ -185,6 +197,10 @@ class Daemon:
             await self._start_listeners(signer)
         if self.worker == 0 and self.role != "delivery":  # one pruner per store is enough
             self._tasks.append(asyncio.create_task(retention.run(self.store, lambda: self.cfg, self.stop)))
+            # the daily TLS reports (RFC 8460), queued here: this process writes shard 0 of the queue
+            resolver = make_resolver(cfg.delivery)
+            reports = ReportSender(lambda: self.cfg, self.store, self.queue, signer, resolver)
+            self._tasks.append(asyncio.create_task(reports.run(self.stop)))
         self._tasks.append(asyncio.create_task(watchdog(self.stop)))
 
     async def _start_delivery(self) -> None:
@@ -197,6 +213,7 @@ class Daemon:
             gate=DequeueCheck(self.store, self.gate),
             observer=self.recorder,
             renderer=self.renderer,
+            tls_store=self.store,  # MTA-STS policies and TLS report counts are shared by every node
         )
         self.scheduler.start()
         if self.role == "delivery":  # the shard's submission process announces what it commits
@@ -282,6 +299,7 @@ class Daemon:
             # next connection on); a pair that does not load refuses the whole reload (ssl.SSLError is an
             # OSError) and the running context stays
             tls = tls_context(new)
+            inbound_tls = inbound_tls_context(new)  # the inbound listener's STARTTLS, likewise
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("reload refused: %s", line)
@@ -292,7 +310,10 @@ class Daemon:
             sd_notify("READY=1")
             return False
         for key in ("submission", "inbound", "http", "store", "queue"):
-            if getattr(new, key) != getattr(self.cfg, key):
+            old_section, new_section = getattr(self.cfg, key), getattr(new, key)
+            # the listeners' certificates were re-read above: a renewal is no reason to restart
+            exclude = _RELOADED_KEYS.get(key, frozenset())
+            if old_section.model_dump(exclude=exclude) != new_section.model_dump(exclude=exclude):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", key)
         self.renderer.reload(new, signer)
         if self.scheduler is not None:
@@ -307,6 +328,7 @@ class Daemon:
             if self.webhooks is not None:
                 self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
             self.inbound.cfg = new
+            self.inbound.tls_context = inbound_tls
             from relayd.web.app import update_config as update_web_config
 
             update_web_config(self.web.app, new)
@@ -330,6 +352,37 @@ class Daemon:
         except (ConfigError, StoreError) as exc:
             log.error("webhooks not restarted after reload: %s", exc)
 
+    async def close_partial(self) -> None:
+        """After a failed start-up (a port in use, say): close what it had opened, so that the process
+        exits with its error. An aiosqlite connection left open keeps the interpreter waiting for its
+        thread at exit, for ever: the service would neither run nor fail."""
+        for srv in [*self.servers, *self.inbound_servers]:
+            srv.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        inbound = getattr(self, "inbound", None)
+        steps = (
+            (getattr(self, "web", None), "cleanup"),
+            (getattr(self, "report_parser", None), "close"),
+            (None if inbound is None else inbound.desk, "close"),
+            (self.receiver, "close"),
+            (self.scheduler, "stop"),
+            (getattr(self, "queue", None), "close"),
+            (getattr(self, "gate", None), "stop"),
+            (self.webhooks, "stop"),
+            (getattr(self, "store", None), "close"),
+        )
+        for obj, method in steps:
+            if obj is None:
+                continue
+            try:
+                await asyncio.wait_for(getattr(obj, method)(), timeout=_STEP_TIMEOUT)
+            except Exception:  # best effort: the start-up error is what the operator must see
+                log.debug("closing %s after a failed start", type(obj).__name__, exc_info=True)
+        if self.announcer is not None:
+            self.announcer.close()
+
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")
         log.info("shutting down: no new connections")
@@ -352,6 +405,7 @@ class Daemon:
         if self.role != "delivery":
             steps.append(("http", self.web.cleanup))
             steps.append(("report parser", self.report_parser.close))
+            steps.append(("dmarc parser", self.inbound.desk.close))
         if self.receiver is not None:
             steps.append(("handoff", self.receiver.close))
         if self.scheduler is not None:
@@ -409,7 +463,11 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     if reload_asked_before is not None and reload_asked_before():
         reload_asked.set()
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.close_partial()
+        raise
     # What start-up built (modules, config, compiled patterns, key objects) lives as long as the process:
     # keep the collector from walking it in every full collection. Under load a full collection in an
     # accepting process took ~40 ms before, every session waiting; ~3 ms after (median, measured).

@@ -5,7 +5,9 @@ address relayd sends from (RFC 7208), the DKIM key record must hold the public h
 with (RFC 6376 §3.6), the domain should publish a DMARC policy (RFC 7489; Gmail and Yahoo require one of
 bulk senders since 2024), and the inbound (VERP) domains must have an MX that reaches relayd, or bounces and
 complaints never come back and suppression silently stops working. A typo in any of these costs days of
-junk-foldered mail before anyone notices, so the operator can ask before sending.
+junk-foldered mail before anyone notices, so the operator can ask before sending. The inbound domains
+should also publish an MTA-STS policy (RFC 8461) and a TLS reporting record (RFC 8460), so that bounces and
+reports reach relayd over verified TLS; those rows warn (``WARN``) rather than fail.
 
 Each check is one :class:`Check` row; :func:`format_table` prints them. DNS trouble (timeouts, SERVFAIL, no
 resolver configuration) never raises: it is a failed check whose detail says what went wrong, because the
@@ -23,10 +25,13 @@ import contextlib
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Awaitable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import dns.asyncresolver
 import dns.exception
@@ -35,12 +40,14 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 import spf
 
+from relayd.address import AddressError, normalize
 from relayd.config import Config, DkimConfig, parse_hostport
 from relayd.dkim import DkimKeyError, load_key
+from relayd.queue import mtasts, tlsrpt
 
 __all__ = ["Check", "CheckName", "format_table", "run_checks"]
 
-CheckName = Literal["SPF", "DKIM", "DMARC", "MX"]
+CheckName = Literal["SPF", "DKIM", "DMARC", "DMARC-RUA", "MX", "MTA-STS", "TLS-RPT"]
 
 #: Seconds allowed for one DNS question (all retries). Short: an operator waits for the answer.
 _LIFETIME = 5.0
@@ -63,6 +70,8 @@ class Check:
     what: CheckName
     ok: bool
     detail: str
+    #: a recommendation not followed (shown as WARN): not a fault, so ``ok`` stays True
+    warning: bool = False
 
 
 # --- resolvers -----------------------------------------------------------------------------------------
@@ -302,6 +311,37 @@ async def _check_dmarc(res: _Resolvers, domain: str) -> Check:
     return Check(domain, "DMARC", False, f"missing: no v=DMARC1 record at _dmarc.{domain}")
 
 
+async def _check_rua(res: _Resolvers, domain: str, inbound: Sequence[str]) -> Check:
+    """Whether the DMARC record that applies to ``domain`` sends its aggregate reports (``rua=``, RFC 7489
+    §6.3) to relayd's ``dmarc@<inbound domain>``, where relayd reads them (relayd.desk.dmarc). Reports sent
+    elsewhere (a DMARC service) are a choice, not a fault: the row is ok either way and says which."""
+    labels = domain.split(".")
+    wanted = {f"dmarc@{d}" for d in inbound}
+    for i in range(max(len(labels) - 1, 1)):
+        name = f"_dmarc.{'.'.join(labels[i:])}"
+        try:
+            texts = await _txt(res.async_, name)
+        except dns.exception.DNSException as exc:
+            return Check(domain, "DMARC-RUA", False, f"{name}: lookup failed: {_dns_error(exc)}")
+        records = [t for t in texts if _DMARC_RECORD.match(t)]
+        if len(records) != 1:
+            continue
+        uris = [u.strip() for u in _tags(records[0]).get("rua", "").split(",") if u.strip()]
+        mailtos = [
+            u[len("mailto:") :].split("!")[0].strip().lower() for u in uris if u.lower().startswith("mailto:")
+        ]
+        ours = [m for m in mailtos if m in wanted]
+        if ours:
+            return Check(domain, "DMARC-RUA", True, f"reports go to relayd ({ours[0]})")
+        elsewhere = ", ".join(uris) if uris else "no rua= tag"
+        return Check(
+            domain, "DMARC-RUA", True, f"not relayd: {elsewhere} (relayd reads reports at dmarc@{inbound[0]})"
+        )
+    return Check(
+        domain, "DMARC-RUA", True, f"no DMARC record: no reports (relayd reads them at dmarc@{inbound[0]})"
+    )
+
+
 # --- MX of the inbound domains -----------------------------------------------------------------------------
 
 
@@ -342,6 +382,94 @@ async def _check_mx(res: _Resolvers, domain: str, ours: frozenset[IPAddress], ho
         expected = ", ".join(sorted({hostname, *map(str, ours)}))
         return Check(domain, "MX", False, "; ".join(bad) + f" (expected {expected})")
     return Check(domain, "MX", True, "MX " + ", ".join(good))
+
+
+# --- MTA-STS and TLS-RPT of the inbound domains ----------------------------------------------------------
+
+
+def _warn(domain: str, what: CheckName, detail: str) -> Check:
+    return Check(domain, what, True, detail, warning=True)
+
+
+async def _check_mta_sts(res: _Resolvers, domain: str, ca_file: Path | None) -> Check:
+    """The MTA-STS policy of an inbound domain (RFC 8461): the ``_mta-sts`` TXT record, the policy fetched
+    as a sender fetches it (certificate verified against the system CA store or ``[delivery]
+    tls_ca_file``), and whether its ``mx`` patterns cover every MX host.
+
+    Publishing one is recommended, not required: a missing, malformed or unfetchable policy is a warning
+    (senders then use opportunistic TLS, as without one). An ``enforce`` policy that leaves out an MX host
+    is a failure: compliant senders will not deliver bounces and reports there."""
+    name = f"_mta-sts.{domain}"
+    try:
+        texts = await _txt(res.async_, name)
+    except dns.exception.DNSException as exc:
+        return Check(domain, "MTA-STS", False, f"{name}: lookup failed: {_dns_error(exc)}")
+    if not any(t.startswith("v=STSv1") for t in texts):
+        return _warn(domain, "MTA-STS", f"none: no v=STSv1 TXT record at {name} (recommended, RFC 8461)")
+    policy_id = mtasts.parse_txt(texts)
+    if policy_id is None:
+        return _warn(domain, "MTA-STS", f"{name}: not exactly one v=STSv1 record with a valid id=")
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        policy = mtasts.parse_policy(await mtasts.fetch_policy(domain, res.async_, context))
+    except (mtasts.FetchError, mtasts.PolicyError) as exc:
+        return _warn(domain, "MTA-STS", f"id={policy_id}, but no policy senders can use: {exc}")
+    shown = f"id={policy_id} mode={policy.mode.value} mx={','.join(policy.mx) or '-'}"
+    if policy.mode is mtasts.Mode.NONE:
+        return _warn(domain, "MTA-STS", f"{shown}: mode none asks for nothing")
+    try:
+        answer = await res.async_.resolve(domain, "MX")
+        hosts = [r.exchange.to_text(omit_final_dot=True).lower() for r in answer]
+    except dns.exception.DNSException as exc:  # the MX row says what is wrong with the MX
+        return _warn(domain, "MTA-STS", f"{shown}; MX hosts not compared: {_dns_error(exc)}")
+    uncovered = [h for h in hosts if h and not any(mtasts.mx_matches(p, h) for p in policy.mx)]
+    if uncovered and policy.mode is mtasts.Mode.ENFORCE:
+        return Check(domain, "MTA-STS", False, f"{shown} does not cover MX {', '.join(uncovered)}")
+    if uncovered:
+        return _warn(domain, "MTA-STS", f"{shown} does not cover MX {', '.join(uncovered)}")
+    return Check(domain, "MTA-STS", True, shown)
+
+
+def _rua_problem(uri: str) -> str | None:
+    """Why ``uri`` is no rua senders can use (RFC 8460 §3: ``mailto:`` an address, or an ``https:``
+    URL), or None."""
+    if uri.lower().startswith("mailto:"):
+        address = unquote(uri[len("mailto:") :].split("?", 1)[0])
+        try:
+            normalize(address)
+        except AddressError as exc:
+            return f"{uri}: not a mail address ({exc})"
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme.lower() != "https":
+        return f"{uri}: neither mailto: nor https:"
+    if not parts.hostname:
+        return f"{uri}: no host"
+    return None
+
+
+async def _check_tls_rpt(res: _Resolvers, domain: str) -> Check:
+    """The TLS reporting record of an inbound domain (RFC 8460 §3: ``_smtp._tls`` TXT, ``v=TLSRPTv1;
+    rua=...``), so senders tell its owner when TLS to relayd's MX fails. Recommended, so a missing or
+    broken record is a warning."""
+    name = f"_smtp._tls.{domain}"
+    try:
+        texts = await _txt(res.async_, name)
+    except dns.exception.DNSException as exc:
+        return Check(domain, "TLS-RPT", False, f"{name}: lookup failed: {_dns_error(exc)}")
+    records = [t for t in texts if t.startswith("v=TLSRPTv1")]
+    if not records:
+        return _warn(domain, "TLS-RPT", f"none: no v=TLSRPTv1 TXT record at {name} (recommended, RFC 8460)")
+    if len(records) > 1:
+        return _warn(domain, "TLS-RPT", f"{len(records)} v=TLSRPTv1 records at {name}: senders ignore all")
+    ruas = tlsrpt.parse_rua(records)
+    if not ruas:
+        return _warn(domain, "TLS-RPT", f"{name}: no rua= in {records[0]!r}")
+    problems = [p for p in map(_rua_problem, ruas) if p is not None]
+    if problems:
+        return _warn(domain, "TLS-RPT", f"{name}: " + "; ".join(problems))
+    return Check(domain, "TLS-RPT", True, "rua=" + ",".join(ruas))
 
 
 # --- planning ---------------------------------------------------------------------------------------------
@@ -437,7 +565,8 @@ async def run_checks(
 
     ``resolver_nameservers`` ("host:port") overrides ``[delivery] nameservers``; with neither, the system
     resolver is used. ``outbound_ips`` is used when no ``[pools.*]`` is configured, instead of guessing this
-    host's address. Rows come per sending domain (SPF, DKIM per key, DMARC), then one MX row per inbound
+    host's address. Rows come per sending domain (SPF, DKIM per key, DMARC), then where each sending
+    domain's DMARC reports go, then MTA-STS and TLS-RPT per inbound domain, then one MX row per inbound
     domain. Never raises for DNS trouble: a failed lookup is a failed check with the error as detail.
     """
     _install_spf_lookup()
@@ -474,6 +603,11 @@ async def run_checks(
                 plan.append(_check_dkim(res, entry) if res else Check(domain, "DKIM", False, problem))
         if domain in sending:
             plan.append(_check_dmarc(res, domain) if res else Check(domain, "DMARC", False, problem))
+    if res is not None:  # where each sending domain's DMARC reports go (relayd.desk.dmarc reads them)
+        plan += [_check_rua(res, domain, cfg.inbound.domains) for domain in sending]
+    if res is not None:  # what the inbound domains ask of those who send them mail (RFC 8461, RFC 8460)
+        for domain in cfg.inbound.domains:
+            plan += [_check_mta_sts(res, domain, cfg.delivery.tls_ca_file), _check_tls_rpt(res, domain)]
     for domain in cfg.inbound.domains:
         plan.append(_check_mx(res, domain, ours, hostname) if res else Check(domain, "MX", False, problem))
 
@@ -483,6 +617,12 @@ async def run_checks(
     return list(await asyncio.gather(*map(settle, plan)))
 
 
+def _result(check: Check) -> str:
+    if not check.ok:
+        return "FAIL"
+    return "WARN" if check.warning else "ok"
+
+
 def format_table(checks: Iterable[Check]) -> str:
     """The checks as a plain-text table (DOMAIN, CHECK, RESULT, DETAIL), columns aligned with spaces.
 
@@ -490,7 +630,7 @@ def format_table(checks: Iterable[Check]) -> str:
     newline; the last column is not padded.
     """
     rows = [("DOMAIN", "CHECK", "RESULT", "DETAIL")]
-    rows += [(c.domain, c.what, "ok" if c.ok else "FAIL", c.detail) for c in checks]
+    rows += [(c.domain, c.what, _result(c), c.detail) for c in checks]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [
         "  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]).rstrip()

@@ -66,8 +66,8 @@ SUSPENSIONS = Counter(
 )
 ACCOUNT_SENT = Counter(
     "relayd_account_sent_total",
-    "Recipients accepted for delivery, per account",
-    ["account"],
+    "Recipients accepted for delivery, per account and message class (bulk, transactional)",
+    ["account", "class"],
     registry=REGISTRY,
 )
 ACCOUNT_BOUNCES = Counter(
@@ -123,6 +123,26 @@ SUPPRESSION_ENTRIES = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemax",
 )
+INBOX_OPEN = Gauge(
+    "relayd_inbox_open_items",
+    "Postmaster inbox items not yet marked done (relayd inbox list --state open)",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+DMARC_REPORTS = Counter(
+    "relayd_dmarc_reports_total",
+    "DMARC aggregate reports received at dmarc@, by outcome (stored, replayed, refused, foreign_domain,"
+    " rate_limited)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+DMARC_MESSAGES = Counter(
+    "relayd_dmarc_messages_total",
+    "Messages counted in stored DMARC aggregate reports, by sending domain (configured domains only),"
+    " source (own: relayd's pool addresses; other) and DMARC result (pass: SPF or DKIM aligned; fail)",
+    ["domain", "source", "result"],
+    registry=REGISTRY,
+)
 DATA_BUDGET_REFUSALS = Counter(
     "relayd_smtp_data_budget_refusals_total",
     "Messages answered 452 4.3.1 because the process held [server] max_data_in_flight bytes of DATA",
@@ -132,6 +152,40 @@ TLS_FALLBACKS = Counter(
     "relayd_tls_fallback_total",
     "Outbound STARTTLS handshakes that failed, after which the host gets plaintext for a while, by reason",
     ["reason"],  # tls_error, refused, timeout, closed, other: a closed set
+    registry=REGISTRY,
+)
+DELIVERY_TLS = Counter(
+    "relayd_delivery_tls_total",
+    "Outgoing SMTP connections by TLS level (none, may, encrypt, verify) and result (tls, plaintext;"
+    " not_offered, failed: the level was not met and the delivery deferred)",
+    ["level", "result"],
+    registry=REGISTRY,
+)
+MTA_STS_RESULTS = Counter(
+    "relayd_mta_sts_total",
+    "MX deliveries under an MTA-STS policy by mode (enforce, testing) and result (ok; mx_mismatch,"
+    " tls_failed: deferred under enforce, delivered anyway under testing)",
+    ["mode", "result"],
+    registry=REGISTRY,
+)
+TLSRPT_SESSIONS = Counter(
+    "relayd_tlsrpt_sessions_total",
+    "TLS sessions to MX hosts under a policy, as TLS reports count them, by policy type (sts, tlsa) and"
+    " result (success, or an RFC 8460 result type)",
+    ["policy", "result"],
+    registry=REGISTRY,
+)
+TLSRPT_REPORTS = Counter(
+    "relayd_tlsrpt_reports_total",
+    "Daily TLS reports (RFC 8460) by rua method (mailto, https) and result (sent: queued, or POSTed and"
+    " answered 2xx; failed: too large, or the POST failed)",
+    ["method", "result"],
+    registry=REGISTRY,
+)
+MTA_STS_FETCHES = Counter(
+    "relayd_mta_sts_fetches_total",
+    "MTA-STS policy fetches (a new policy id, or none cached) by result (ok, failed)",
+    ["result"],
     registry=REGISTRY,
 )
 ACCEPT_SECONDS = Histogram(

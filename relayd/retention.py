@@ -8,7 +8,8 @@ expire without carrying a date. Events are kept for ``[store] keep_events``, but
 ``report_max_age``: the keyed outcome events are how a replayed report is recognised, for as long as its
 token still attributes. Account rates do not read the pruned rows (hourly roll-ups, which stay). The
 caps' send log is needed for the longest cap window (30 days), the confirmations sent for the opt-in
-window (24 h): older rows count for nothing, so they go too.
+window (24 h): older rows count for nothing, so they go too. The postmaster inbox's items (open or done)
+and the DMARC aggregate counts are kept for ``[inbound] keep_inbox``.
 
 Deletes are idempotent, so several processes or nodes pruning the same store do no harm; the daemon runs
 it in one process per store. Failure: a store error is logged and the next run tries again.
@@ -29,7 +30,9 @@ from relayd.policy.caps import MONTH
 from relayd.policy.consent import OPTIN_WINDOW
 from relayd.store.base import (
     ConsentStore,
+    DmarcStore,
     EventStore,
+    InboxStore,
     SendCounterStore,
     SentLedger,
     StoreError,
@@ -45,7 +48,7 @@ __all__ = ["INTERVAL", "Pruned", "prune", "run"]
 INTERVAL = 3600.0
 
 
-class PrunableStore(SentLedger, EventStore, SendCounterStore, ConsentStore, Protocol):
+class PrunableStore(SentLedger, EventStore, SendCounterStore, ConsentStore, InboxStore, DmarcStore, Protocol):
     """The slices of the store pruning needs."""
 
 
@@ -57,12 +60,14 @@ class Pruned:
     events: int
     sends: int = 0
     optin: int = 0
+    inbox: int = 0
+    dmarc: int = 0
 
 
 async def prune(store: PrunableStore, cfg: Config, now: datetime | None = None) -> Pruned:
     """Delete ledger rows older than ``report_max_age``, events older than ``keep_events`` (at least
     ``report_max_age``), caps' sends older than the longest cap window and opt-in confirmations older
-    than the opt-in window. Raises StoreError."""
+    than the opt-in window, inbox items and DMARC counts older than ``keep_inbox``. Raises StoreError."""
     now = as_utc(now or utcnow())
     ledger_age = cfg.inbound.report_max_age
     events_age = max(cfg.store.keep_events, ledger_age)
@@ -70,15 +75,21 @@ async def prune(store: PrunableStore, cfg: Config, now: datetime | None = None) 
     events = await store.prune_events(now - timedelta(seconds=events_age))
     sends = await store.prune(now - timedelta(seconds=MONTH))
     optin = await store.prune_optin(now - timedelta(seconds=OPTIN_WINDOW))
-    if sent or events or sends or optin:
+    desk_before = now - timedelta(seconds=cfg.inbound.keep_inbox)
+    inbox = await store.prune_inbox(desk_before)
+    dmarc = await store.prune_dmarc(desk_before.date())
+    if sent or events or sends or optin or inbox or dmarc:
         log.info(
-            "pruned %d sent-ledger row(s), %d event(s), %d caps send(s), %d opt-in confirmation(s)",
+            "pruned %d sent-ledger row(s), %d event(s), %d caps send(s), %d opt-in confirmation(s),"
+            " %d inbox item(s), %d DMARC count(s)",
             sent,
             events,
             sends,
             optin,
+            inbox,
+            dmarc,
         )
-    return Pruned(sent, events, sends, optin)
+    return Pruned(sent, events, sends, optin, inbox, dmarc)
 
 
 async def run(

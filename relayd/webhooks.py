@@ -95,6 +95,17 @@ EVENT_NAMES: Final[Mapping[str, WebhookEvent]] = {
     "suppressed": "suppressed",
     "dropped": "dropped",
     "suspended": "suspended",
+    # an operator's ``relayd queue hold|release|retry|drop`` (relayd.queue_cli): one event per account
+    # touched, ``evidence`` naming who, how many recipients and which queue ids
+    "queue_hold": "held",
+    "queue_release": "released",
+    "queue_retry": "retried",
+    "queue_drop": "dropped",
+    # a tenant's change through the API (relayd.web.api), ``evidence`` naming the key (``who``)
+    "api_suppress": "suppressed",
+    "api_unsuppress": "unsuppressed",
+    "api_import": "imported",
+    "api_consent": "consented",
 }
 
 _USER_AGENT: Final = "relayd-webhooks/1"

@@ -114,13 +114,45 @@ class SinkHandler:
             return len(self.messages)
 
 
+class _ClosingController(Controller):
+    """aiosmtpd's Controller, remembering its sessions so that stopping closes their sockets.
+
+    ``Controller.stop`` stops the loop and cancels the tasks, but leaves the transports of connections
+    still open (relayd pools its connections to a sink) for the garbage collector, whose
+    ``ResourceWarning`` then fails whichever test happens to be running."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sessions: list[AioSMTP] = []
+
+    def factory(self) -> AioSMTP:
+        smtp = super().factory()
+        self.sessions.append(smtp)
+        return smtp
+
+    def stop(self, no_assert: bool = False) -> None:
+        done = threading.Event()
+
+        def close_all() -> None:
+            for smtp in self.sessions:
+                transport = smtp.transport
+                if transport is not None:
+                    transport.abort()
+            done.set()
+
+        if self._thread is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(close_all)
+            done.wait(5)
+        super().stop(no_assert)
+
+
 class Sink:
     """An aiosmtpd receiving server on 127.0.0.1 in a thread."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.handler = SinkHandler()
         self.port = free_port()
-        self.controller = Controller(self.handler, hostname=host, port=self.port, decode_data=False)
+        self.controller = _ClosingController(self.handler, hostname=host, port=self.port, decode_data=False)
 
     def __enter__(self) -> Sink:
         self.controller.start()

@@ -65,7 +65,7 @@ def test_metrics_after_a_known_sequence(tmp_path: Path, sink: Sink) -> None:
     assert _value(m, "relayd_recipients_dropped_total", reason="discard") == 1
     assert _value(m, "relayd_deliveries_total", outcome="delivered", domain="example.test") == 3
     assert _value(m, "relayd_deliveries_total", outcome="bounced", domain="example.test") == 1
-    assert _value(m, "relayd_account_sent_total", account="acme") == 5
+    assert _value(m, "relayd_account_sent_total", account="acme", **{"class": "bulk"}) == 5
     # the synchronous 550 and the DSN are both hard bounces of acme
     assert _value(m, "relayd_account_bounces_total", account="acme", type="hard") == 2
     assert _value(m, "relayd_dsn_received_total", kind="hard", attributed="yes") == 1

@@ -185,12 +185,22 @@ async def test_events_are_kept_at_least_as_long_as_the_ledger() -> None:
             seen.append(("opt-in confirmations", before))
             return 0
 
+        async def prune_inbox(self, before: object) -> int:
+            seen.append(("inbox", before))
+            return 0
+
+        async def prune_dmarc(self, before: object) -> int:
+            seen.append(("dmarc", before))
+            return 0
+
     await retention.prune(Recorder(), cfg, T0)  # type: ignore[arg-type]
     assert seen == [
         ("sent", T0 - timedelta(days=30)),
         ("events", T0 - timedelta(days=30)),
         ("caps sends", T0 - timedelta(days=30)),  # the longest cap window
         ("opt-in confirmations", T0 - timedelta(days=1)),  # the opt-in window
+        ("inbox", T0 - timedelta(days=90)),  # [inbound] keep_inbox
+        ("dmarc", (T0 - timedelta(days=90)).date()),
     ]
 
 

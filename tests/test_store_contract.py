@@ -787,3 +787,49 @@ async def test_postgresql_key_order_is_byte_order(tmp_path: Path) -> None:
             assert [e.address for b in batches for e in b] == sorted(addresses), backend
         finally:
             await s.close()
+
+
+async def test_mta_sts_policy_cache_round_trip_replace_and_prune(store: Store) -> None:
+    from relayd.store.base import MtaStsRecord
+
+    assert await store.get_mta_sts("example.com") is None
+    patterns = ("mx1.example.com", "*.example.net")
+    first = MtaStsRecord("example.com", "20260101", "enforce", patterns, 86400, T0)
+    await store.put_mta_sts(first)
+    assert await store.get_mta_sts("example.com") == first
+    # a new policy id replaces the row; another domain's stays
+    second = MtaStsRecord("example.com", "20260202", "testing", ("mx.example.com",), 3600, T0 + timedelta(1))
+    other = MtaStsRecord("example.org", "abc", "none", (), 60, T0)
+    await store.put_mta_sts(second)
+    await store.put_mta_sts(other)
+    assert await store.get_mta_sts("example.com") == second
+    assert await store.get_mta_sts("example.org") == other
+    # expired before T0 + 1 day: only example.org's 60-second policy
+    assert await store.prune_mta_sts(T0 + timedelta(1)) == 1
+    assert await store.get_mta_sts("example.org") is None
+    assert await store.get_mta_sts("example.com") == second
+
+
+async def test_tls_report_counts_add_up_and_one_claim_wins(store: Store) -> None:
+    from datetime import date
+
+    from relayd.store.base import TlsSessionCount
+
+    day, next_day = date(2026, 12, 6), date(2026, 12, 7)
+    policy = '{"policy-string": ["version: STSv1"], "mx-host": ["*.example.com"]}'
+
+    def count(result: str, mx: str, n: int, on: date = day) -> TlsSessionCount:
+        return TlsSessionCount(on, "example.com", "sts", policy, result, mx, "192.0.2.1" if mx else "", n)
+
+    await store.add_tls_sessions([count("", "", 2), count("certificate-expired", "mx1.example.com", 1)])
+    await store.add_tls_sessions([count("", "", 3), count("", "", 1, next_day)])
+    assert sorted((c.result_type, c.sessions) for c in await store.tls_sessions(day)) == [
+        ("", 5),
+        ("certificate-expired", 1),
+    ]
+    assert await store.claim_tls_report(day, "example.com") is True
+    assert await store.claim_tls_report(day, "example.com") is False
+    assert await store.claim_tls_report(next_day, "example.com") is True
+    assert await store.prune_tls_sessions(next_day) == 2
+    assert await store.tls_sessions(day) == []
+    assert [c.sessions for c in await store.tls_sessions(next_day)] == [1]

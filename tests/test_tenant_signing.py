@@ -134,7 +134,9 @@ def signed_by(data: bytes) -> list[bytes]:
 
 
 def queued_addresses(setup: Setup) -> set[str]:
-    return {r["address"] for row in cli_json(setup.relayd, "queue", "list") for r in row["recipients"]}
+    """Every recipient in the queue: unfinished (the default of ``queue list``) and finished."""
+    unfinished = cli_json(setup.relayd, "queue", "list")
+    return {r["recipient"] for r in unfinished + cli_json(setup.relayd, "queue", "list", "--state", "done")}
 
 
 # --- refused: another tenant's domain -----------------------------------------------------------------------

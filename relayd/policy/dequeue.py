@@ -2,7 +2,9 @@
 
 Things change while mail waits in the queue: a recipient bounces hard on another message, complains or
 unsubscribes; an account gets suspended. So the suppression check runs again at dequeue (all scopes, the
-message's list included), and a suspended account's mail is held instead of sent.
+message's list included), and a suspended account's mail is held instead of sent. Transactional mail passes
+what it passed at submission, an unsubscribe of a list or of the account, and nothing else
+(:mod:`relayd.policy.messageclass`); caps and consent are not checked here for any class.
 
 The lookups are batched: the recipients of a message start their first attempts together, and those
 that ask in the same turn of the event loop share one store query (one ``IN (...)`` per account and
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
+from relayd.msgclass import MessageClass
+from relayd.policy.suppression import blocking_transactional
 from relayd.policy.suspension import AccountGate
 from relayd.queue.store import DueRecipient
 from relayd.store.base import Event, Store, StoreError, SuppressionEntry
@@ -79,6 +83,8 @@ class DequeueCheck:
         if self._degraded:
             log.info("store reachable again at dequeue")
             self._degraded = False
+        if entry is not None and item.msg_class is MessageClass.TRANSACTIONAL:
+            entry = await blocking_transactional(self._store, entry, item.account, item.list_name, now)
         if entry is None:
             return SEND
         reason = f"suppressed:{entry.reason}"
@@ -90,7 +96,9 @@ class DequeueCheck:
             address=item.address,
             reason=reason,
             queue_id=item.queue_id,
-            evidence=json.dumps({"rule": "dequeue-suppression", "scope": str(entry.scope)}),
+            evidence=json.dumps(
+                {"rule": "dequeue-suppression", "scope": str(entry.scope), "class": str(item.msg_class)}
+            ),
         )
         try:
             await self._store.record_event(event)

@@ -60,6 +60,9 @@ class FooterSpec:
     in text parts and HTML-escaped (newlines become ``<br>``) in HTML parts.  The ``*_imprint_template``
     variants, without ``{url}``, are used for parts whose body already places the link with
     ``{{unsubscribe_url}}``: the link must not appear twice, the imprint must still be there.
+
+    ``link=False`` (transactional mail, :mod:`relayd.policy.messageclass`): every part gets the imprint
+    templates and no ``{{unsubscribe_url}}`` is substituted, so the message carries no unsubscribe link.
     """
 
     text_template: str
@@ -67,6 +70,7 @@ class FooterSpec:
     imprint: str
     text_imprint_template: str = DEFAULT_TEXT_IMPRINT_TEMPLATE
     html_imprint_template: str = DEFAULT_HTML_IMPRINT_TEMPLATE
+    link: bool = True
 
     def __post_init__(self) -> None:
         for name in ("text_template", "html_template"):
@@ -140,10 +144,10 @@ def rewrite_part(
     """
     text, codec = decode_text(body, charset=charset, cte=cte)
     html_part = subtype == "html"
-    substitute = placeholder in text
+    substitute = spec.link and placeholder in text
     offset = _insertion_point(text) if html_part else len(text)
     nl = "\r\n" if cte != "base64" else _newline_of(text)
-    footer = _footer_pieces(spec, html_part, substitute, nl)
+    footer = _footer_pieces(spec, html_part, substitute or not spec.link, nl)
 
     if not substitute and cte != "base64":
         fast = _splice(body, text, offset, footer, codec, cte)

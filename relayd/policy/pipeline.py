@@ -6,12 +6,15 @@ verdict for a recipient wins, and each verdict names its rule and reason. Stages
     MAIL FROM  suspension                                       -> 550 5.7.1 account suspended
     RCPT       discard patterns, spam traps, suppression        -> 550 5.7.1 per recipient (traps: dropped)
     DATA       content: header From/Sender are the account's    -> 550 5.7.1 (none/unreadable: 550 5.6.0)
+               content: X-Relayd-Class well-formed and granted  -> 550 5.6.0 / 550 5.7.1
                content: a confirmation mail's confirm link      -> 554 5.7.1
                list suppression, consent, send caps             -> recipient dropped, event recorded
+               (transactional mail: suppression only, minus unsubscribes, relayd.policy.messageclass)
                (all recipients dropped -> 550 5.7.1)
                spam traps met at RCPT are recorded once the message is accepted; a confirmation
                mail's hits don't count against the account (anyone can type a trap into a form)
-    fields     Date and Message-ID added when absent, and queued so (relayd.policy.missingfields)
+    fields     Date and Message-ID added when absent, and queued so (relayd.policy.missingfields);
+               X-Relayd-Class removed (the class is queued beside the message)
     rewrite    strip forged headers; List-Unsubscribe + One-Click, Feedback-ID, X-Relayd-ID;
                unsubscribe link + imprint in every text part    -> broken MIME: 554 5.6.0
     render     per recipient at delivery (relayd.policy.render): the holes filled, then DKIM on the
@@ -34,12 +37,14 @@ from datetime import datetime
 from relayd import metrics
 from relayd.config import Config, ListConfig
 from relayd.dkim import Signer
+from relayd.msgclass import MessageClass
 from relayd.policy.caps import CapsRule, cap_windows
 from relayd.policy.confirmlink import ConfirmLinkRule
 from relayd.policy.consent import ConsentRule
 from relayd.policy.discard import OPTIN_TRAP_REASON, TRAP_REASON, DiscardRule, SpamtrapRule
 from relayd.policy.fromheader import FromHeaderRule
 from relayd.policy.headers import check_parameter_counts
+from relayd.policy.messageclass import MessageClassRule, class_values, message_class, strip_class_field
 from relayd.policy.missingfields import add_missing_fields
 from relayd.policy.model import (
     Action,
@@ -60,7 +65,7 @@ from relayd.policy.render import (
     unsubscribe_url,
 )
 from relayd.policy.rewrite import MimeError
-from relayd.policy.suppression import ListSuppressionRule, SuppressionRule
+from relayd.policy.suppression import ListSuppressionRule, SuppressionRule, TransactionalSuppressionRule
 from relayd.policy.suspension import SUSPENDED_REPLY, AccountGate
 from relayd.store.base import Event, SentRecord, Store
 
@@ -85,6 +90,8 @@ class Processed:
     #: the content to queue: as submitted, with the Date and Message-ID it lacked added on top
     #: (:mod:`relayd.policy.missingfields`), so that a copy prepared again from the queue has the same ones
     content: bytes = field(kw_only=True)
+    #: bulk or transactional (relayd.policy.messageclass): queued with the message
+    msg_class: MessageClass = field(default=MessageClass.BULK, kw_only=True)
 
 
 class AllDropped(Exception):
@@ -126,7 +133,7 @@ class Pipeline:
                 cfg.policy.discard_patterns, {n: a.discard_patterns for n, a in cfg.accounts.items()}
             ),
             SpamtrapRule(cfg.policy.spamtraps),
-            SuppressionRule(store),
+            SuppressionRule(store, [n for n, a in cfg.accounts.items() if a.transactional]),
         )
         # --- consent (issue 9): after list suppression (an unsubscribe wins over consent), before caps ---
         self.message_rules: tuple[MessageRule, ...] = (
@@ -142,8 +149,16 @@ class Pipeline:
         )
         # --- end consent ---
         self.unlisted_rules: tuple[MessageRule, ...] = (CapsRule(store),)  # no list: RCPT checked the rest
+        #: no list, account with transactional mail: RCPT left its account unsubscribes to DATA
+        self.unlisted_checked_rules: tuple[MessageRule, ...] = (ListSuppressionRule(store), CapsRule(store))
+        #: transactional mail: suppression minus unsubscribes; no consent, no caps
+        self.transactional_rules: tuple[MessageRule, ...] = (TransactionalSuppressionRule(store),)
         #: the whole message, before anything is counted or rewritten: the first refusal is the reply
-        self.content_rules: tuple[ContentRule, ...] = (FromHeaderRule(cfg), ConfirmLinkRule())
+        self.content_rules: tuple[ContentRule, ...] = (
+            FromHeaderRule(cfg),
+            MessageClassRule(cfg),
+            ConfirmLinkRule(),
+        )
 
     # --- MAIL FROM and RCPT ----------------------------------------------------------------------------
 
@@ -195,6 +210,9 @@ class Pipeline:
             refusal = self._check_content(content)
         if refusal is not None:
             raise Refused(refusal)
+        msg_class = message_class(meta.headers)
+        if class_values(meta.headers):
+            raw = strip_class_field(raw)  # an instruction to relayd: neither queued, signed nor sent
         raw = add_missing_fields(
             raw, meta.headers, queue_id=queue_id, hostname=self.cfg.server.hostname, now=now
         )
@@ -212,16 +230,19 @@ class Pipeline:
         )
         # rewrite before any rule counts a send: a message we refuse must not use up anyone's cap
         if len(raw) > BIG_MESSAGE:
-            prepared = await asyncio.to_thread(prepare_message, self.cfg, self.signer, account, meta, raw)
+            prepared = await asyncio.to_thread(
+                prepare_message, self.cfg, self.signer, account, meta, raw, msg_class
+            )
         else:
-            prepared = prepare_message(self.cfg, self.signer, account, meta, raw)
+            prepared = prepare_message(self.cfg, self.signer, account, meta, raw, msg_class)
         if not recipients:  # spam traps only: the same answer as any message, nothing to send
             hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
-            return Processed(queue_id, (), prepared, {}, lname, trap_hits=hits, content=raw)
+            return Processed(
+                queue_id, (), prepared, {}, lname, trap_hits=hits, content=raw, msg_class=msg_class
+            )
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
-        rules = self.optin_rules if meta.optin else self.message_rules  # consent (issue 9)
-        for rule in rules if lname else self.unlisted_rules:
+        for rule in self._message_rules(account, lname, meta.optin, msg_class):
             verdicts = await rule.check(req, remaining)
             dropped.update(verdicts)
             remaining = tuple(r for r in remaining if r not in verdicts)
@@ -240,7 +261,21 @@ class Pipeline:
             SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
         )
         hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
-        return Processed(queue_id, remaining, prepared, dropped, lname, trap_hits=hits, content=raw)
+        return Processed(
+            queue_id, remaining, prepared, dropped, lname, trap_hits=hits, content=raw, msg_class=msg_class
+        )
+
+    def _message_rules(
+        self, account: str, lname: str | None, optin: bool, msg_class: MessageClass
+    ) -> tuple[MessageRule, ...]:
+        """The DATA rules for one message, by its class, list and kind."""
+        if msg_class is MessageClass.TRANSACTIONAL:
+            return self.transactional_rules
+        if lname:
+            return self.optin_rules if optin else self.message_rules  # consent (issue 9)
+        if self.cfg.accounts[account].transactional:
+            return self.unlisted_checked_rules
+        return self.unlisted_rules
 
     def _check_content(self, req: ContentRequest) -> Verdict | None:
         """The first content rule's refusal, or None."""

@@ -27,6 +27,7 @@ from email.policy import compat32
 from relayd import metrics
 from relayd.config import Config, domain_key
 from relayd.dkim import Signer
+from relayd.msgclass import MessageClass
 from relayd.policy.consent import confirm_url, optin_list, prepare_confirmation
 from relayd.policy.fromheader import author_domain
 from relayd.policy.listid import campaign_id, list_name
@@ -108,11 +109,19 @@ class Prepared:
     domain: str | None  # DKIM d=; None: no key for it, sent unsigned (logged at submission)
 
 
-def prepare_message(cfg: Config, signer: Signer, account: str, meta: Meta, raw: bytes) -> Prepared:
+def prepare_message(
+    cfg: Config,
+    signer: Signer,
+    account: str,
+    meta: Meta,
+    raw: bytes,
+    msg_class: MessageClass = MessageClass.BULK,
+) -> Prepared:
     """Rewrite ``raw`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
 
-    An account no longer configured (removed while its mail was queued) still gets the footer, without
-    an imprint, and no DKIM signature (:func:`signing_domain`)."""
+    Transactional mail gets the imprint without an unsubscribe link or List-Unsubscribe
+    (:mod:`relayd.policy.messageclass`). An account no longer configured (removed while its mail was
+    queued) still gets the footer, without an imprint, and no DKIM signature (:func:`signing_domain`)."""
     acct = cfg.accounts.get(account)
     imprint = acct.imprint if acct is not None else ""
     feedback_id = format_feedback_id(
@@ -121,8 +130,9 @@ def prepare_message(cfg: Config, signer: Signer, account: str, meta: Meta, raw: 
     if meta.optin:
         template = prepare_confirmation(raw, imprint, feedback_id)
     else:
-        spec = FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, imprint)
-        template = prepare(raw, spec, feedback_id)
+        bulk = msg_class is not MessageClass.TRANSACTIONAL
+        spec = FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, imprint, link=bulk)
+        template = prepare(raw, spec, feedback_id, unsubscribe=bulk)
     return Prepared(template, meta.optin, signing_domain(cfg, signer, account, author_domain(meta.headers)))
 
 
@@ -218,9 +228,9 @@ class Renderer:
             meta = read_meta(content)
             if len(content) > BIG_MESSAGE:
                 prepared = await asyncio.to_thread(
-                    prepare_message, self.cfg, self.signer, item.account, meta, content
+                    prepare_message, self.cfg, self.signer, item.account, meta, content, item.msg_class
                 )
             else:
-                prepared = prepare_message(self.cfg, self.signer, item.account, meta, content)
+                prepared = prepare_message(self.cfg, self.signer, item.account, meta, content, item.msg_class)
             self._from_disk.put(item.queue_id, prepared, _REUSES, _size(prepared))
         return data[:cut] + self.copy(prepared, item.queue_id, item.index, item.address)

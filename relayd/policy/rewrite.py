@@ -99,8 +99,16 @@ __all__ = [
 
 #: Header fields only relayd may set; the app's instances are removed (compared case-insensitively).
 FORBIDDEN_FIELDS = frozenset(
-    {b"list-unsubscribe", b"list-unsubscribe-post", b"feedback-id", b"x-relayd-id", b"x-relayd-optin"}
-)  # X-Relayd-Optin is an instruction to relayd (relayd.policy.consent), never delivered
+    {
+        b"list-unsubscribe",
+        b"list-unsubscribe-post",
+        b"feedback-id",
+        b"x-relayd-id",
+        b"x-relayd-optin",
+        b"x-relayd-class",
+    }
+)  # X-Relayd-Optin and X-Relayd-Class are instructions to relayd (relayd.policy.consent,
+#    relayd.policy.messageclass), never delivered
 
 # RFC 1847: changing a signed part breaks its signature; an encrypted one has no text to footer.
 _OPAQUE_MULTIPART = frozenset({"signed", "encrypted"})
@@ -178,13 +186,21 @@ class Template:
         return b"".join([s if isinstance(s, bytes) else values[s] for s in self.segments])
 
 
-def prepare(raw: bytes, footer: FooterSpec, feedback_id: str, *, placeholder: str = PLACEHOLDER) -> Template:
+def prepare(
+    raw: bytes,
+    footer: FooterSpec,
+    feedback_id: str,
+    *,
+    placeholder: str = PLACEHOLDER,
+    unsubscribe: bool = True,
+) -> Template:
     """Parse ``raw`` (the DATA content, CRLF, dot-unstuffed) once and rewrite it into a :class:`Template`.
 
     Adds ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058 §3.1) and ``Feedback-ID``, removes
     the fields the app must not set, and footers every text/plain and text/html part.  ``placeholder`` is
     what the app writes where the body's per-recipient link goes (``{{confirm_url}}`` in a confirmation
-    mail, whose link is then passed as ``render(body_url=...)``).  Raises
+    mail, whose link is then passed as ``render(body_url=...)``).  ``unsubscribe=False`` (transactional
+    mail) adds neither List-Unsubscribe field; pass a ``footer`` with ``link=False`` with it.  Raises
     :class:`MimeError` for a message that isn't sensible MIME (see the module docstring for the exact
     list) and :class:`ValueError` for a malformed ``feedback_id``.
     """
@@ -208,6 +224,8 @@ def prepare(raw: bytes, footer: FooterSpec, feedback_id: str, *, placeholder: st
         b"Feedback-ID: " + feedback_id.encode("ascii") + CRLF,
         _Header.RELAYD_ID,
     ]
+    if not unsubscribe:
+        head = head[2:]
     if walker.changed_content_headers and count_fields(fields, b"mime-version") == 0:
         head.append(b"MIME-Version: 1.0\r\n")
     template = _compile([*head, *fields, sep, *body], walker.footer_parts)

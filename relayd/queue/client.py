@@ -8,6 +8,11 @@ This is the transport seam of the queue: :meth:`Transport.send` either returns t
   is retried once in plaintext, as Postfix does, because an unencrypted delivery beats a bounce. The host
   then gets plaintext for :data:`TLS_FALLBACK_TTL` only (counted in ``relayd_tls_fallback_total``): for
   good, one man-in-the-middle that broke one handshake would have turned TLS off until the next restart.
+* Required TLS (``encrypt``, ``verify``, relayd.queue.tlspolicy; DANE for an MX host with validated TLSA
+  records, relayd.queue.dane): no STARTTLS offered, a failed handshake or a certificate that does not
+  verify ends the connection before MAIL FROM, with a ``4.7.5`` temporary failure; there is no plaintext
+  fallback. Connections are pooled per level and verified name (and TLSA set), so a plaintext connection
+  opened for a ``may`` destination never carries mail that requires more.
 * Connections are kept per (host, source address, EHLO name) for ``messages_per_connection`` transactions
   (RSET between them) and closed when idle: a bulk sender sends many messages to the same few MX hosts, and a
   connection opened from one pool's address must never carry another account's mail.
@@ -25,14 +30,17 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiosmtplib
 
 from relayd import metrics
 from relayd.errors import PermanentFailure, TemporaryFailure
+from relayd.queue import dane
 from relayd.queue.smtpclient import LeanSMTP
+from relayd.queue.tlspolicy import TlsLevel, handshake_result, unmet
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,9 @@ class Channel:
 
 _DEFAULT = Channel()
 
-_Key = tuple[str, int, str | None, str]  # host, port, source address, EHLO name
+_Key = tuple[str, int, str | None, str, TlsLevel, str]  # host, port, source, EHLO, TLS level, verified name
+#: told of each new TLS session: (MX host name, address, None for success or the RFC 8460 result type)
+SessionReport = Callable[[str, str, str | None], None]
 
 
 @dataclass(slots=True)
@@ -82,6 +92,24 @@ def _fallback_reason(exc: BaseException) -> str:
     if any(isinstance(e, ConnectionError) for e in causes):
         return "closed"  # the connection was cut in the handshake (what a stripping middlebox does)
     return "other"
+
+
+def _pool_name(name: str, tlsa: tuple[dane.Tlsa, ...]) -> str:
+    """The name part of a pool key: a DANE connection was checked against one TLSA set, and is reused only
+    for the same set."""
+    if not tlsa:
+        return name
+    return name + "#" + "|".join(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in tlsa)
+
+
+def _naming(report: SessionReport, mx: str) -> SessionReport:
+    """``report`` with the MX host name filled in: a connection at a level that verifies no name knows
+    only its address."""
+
+    def named(_name: str, address: str, result: str | None) -> None:
+        report(mx, address, result)
+
+    return named
 
 
 class _StaleConnection(Exception):
@@ -111,9 +139,13 @@ class Transport:
         messages_per_connection: int,
         tls_fallback_ttl: float = TLS_FALLBACK_TTL,
         clock: Callable[[], float] = time.monotonic,
+        tls_ca_file: Path | None = None,
     ) -> None:
         self._helo = helo
-        self._tls = tls
+        self._tls = TlsLevel(tls)
+        self._ca_file = tls_ca_file
+        self._verify_ctx: ssl.SSLContext | None = None
+        self._encrypt_ctx: ssl.SSLContext | None = None
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._per_conn = messages_per_connection
@@ -129,9 +161,44 @@ class Transport:
         """Connections the lane holds open now (in use or idle); for tests and gauges."""
         return self._open.get(lane, 0)
 
-    async def _connect(self, host: str, port: int, ch: Channel) -> _Conn:
+    def _context(self, level: TlsLevel) -> ssl.SSLContext | None:
+        """The client context of a required level (None: ``may``'s, made by the client). Built once: a
+        verifying context loads the CA store, which takes milliseconds."""
+        if level is TlsLevel.VERIFY:
+            if self._verify_ctx is None:
+                ctx = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                self._verify_ctx = ctx
+            return self._verify_ctx
+        if level in (TlsLevel.ENCRYPT, TlsLevel.DANE):  # DANE checks the chain itself, after the handshake
+            if self._encrypt_ctx is None:
+                ctx = ssl.create_default_context()
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                self._encrypt_ctx = ctx
+            return self._encrypt_ctx
+        return None
+
+    async def _connect(
+        self,
+        host: str,
+        port: int,
+        ch: Channel,
+        level: TlsLevel | None = None,
+        name: str = "",
+        tlsa: tuple[dane.Tlsa, ...] = (),
+        report: SessionReport | None = None,
+    ) -> _Conn:
+        """Connect, EHLO and STARTTLS as ``level`` (default: the transport's) asks; ``name`` is what a
+        verified certificate must name (default: ``host``), ``tlsa`` what a ``dane`` one must match. A
+        required level that is not met raises :class:`~relayd.queue.tlspolicy.TlsUnmet` with the
+        connection closed and nothing sent."""
+        level = self._tls if level is None else level
         helo = ch.helo or self._helo
-        use_tls = self._tls == "may" and not self._tls_suspended(host, port)
+        use_tls = level is not TlsLevel.NONE and not (
+            level is TlsLevel.MAY and self._tls_suspended(host, port)
+        )
         client = LeanSMTP(
             hostname=host,
             port=port,
@@ -149,11 +216,25 @@ class Transport:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
             raise TemporaryFailure(f"connect to {host}:{port}{source}: {exc}") from exc
+        if level.required and not client.supports_extension("starttls"):
+            client.close()
+            metrics.DELIVERY_TLS.labels(level.value, "not_offered").inc()
+            if report is not None:
+                report(name or host, host, "starttls-not-supported")
+            raise unmet(level, host, port, "STARTTLS not offered", "starttls-not-supported")
         if use_tls and client.supports_extension("starttls"):
             try:
-                await client.starttls(validate_certs=False)
+                context = self._context(level)
+                await client.starttls(context=context, server_hostname=name or host)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
+                if level.required:
+                    metrics.DELIVERY_TLS.labels(level.value, "failed").inc()
+                    log.warning("STARTTLS with %s:%d (%s) failed: %s", host, port, level.value, exc)
+                    result = handshake_result(exc)
+                    if report is not None:
+                        report(name or host, host, result)
+                    raise unmet(level, host, port, f"STARTTLS failed: {exc}", result) from exc
                 log.warning(
                     "STARTTLS with %s:%d failed (%s); plaintext for this host for %.0fs",
                     host,
@@ -162,10 +243,24 @@ class Transport:
                     self._tls_fallback_ttl,
                 )
                 self._suspend_tls(host, port, exc)
-                return await self._connect(host, port, ch)
+                return await self._connect(host, port, ch, level, name)
+        if level is TlsLevel.DANE:
+            ssl_object = client.ssl_object()
+            why = dane.check(tlsa, dane.peer_chain(ssl_object), name) if ssl_object else "no TLS session"
+            if why is not None:
+                client.close()
+                metrics.DELIVERY_TLS.labels(level.value, "failed").inc()
+                log.warning("DANE with %s:%d (%s) failed: %s", host, port, name, why)
+                if report is not None:
+                    report(name, host, "validation-failure")
+                raise unmet(level, host, port, why)
+        metrics.DELIVERY_TLS.labels(level.value, "tls" if client.encrypted else "plaintext").inc()
+        if report is not None and client.encrypted:
+            report(name or host, host, None)
         self._open[ch.lane] = self._open.get(ch.lane, 0) + 1
         limit = ch.messages_per_connection or self._per_conn
-        return _Conn(client, host, port, (host, port, ch.address, helo), ch.lane, limit)
+        key = (host, port, ch.address, helo, level, _pool_name(name, tlsa))
+        return _Conn(client, host, port, key, ch.lane, limit)
 
     def _tls_suspended(self, host: str, port: int) -> bool:
         until = self._no_tls.get((host, port))
@@ -183,15 +278,24 @@ class Transport:
         self._no_tls[(host, port)] = now + self._tls_fallback_ttl
         metrics.TLS_FALLBACKS.labels(_fallback_reason(exc)).inc()
 
-    async def _checkout(self, host: str, port: int, ch: Channel) -> _Conn:
-        pool = self._idle.get((host, port, ch.address, ch.helo or self._helo))
+    async def _checkout(
+        self,
+        host: str,
+        port: int,
+        ch: Channel,
+        level: TlsLevel,
+        name: str,
+        tlsa: tuple[dane.Tlsa, ...],
+        report: SessionReport | None,
+    ) -> _Conn:
+        pool = self._idle.get((host, port, ch.address, ch.helo or self._helo, level, _pool_name(name, tlsa)))
         while pool:
             conn = pool.pop()
             if conn.client.is_connected and time.monotonic() - conn.idle_since < _IDLE_SECONDS:
                 return conn
             self._drop(conn)
         await self._make_room(ch)
-        return await self._connect(host, port, ch)
+        return await self._connect(host, port, ch, level, name, tlsa, report)
 
     async def _make_room(self, ch: Channel) -> None:
         """Close idle connections of the lane (to its other hosts) until a new one fits under its cap."""
@@ -260,17 +364,36 @@ class Transport:
         rcpt: str,
         data: bytes,
         channel: Channel = _DEFAULT,
+        *,
+        tls: TlsLevel | None = None,
+        names: tuple[str, ...] = (),
+        tlsa: Mapping[str, tuple[dane.Tlsa, ...]] | None = None,
+        levels: Mapping[str, TlsLevel] | None = None,
+        report: SessionReport | None = None,
     ) -> str:
         """Deliver; return the final ``250`` reply text.
 
-        The next host is tried only when a host can't be reached or refuses the session (RFC 5321 §5.1);
-        a reply to the transaction itself is final for this attempt. The caller holds one of the lane's
-        ``max_connections`` slots for the whole call, so the lane never opens more than that.
+        The next host is tried only when a host can't be reached, refuses the session or can't meet the
+        TLS level ``tls`` (default: the transport's); a reply to the transaction itself is final for this
+        attempt (RFC 5321 §5.1). ``names[i]`` is the name a verified certificate of ``hosts[i]`` must
+        carry (default: the host as given); a host whose name has records in ``tlsa`` gets DANE instead of
+        ``tls``, one named in ``levels`` that level (a validated but unusable TLSA RRset: ``encrypt``).
+        ``report`` is told of each new TLS session and each failed one (TLS reporting). The caller holds
+        one of the lane's ``max_connections`` slots for the whole call, so the lane never opens more than
+        that.
         """
         last: TemporaryFailure | PermanentFailure | None = None
-        for host, port in hosts:
+        for i, (host, port) in enumerate(hosts):
+            hostname = names[i] if i < len(names) else host
+            records = (tlsa or {}).get(hostname, ())
+            level = TlsLevel.DANE if records else self._tls if tls is None else tls
+            level = (levels or {}).get(hostname, level)
+            # only verification reads the name: other levels pool connections under the address alone
+            name = hostname if level in (TlsLevel.VERIFY, TlsLevel.DANE) else ""
+            # a TLS report names the MX host whatever the level (RFC 8460 §4.3 receiving-mx-hostname)
+            host_report = None if report is None else _naming(report, hostname)
             try:
-                conn = await self._checkout(host, port, channel)
+                conn = await self._checkout(host, port, channel, level, name, records, host_report)
             except (TemporaryFailure, PermanentFailure) as exc:
                 last = exc
                 continue
@@ -281,7 +404,7 @@ class Transport:
                 pass
             try:
                 await self._make_room(channel)
-                conn = await self._connect(host, port, channel)
+                conn = await self._connect(host, port, channel, level, name, records, host_report)
             except (TemporaryFailure, PermanentFailure) as exc:
                 last = exc
                 continue

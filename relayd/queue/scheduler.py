@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -34,8 +35,11 @@ from typing import Any, Protocol
 from relayd import metrics
 from relayd.config import Config
 from relayd.errors import ConfigError, DeliveryError, PermanentFailure, StorageError, TemporaryFailure
-from relayd.queue.client import Transport
-from relayd.queue.routing import Router
+from relayd.queue.client import Channel, Transport
+from relayd.queue.dane import Dane, Tlsa, TlsaStatus
+from relayd.queue.mtasts import MtaSts, Plan
+from relayd.queue.mtasts import count as count_mta_sts
+from relayd.queue.routing import Route, Router, make_resolver
 from relayd.queue.shaping import (
     DEFAULT_SOURCES,
     Grant,
@@ -47,6 +51,8 @@ from relayd.queue.shaping import (
     classify,
 )
 from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State, StoredData
+from relayd.queue.tlspolicy import TlsLevel, TlsPolicies, TlsUnmet
+from relayd.queue.tlsrpt import PolicyRef, SessionCounter, TransportStore
 from relayd.tokens import verp_address
 from relayd.usecache import UseCache
 
@@ -108,9 +114,15 @@ class Scheduler:
         gate: Gate | None = None,
         observer: Observer | None = None,
         renderer: CopyMaker | None = None,
+        tls_store: TransportStore | None = None,
     ) -> None:
         self._cfg = cfg
         self._store = store
+        #: where MTA-STS policies are cached and TLS sessions counted (the policy store); None: neither
+        self._tls_store = tls_store
+        self._sessions = SessionCounter(tls_store) if tls_store is not None else None
+        self._sts = self._make_sts(cfg)
+        self._dane = _make_dane(cfg)
         self._secret = secret
         self._router = router or Router(cfg.delivery)
         self._transport = transport or Transport(
@@ -119,7 +131,9 @@ class Scheduler:
             connect_timeout=cfg.delivery.connect_timeout,
             command_timeout=cfg.delivery.command_timeout,
             messages_per_connection=cfg.delivery.messages_per_connection,
+            tls_ca_file=cfg.delivery.tls_ca_file,
         )
+        self._tls = TlsPolicies.from_config(cfg.delivery.tls, cfg.tls_policy)
         self._clock = clock
         self._gate = gate
         self._observer = observer
@@ -153,6 +167,9 @@ class Scheduler:
         route. Lanes keep their adaptive state (a provider that asked us to slow down still wants that)."""
         self._cfg = cfg
         self._router = Router(cfg.delivery)
+        self._tls = TlsPolicies.from_config(cfg.delivery.tls, cfg.tls_policy)
+        self._sts = self._make_sts(cfg)
+        self._dane = _make_dane(cfg)
         self._sources = account_sources(cfg)
         try:
             self._shaping = ShapingTable.from_config(cfg)
@@ -161,6 +178,8 @@ class Scheduler:
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="queue-scheduler")
+        if self._sessions is not None:
+            self._sessions.start()
 
     async def stop(self) -> None:
         """Abandon in-flight attempts safely: their recipients are still 'queued' on disk, retried later."""
@@ -174,6 +193,8 @@ class Scheduler:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._shaper.close()
         await self._transport.close()
+        if self._sessions is not None:
+            await self._sessions.stop()  # the counts of the last minute reach the store
 
     def expect(self, queue_id: str) -> None:
         """A submission is about to commit ``queue_id`` and will call :meth:`submitted` (or :meth:`forget`):
@@ -197,7 +218,17 @@ class Scheduler:
             if (msg.queue_id, i) in self._inflight:
                 continue  # a scan that ran right after the commit got there first
             self._dispatch(
-                DueRecipient(msg.queue_id, i, rcpt, 0, msg.account, msg.mail_from, created_at, msg.list_name)
+                DueRecipient(
+                    msg.queue_id,
+                    i,
+                    rcpt,
+                    0,
+                    msg.account,
+                    msg.mail_from,
+                    created_at,
+                    msg.list_name,
+                    msg.msg_class,
+                )
             )
 
     async def arrived(self, messages: Iterable[tuple[str, StoredData | None]]) -> None:
@@ -442,6 +473,7 @@ class Scheduler:
         """
         domain = item.address.rpartition("@")[2]
         route = await self._router.route(domain)
+        plan = await self._plan(domain, route)  # before a lane is taken: an unmet policy defers at once
         destination, rule = self._shaping.destination(domain, route)
         sources = self._sources.get(item.account, DEFAULT_SOURCES)
         got = await self._shaper.acquire(destination, rule, item.account, sources)
@@ -463,10 +495,14 @@ class Scheduler:
         try:
             async with self._sockets:
                 data = await make()
-                sender = verp_address(
-                    self._secret, self._verp_domain, item.queue_id, item.index, item.address
+                # relayd's own notices queued with an empty sender (the postmaster inbox's forwards)
+                # go out with the null reverse path, so nothing ever bounces back to anyone
+                sender = (
+                    verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
+                    if item.mail_from
+                    else ""
                 )
-                reply = await self._transport.send(route.hosts, sender, item.address, data, got.channel)
+                reply = await self._send_as(plan, sender, item.address, data, got.channel)
             signal = Signal.OK
             return reply
         except (TemporaryFailure, PermanentFailure) as exc:
@@ -485,6 +521,72 @@ class Scheduler:
         finally:
             if not released:
                 self._shaper.release(got, signal)
+
+    def _make_sts(self, cfg: Config) -> MtaSts | None:
+        if self._tls_store is None or not cfg.delivery.mta_sts or cfg.delivery.mode != "mx":
+            return None
+        resolver = make_resolver(cfg.delivery)
+        return MtaSts(self._tls_store, resolver, ca_file=cfg.delivery.tls_ca_file, sessions=self._sessions)
+
+    async def _plan(self, domain: str, route: Route) -> Plan:
+        """Hosts and TLS level of a delivery: ``[tls_policy]``/``[delivery] tls``, and for MX delivery the
+        TLSA records of the MX hosts (relayd.queue.dane) or, where there are none, the domain's MTA-STS
+        policy (relayd.queue.mtasts); routes and a smarthost never look either up."""
+        level = self._tls.level_for(domain)
+        if not route.via_mx:
+            return Plan(route.hosts, route.hostnames, level)
+        if self._dane is not None and route.mx_secure:
+            tlsa: dict[str, tuple[Tlsa, ...]] = {}
+            levels: dict[str, TlsLevel] = {}
+            published: list[Tlsa] = []
+            for name in dict.fromkeys(route.hostnames):
+                if name not in route.secure_hosts:
+                    continue  # its address answer was not validated (RFC 7672 §2.2.1)
+                answer = await self._dane.tlsa(name)
+                if answer.status is TlsaStatus.INSECURE:
+                    continue
+                levels[name] = answer.level(level)
+                published += answer.published
+                if answer.records:
+                    tlsa[name] = answer.records
+            if levels:  # DANE wins over MTA-STS (RFC 8461 §2), also where it only asks for encryption
+                strings = tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in published)
+                ref = PolicyRef(domain, "tlsa", strings, tuple(levels))
+                return Plan(route.hosts, route.hostnames, level, tlsa=tlsa, levels=levels, ref=ref)
+        if self._sts is None:
+            return Plan(route.hosts, route.hostnames, level)
+        return await self._sts.plan(domain, route.hosts, route.hostnames, level)
+
+    async def _send_as(self, plan: Plan, sender: str, rcpt: str, data: bytes, channel: Channel) -> str:
+        """Send as planned; under an MTA-STS ``testing`` policy a TLS level not met is counted and the
+        message sent again at the configured level (RFC 8461 §5: testing never stops delivery)."""
+        report = None
+        if plan.ref is not None and self._sessions is not None:
+            report = functools.partial(self._sessions.session, plan.ref)
+        try:
+            reply = await self._transport.send(
+                plan.hosts,
+                sender,
+                rcpt,
+                data,
+                channel,
+                tls=plan.level,
+                names=plan.names,
+                tlsa=plan.tlsa,
+                levels=plan.levels,
+                report=report,
+            )
+        except TlsUnmet:
+            if plan.mode is not None:
+                count_mta_sts(plan.mode, "tls_failed")
+            if plan.fallback is None:
+                raise
+            return await self._transport.send(
+                plan.hosts, sender, rcpt, data, channel, tls=plan.fallback, names=plan.names, report=report
+            )
+        if plan.mode is not None:
+            count_mta_sts(plan.mode, "ok")
+        return reply
 
     async def _blocked(self, item: DueRecipient, got: Grant, destination: str, exc: DeliveryError) -> None:
         """Suspend the source address for the destination; the first block reply records the event."""
@@ -529,6 +631,13 @@ class Scheduler:
         )
         _log_attempt(item, "deferred", reply, None, attempts, error, retry_in=next_attempt - now)
         return "deferred"
+
+
+def _make_dane(cfg: Config) -> Dane | None:
+    """DANE needs a validating resolver, which only ``[delivery] nameservers`` can name."""
+    if cfg.delivery.mode != "mx" or not cfg.delivery.nameservers:
+        return None
+    return Dane(make_resolver(cfg.delivery))
 
 
 def _log_attempt(

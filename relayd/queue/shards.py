@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relayd.queue.store import MessageRow, QueueStore
+from relayd.queue.store import Action, Affected, MessageRow, QueueEntry, QueueStore, Selection, View
 from relayd.supervisor import all_shards, shard_path
 
 
@@ -50,5 +50,49 @@ class QueueShards:
     async def release_account(self, account: str) -> int:
         return sum([await s.release_account(account) for s in self.shards])
 
-    async def drop_matching(self, account: str, list_name: str | None, address: str, reason: str) -> int:
-        return sum([await s.drop_matching(account, list_name, address, reason) for s in self.shards])
+    async def drop_matching(
+        self,
+        account: str,
+        list_name: str | None,
+        address: str,
+        reason: str,
+        *,
+        keep_transactional: bool = False,
+    ) -> int:
+        keep = keep_transactional
+        return sum(
+            [
+                await s.drop_matching(account, list_name, address, reason, keep_transactional=keep)
+                for s in self.shards
+            ]
+        )
+
+    async def operate(self, action: Action, selection: Selection) -> list[Affected]:
+        """An operator's action on every shard (each shard in its own transaction).
+
+        A running daemon notices without being told: its scan (``[queue] scan_interval``) reads the due
+        index, so a released or retried recipient is attempted at the next scan, and a held one is no
+        longer due."""
+        out: list[Affected] = []
+        for shard in self.shards:
+            out.extend(await shard.operate(action, selection))
+        return out
+
+    async def entries(self, view: View, selection: Selection, *, now: float, limit: int) -> list[QueueEntry]:
+        rows: list[QueueEntry] = []
+        for shard in self.shards:
+            rows.extend(await shard.entries(view, selection, now=now, limit=limit))
+        return sorted(rows, key=lambda r: (r.created_at, r.queue_id, r.index))[:limit]
+
+    async def shape(self, now: float) -> list[tuple[str, bool, int, int]]:
+        rows: list[tuple[str, bool, int, int]] = []
+        for shard in self.shards:
+            rows.extend(await shard.shape(now))
+        return rows
+
+    async def shard_of(self, queue_id: str) -> QueueStore | None:
+        """The shard holding message ``queue_id``, if any."""
+        for shard in self.shards:
+            if await shard.show(queue_id) is not None:
+                return shard
+        return None

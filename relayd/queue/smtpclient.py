@@ -67,6 +67,7 @@ class LeanSMTP:
         self._writer: asyncio.StreamWriter | None = None
         self._extensions: dict[str, str] = {}
         self.replied = False  # did the server answer anything in the current transaction?
+        self.encrypted = False  # has STARTTLS succeeded on this connection?
 
     # --- connection --------------------------------------------------------------------------------------
 
@@ -107,24 +108,43 @@ class LeanSMTP:
     def supports_extension(self, name: str) -> bool:
         return name.lower() in self._extensions
 
-    async def starttls(self, *, validate_certs: bool = False) -> None:
-        """Upgrade the connection; opportunistic TLS verifies nothing (there is no trust anchor for MX
-        hosts without DANE or MTA-STS), like Postfix's ``smtp_tls_security_level = may``."""
+    async def starttls(
+        self,
+        *,
+        validate_certs: bool = False,
+        context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        """Upgrade the connection. Without ``context``, opportunistic TLS verifies nothing (there is no
+        trust anchor for MX hosts without DANE or MTA-STS), like Postfix's ``smtp_tls_security_level =
+        may``; a verifying ``context`` checks the certificate against ``server_hostname`` (default: the
+        host connected to)."""
         code, text = await self._command("STARTTLS")
         if code != 220:
             raise ReplyError(code, text, "STARTTLS")
-        ctx = ssl.create_default_context()
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if not validate_certs:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
+        ctx = context
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if not validate_certs:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
         assert self._writer is not None
+        name = server_hostname or self.hostname
         try:
-            await asyncio.wait_for(self._writer.start_tls(ctx, server_hostname=self.hostname), self.timeout)
+            await asyncio.wait_for(self._writer.start_tls(ctx, server_hostname=name), self.timeout)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self.close()
             raise aiosmtplib.SMTPServerDisconnected(f"TLS handshake failed: {exc}") from exc
+        self.encrypted = True
         await self.ehlo()
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS session after STARTTLS (for checks of the peer's chain), None before."""
+        if self._writer is None:
+            return None
+        obj = self._writer.get_extra_info("ssl_object")
+        return obj if isinstance(obj, ssl.SSLObject) else None
 
     def close(self) -> None:
         if self._writer is not None:

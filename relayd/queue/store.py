@@ -10,10 +10,16 @@ States of a recipient (the only transitions are in :meth:`QueueStore.finish` and
 
     queued ──250──> delivered          queued ──5xx──> failed
        │ └─4xx──> queued (next_attempt = later)   └─age > max_age──> expired
-       └─ relayd queue drop ──> dropped    held <──> queued (account suspension)
+       └─ relayd queue drop ──> dropped    held <──> queued (account suspension, or relayd queue hold)
 
 "In flight" is not a state on disk: a recipient being delivered is still ``queued``, so a crash at any moment
 leaves it to be delivered again on restart (at-least-once, never lost).
+
+Who held a recipient is ``held_by``: ``suspension`` (the account was suspended; reinstating it releases
+them) or ``operator`` (``relayd queue hold``; only ``relayd queue release`` does). A hold written while an
+attempt is in flight does not lose that attempt's outcome: a delivery or a bounce moves a held recipient to
+its final state too (the mail has left, holding it would send it twice after the release), a deferral
+records its attempt and leaves the recipient held.
 
 Failure: every sqlite3/OS error is raised as :class:`relayd.errors.StorageError`; the submission listener
 answers 451 and the client keeps its message.
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from relayd.errors import StorageError
+from relayd.msgclass import MessageClass
 from relayd.sqlitewriter import SqliteWriter
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,8 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at  REAL NOT NULL,
     size        INTEGER NOT NULL,
     data        BLOB,
-    render      INTEGER NOT NULL DEFAULT 0
+    render      INTEGER NOT NULL DEFAULT 0,
+    msg_class   TEXT NOT NULL DEFAULT 'bulk'
 );
 CREATE TABLE IF NOT EXISTS recipients (
     msg_id       TEXT NOT NULL,
@@ -71,6 +79,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_reply   TEXT,
     data         BLOB,
     account      TEXT,
+    held_by      TEXT,
     PRIMARY KEY (msg_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (next_attempt) WHERE state = 'queued';
@@ -91,17 +100,21 @@ def migrate(db: sqlite3.Connection) -> None:
     """Bring a queue database to the current schema; idempotent, and cheap when there is nothing to do.
 
     Adds the columns later versions added (``recipients.data`` for per-recipient renderings,
-    ``recipients.account`` for fair queueing, ``messages.render`` for copies made at delivery) to a queue
+    ``recipients.account`` for fair queueing, ``recipients.held_by`` for who held a recipient,
+    ``messages.render`` for copies made at delivery) to a queue
     written by an older relayd, and fills ``account``
     wherever it is missing (a queue filled by another tool): a queued row without an account would still be
     delivered (see :meth:`QueueStore.due`), but outside the fair rotation."""
     db.executescript(SCHEMA)
     columns = {row[1] for row in db.execute("PRAGMA table_info(recipients)")}
-    for name, decl in (("data", "BLOB"), ("account", "TEXT")):
+    for name, decl in (("data", "BLOB"), ("account", "TEXT"), ("held_by", "TEXT")):
         if name not in columns:
             db.execute(f"ALTER TABLE recipients ADD COLUMN {name} {decl}")
     if "render" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
         db.execute("ALTER TABLE messages ADD COLUMN render INTEGER NOT NULL DEFAULT 0")
+    if "msg_class" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+        # the class of a message (relayd.msgclass): mail queued before classes existed is bulk
+        db.execute("ALTER TABLE messages ADD COLUMN msg_class TEXT NOT NULL DEFAULT 'bulk'")
     db.execute(_ACCOUNT_INDEX)
     db.execute(
         "UPDATE recipients SET account = (SELECT account FROM messages WHERE id = recipients.msg_id) "
@@ -153,6 +166,8 @@ class NewMessage:
     #: each recipient gets its own copy, made from ``data`` at delivery (relayd.policy.render: unsubscribe
     #: link, trace token, DKIM signature); False: ``data`` is delivered as it is
     render: bool = False
+    #: bulk or transactional: the dequeue check and the copy made at delivery depend on it
+    msg_class: MessageClass = MessageClass.BULK
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +193,23 @@ class DueRecipient:
     mail_from: str
     created_at: float
     list_name: str | None = None
+    msg_class: MessageClass = MessageClass.BULK
+
+
+def _due(row: Sequence[Any]) -> DueRecipient:
+    """A :class:`DueRecipient` from a row of (recipient and message columns..., msg_class)."""
+    queue_id, index, address, attempts, account, mail_from, created_at, list_name, value = row
+    return DueRecipient(
+        queue_id, index, address, attempts, account, mail_from, created_at, list_name, _class_of(value)
+    )
+
+
+def _class_of(value: str) -> MessageClass:
+    """The stored class; one this version does not know is taken as bulk, which applies every rule."""
+    try:
+        return MessageClass(value)
+    except ValueError:
+        return MessageClass.BULK
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +233,172 @@ class MessageRow:
     created_at: float
     size: int
     recipients: tuple[RecipientRow, ...]
+    msg_class: MessageClass = MessageClass.BULK
+
+
+class Action(StrEnum):
+    """What an operator does to recipients from the command line (Postfix's postsuper/postqueue)."""
+
+    HOLD = "hold"
+    RELEASE = "release"
+    RETRY = "retry"
+    DROP = "drop"
+
+
+class View(StrEnum):
+    """The states ``relayd queue list`` shows, as an operator thinks of them (Postfix's queues).
+
+    ``deferred``: queued, tried before, waiting for its next attempt; ``active``: queued and due now or
+    never tried; ``held``: kept until released; ``done``: delivered, failed, expired or dropped. The
+    states on disk (:class:`State`) are views of their own."""
+
+    PENDING = "pending"  # every unfinished recipient: the default
+    DEFERRED = "deferred"
+    ACTIVE = "active"
+    HELD = "held"
+    DONE = "done"
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    DROPPED = "dropped"
+
+
+#: the SQL condition of each view; ``?`` is the current time
+_VIEW_SQL: dict[View, tuple[str, int]] = {
+    View.PENDING: ("r.state IN ('queued', 'held')", 0),
+    View.DEFERRED: ("r.state = 'queued' AND r.attempts > 0 AND r.next_attempt > ?", 1),
+    View.ACTIVE: ("r.state = 'queued' AND (r.attempts = 0 OR r.next_attempt <= ?)", 1),
+    View.HELD: ("r.state = 'held'", 0),
+    View.DONE: ("r.state NOT IN ('queued', 'held')", 0),
+    View.QUEUED: ("r.state = 'queued'", 0),
+    View.DELIVERED: ("r.state = 'delivered'", 0),
+    View.FAILED: ("r.state = 'failed'", 0),
+    View.EXPIRED: ("r.state = 'expired'", 0),
+    View.DROPPED: ("r.state = 'dropped'", 0),
+}
+
+#: the part of a recipient address after its last ``@``, lower-cased (rtrim strips every character but
+#: ``@`` from the right: linear in the address, which RCPT bounds)
+_RCPT_DOMAIN = "lower(substr(r.address, length(rtrim(r.address, replace(r.address, '@', ''))) + 1))"
+
+#: qshape's age buckets in minutes: a recipient counts in the first bucket its message's age is within,
+#: or in the last one (older than all of them)
+AGE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which recipients an operator means: every criterion given must match. Nothing given selects every
+    recipient (the command line refuses that for hold, release and drop)."""
+
+    queue_ids: tuple[str, ...] = ()
+    domain: str | None = None
+    account: str | None = None
+    recipient: str | None = None
+    sender: str | None = None
+    created_before: float | None = None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """`` AND ...`` conditions over ``recipients r JOIN messages m``, and their parameters."""
+        parts: list[str] = []
+        params: list[Any] = []
+        if self.queue_ids:
+            parts.append(f"r.msg_id IN ({', '.join('?' * len(self.queue_ids))})")
+            params.extend(self.queue_ids)
+        if self.domain is not None:
+            parts.append(f"{_RCPT_DOMAIN} = ?")
+            params.append(self.domain.lower().rstrip("."))
+        if self.account is not None:
+            parts.append("m.account = ?")
+            params.append(self.account)
+        if self.recipient is not None:
+            parts.append("lower(r.address) = ?")
+            params.append(self.recipient.lower())
+        if self.sender is not None:
+            parts.append("lower(m.mail_from) = ?")
+            params.append(self.sender.lower())
+        if self.created_before is not None:
+            parts.append("m.created_at < ?")
+            params.append(self.created_before)
+        return "".join(f" AND {p}" for p in parts), params
+
+
+@dataclass(frozen=True, slots=True)
+class Affected:
+    """A recipient an operator's action selected; ``changed`` False: left as it was (a release of a
+    recipient the suspension of its account holds)."""
+
+    queue_id: str
+    index: int
+    address: str
+    account: str
+    held_by: str | None
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One recipient with its message's envelope: a row of ``relayd queue list``."""
+
+    queue_id: str
+    index: int
+    address: str
+    state: str
+    attempts: int
+    next_attempt: float
+    updated_at: float
+    last_reply: str | None
+    held_by: str | None
+    account: str
+    mail_from: str
+    list_name: str | None
+    created_at: float
+    size: int
+
+
+#: per action: which recipients it may change, and what it sets (``?``: the current time)
+_ACTION_SQL: dict[Action, tuple[str, str, int]] = {
+    Action.HOLD: (
+        "(r.state = 'queued' OR (r.state = 'held' AND COALESCE(r.held_by, 'suspension') <> 'operator'))",
+        "state = 'held', held_by = 'operator', updated_at = ?",
+        1,
+    ),
+    Action.RELEASE: (
+        "r.state = 'held'",
+        "state = 'queued', held_by = NULL, next_attempt = ?, updated_at = ?",
+        2,
+    ),
+    Action.RETRY: ("r.state = 'queued' AND r.next_attempt > ?", "next_attempt = ?", 1),
+    Action.DROP: (
+        "r.state IN ('queued', 'held')",
+        "state = 'dropped', held_by = NULL, last_reply = 'dropped by operator', updated_at = ?, data = NULL",
+        1,
+    ),
+}
+
+
+def _operate(action: Action, selection: Selection, now: float, db: sqlite3.Connection) -> list[Affected]:
+    """Select and change in the caller's write transaction (see :meth:`QueueStore.operate`)."""
+    which, sets, n_now = _ACTION_SQL[action]
+    where, params = selection.sql()
+    rows = db.execute(
+        "SELECT r.msg_id, r.idx, r.address, m.account, r.held_by FROM recipients r "
+        f"JOIN messages m ON m.id = r.msg_id WHERE {which}{where} ORDER BY r.msg_id, r.idx",
+        [now, *params] if action is Action.RETRY else params,
+    ).fetchall()
+    out = [
+        Affected(q, i, a, acct, held, action is not Action.RELEASE or held == "operator")
+        for q, i, a, acct, held in rows
+    ]
+    change = [(x.queue_id, x.index) for x in out if x.changed]
+    db.executemany(
+        f"UPDATE recipients SET {sets} WHERE msg_id = ? AND idx = ?",
+        [(*[now] * n_now, q, i) for q, i in change],
+    )
+    if action is Action.DROP:
+        db.executemany(_FREE_DATA, [(q, q) for q in {q for q, _ in change}])
+    return out
 
 
 @dataclass(slots=True)
@@ -323,7 +521,7 @@ class QueueStore:
             [
                 _Op(
                     "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data, "
-                    "render) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "render, msg_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         msg.queue_id,
                         msg.account,
@@ -333,6 +531,7 @@ class QueueStore:
                         len(msg.data),
                         msg.data,
                         int(msg.render),
+                        msg.msg_class.value,
                     ),
                 ),
                 _Op(
@@ -348,13 +547,15 @@ class QueueStore:
         )
 
     async def finish(self, queue_id: str, index: int, state: State, reply: str, attempts: int) -> None:
-        """Move a recipient to a final state (delivered, failed, expired)."""
+        """Move a recipient to a final state (delivered, failed, expired). A recipient held while its
+        attempt was in flight takes the outcome as well: the attempt happened."""
         assert state in FINAL_STATES
         await self._submit(
             [
                 _Op(
                     "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ?, "
-                    "data = NULL WHERE msg_id = ? AND idx = ? AND state = 'queued'",
+                    "data = NULL, held_by = NULL "
+                    "WHERE msg_id = ? AND idx = ? AND state IN ('queued', 'held')",
                     (state, reply, attempts, time.time(), queue_id, index),
                     touched=queue_id,
                 )
@@ -362,11 +563,13 @@ class QueueStore:
         )
 
     async def defer(self, queue_id: str, index: int, next_attempt: float, reply: str, attempts: int) -> None:
+        """Record a failed attempt and when to try again; a recipient held meanwhile stays held (the
+        release makes it due)."""
         await self._submit(
             [
                 _Op(
                     "UPDATE recipients SET next_attempt = ?, last_reply = ?, attempts = ?, updated_at = ? "
-                    "WHERE msg_id = ? AND idx = ? AND state = 'queued'",
+                    "WHERE msg_id = ? AND idx = ? AND state IN ('queued', 'held')",
                     (next_attempt, reply, attempts, time.time(), queue_id, index),
                 )
             ]
@@ -416,9 +619,18 @@ class QueueStore:
             ]
         )
 
-    async def drop_matching(self, account: str, list_name: str | None, address: str, reason: str) -> int:
+    async def drop_matching(
+        self,
+        account: str,
+        list_name: str | None,
+        address: str,
+        reason: str,
+        *,
+        keep_transactional: bool = False,
+    ) -> int:
         """Drop every unfinished recipient ``address`` of ``account`` (and of ``list_name`` when given):
-        an unsubscribe or complaint removes the recipient from mailings already in the queue."""
+        an unsubscribe or complaint removes the recipient from mailings already in the queue.
+        ``keep_transactional``: an unsubscribe leaves transactional mail queued (a complaint does not)."""
         sql = (
             "UPDATE recipients SET state = 'dropped', last_reply = ?, updated_at = ?, data = NULL "
             "WHERE address = ? AND state IN ('queued', 'held') AND msg_id IN "
@@ -428,24 +640,44 @@ class QueueStore:
         if list_name is not None:
             sql += " AND list_name = ?"
             params.append(list_name)
+        if keep_transactional:
+            sql += " AND msg_class != ?"
+            params.append(MessageClass.TRANSACTIONAL.value)
         return await self._update_count(sql + ")", params)
 
     async def hold_account(self, account: str) -> int:
         """Suspension: park the account's queued recipients as 'held' (kept, not delivered)."""
         return await self._update_count(
-            "UPDATE recipients SET state = 'held', updated_at = ? WHERE state = 'queued' AND msg_id IN "
-            "(SELECT id FROM messages WHERE account = ?)",
+            "UPDATE recipients SET state = 'held', held_by = 'suspension', updated_at = ? "
+            "WHERE state = 'queued' AND msg_id IN (SELECT id FROM messages WHERE account = ?)",
             (time.time(), account),
         )
 
     async def release_account(self, account: str) -> int:
-        """Reinstatement: held recipients of the account become due at once."""
+        """Reinstatement: the recipients its suspension held become due at once; those an operator held
+        stay held (a queue written before ``held_by`` existed knew only suspension holds)."""
         now = time.time()
         return await self._update_count(
-            "UPDATE recipients SET state = 'queued', next_attempt = ?, updated_at = ? WHERE state = 'held' "
+            "UPDATE recipients SET state = 'queued', held_by = NULL, next_attempt = ?, updated_at = ? "
+            "WHERE state = 'held' AND COALESCE(held_by, 'suspension') = 'suspension' "
             "AND msg_id IN (SELECT id FROM messages WHERE account = ?)",
             (now, now, account),
         )
+
+    async def operate(self, action: Action, selection: Selection) -> list[Affected]:
+        """An operator's ``hold``, ``release``, ``retry`` or ``drop`` of the selected recipients; the
+        recipients it changed.
+
+        Selection and update run in one write transaction, so a recipient whose attempt ends meanwhile is
+        either changed here or has its outcome, never half of each (see :meth:`finish`). ``release``
+        releases operator holds only; what a suspension holds is released by reinstating the account.
+        ``retry`` moves only recipients waiting for a later attempt (the others are due already)."""
+        return await self._submit_fn(functools.partial(_operate, action, selection, time.time()))
+
+    async def _submit_fn(self, fn: Callable[[sqlite3.Connection], list[Affected]]) -> list[Affected]:
+        if self._writer is None:
+            raise StorageError("queue writer is not running")
+        return await self._writer.run(fn)
 
     async def _update_count(self, sql: str, params: Sequence[Any], touched: str | None = None) -> int:
         return await self._submit([_Op(sql, params, touched=touched)])
@@ -507,13 +739,13 @@ class QueueStore:
             where = "r.account = ?" if account is not None else "r.account IS NULL"
             rows = await self._fetch(
                 "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at, "
-                "m.list_name FROM recipients r JOIN messages m ON m.id = r.msg_id "
+                "m.list_name, m.msg_class FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 f"WHERE {where} AND r.state = 'queued' AND r.next_attempt <= ? "
                 "ORDER BY r.next_attempt LIMIT ?",
                 (account, now, n) if account is not None else (now, n),
             )
             if rows:
-                found.append([DueRecipient(*row) for row in rows])
+                found.append([_due(row) for row in rows])
         out: list[DueRecipient] = []
         for i in range(max((len(rows) for rows in found), default=0)):
             out.extend(rows[i] for rows in found if i < len(rows))
@@ -528,12 +760,12 @@ class QueueStore:
         are still queued and due, in one read."""
         rows = await self._fetch(
             "SELECT r.msg_id, r.idx, r.address, r.attempts, m.account, m.mail_from, m.created_at, "
-            "m.list_name FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "m.list_name, m.msg_class FROM recipients r JOIN messages m ON m.id = r.msg_id "
             "WHERE r.msg_id = ? AND r.state = 'queued' AND r.next_attempt <= ? AND r.data IS NULL "
             "ORDER BY r.idx",
             (queue_id, time.time()),
         )
-        return [DueRecipient(*row) for row in rows]
+        return [_due(row) for row in rows]
 
     async def message_data(self, queue_id: str) -> StoredData | None:
         """The message as stored (without any per-recipient copy an older relayd kept)."""
@@ -559,7 +791,8 @@ class QueueStore:
 
     async def show(self, queue_id: str) -> MessageRow | None:
         msgs = await self._fetch(
-            "SELECT id, account, mail_from, list_name, created_at, size FROM messages WHERE id = ?",
+            "SELECT id, account, mail_from, list_name, created_at, size, msg_class FROM messages "
+            "WHERE id = ?",
             (queue_id,),
         )
         if not msgs:
@@ -569,9 +802,16 @@ class QueueStore:
             "FROM recipients WHERE msg_id = ? ORDER BY idx",
             (queue_id,),
         )
-        qid, account, mail_from, list_name, created_at, size = msgs[0]
+        qid, account, mail_from, list_name, created_at, size, value = msgs[0]
         return MessageRow(
-            qid, account, mail_from, list_name, created_at, size, tuple(RecipientRow(*r) for r in rcpts)
+            qid,
+            account,
+            mail_from,
+            list_name,
+            created_at,
+            size,
+            tuple(RecipientRow(*r) for r in rcpts),
+            _class_of(value),
         )
 
     async def list_messages(self, *, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
@@ -588,6 +828,39 @@ class QueueStore:
             if row is not None:
                 out.append(row)
         return out
+
+    async def entries(
+        self, view: View, selection: Selection, *, now: float, limit: int = 1000
+    ) -> list[QueueEntry]:
+        """The recipients in ``view`` that ``selection`` matches, oldest message first, at most ``limit``."""
+        cond, n_now = _VIEW_SQL[view]
+        where, params = selection.sql()
+        rows = await self._fetch(
+            "SELECT r.msg_id, r.idx, r.address, r.state, r.attempts, r.next_attempt, r.updated_at, "
+            "r.last_reply, r.held_by, m.account, m.mail_from, m.list_name, m.created_at, m.size "
+            f"FROM recipients r JOIN messages m ON m.id = r.msg_id WHERE {cond}{where} "
+            "ORDER BY m.created_at, r.msg_id, r.idx LIMIT ?",
+            [*[now] * n_now, *params, limit],
+        )
+        return [QueueEntry(*row) for row in rows]
+
+    async def shape(self, now: float) -> list[tuple[str, bool, int, int]]:
+        """qshape's figures: (recipient domain, deferred?, age bucket, recipients) for every unfinished
+        recipient, counted in SQL (no row leaves the database). The bucket is an index into
+        :data:`AGE_BUCKETS`, ``len(AGE_BUCKETS)`` for older ones."""
+        bucket = (
+            "CASE "
+            + " ".join(f"WHEN age <= {b} THEN {i}" for i, b in enumerate(AGE_BUCKETS))
+            + f" ELSE {len(AGE_BUCKETS)} END"
+        )
+        rows = await self._fetch(
+            f"SELECT dom, deferred, {bucket} AS bucket, COUNT(*) FROM (SELECT {_RCPT_DOMAIN} AS dom, "
+            "(r.state = 'queued' AND r.attempts > 0 AND r.next_attempt > ?) AS deferred, "
+            "(? - m.created_at) / 60.0 AS age FROM recipients r JOIN messages m ON m.id = r.msg_id "
+            "WHERE r.state IN ('queued', 'held')) GROUP BY dom, deferred, bucket",
+            (now, now),
+        )
+        return [(dom, bool(deferred), b, n) for dom, deferred, b, n in rows]
 
     async def oldest_pending(self) -> float | None:
         """Creation time of the oldest message that still has a queued recipient (held mail is excluded:

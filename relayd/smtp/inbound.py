@@ -3,15 +3,18 @@
 What it accepts, and why so little:
 
 * RCPT only at ``[inbound] domains`` and only the local parts ``bounce+<token>`` (VERP return paths),
-  ``unsubscribe+<token>`` (List-Unsubscribe mailto), ``abuse``, ``fbl`` and ``postmaster`` (RFC 5321 §4.5.1
-  requires postmaster, also without a domain), case-insensitively. Anything else is
+  ``unsubscribe+<token>`` (List-Unsubscribe mailto), ``abuse``, ``fbl``, ``postmaster`` (RFC 5321 §4.5.1
+  requires postmaster, also without a domain) and ``dmarc`` (DMARC aggregate reports, the ``rua`` a sending
+  domain publishes), case-insensitively. Anything else is
   ``550 5.7.1 <addr>: relaying denied``: this listener faces the internet, and it must never become a relay
   or a mailbox for spam. Tokens are checked for *shape* at RCPT (a dictionary attack on ``bounce+...`` costs
   nothing) and verified against the sent ledger only at DATA, so a forged report is still received and
   counted (``unattributed``) rather than bounced.
 * No AUTH is offered or accepted, and the null sender ``<>`` is accepted: DSNs come from it (RFC 3464 §2).
-* Nothing received here ever makes relayd send mail: no auto-reply, no DSN back, no forwarding, so a forged
-  sender can't use us for backscatter. Mail we cannot use is still answered ``250`` and kept as an event.
+* Nothing received here ever makes relayd write to its sender: no auto-reply, no DSN back, so a forged
+  sender can't use us for backscatter. Mail we cannot use is still answered ``250`` and kept as an event;
+  what a person must read is kept in the postmaster inbox (:mod:`relayd.desk`), whose only mail out is a
+  copy to the operator's own ``[inbound] postmaster_forward``, with a null sender.
 * DATA goes through :class:`~relayd.smtp.protocol.StrictSMTP` (strict terminator, bare LF per
   ``[inbound] bare_newline``, timeouts, size limit ``[inbound] max_message_size`` -> ``552``), with the
   submission listener's timeouts and error limit, connection limits of its own (``[inbound] max_connections``,
@@ -31,20 +34,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import Envelope
 
+from relayd.arf import ArfReport
 from relayd.config import Config, parse_hostport
+from relayd.desk.service import Desk
+from relayd.dsn import DsnReport
 from relayd.errors import StorageError
 from relayd.feedback import on_arf, on_dsn, on_unclassified, on_unsubscribe_mail
 from relayd.parseworker import ParseAbandoned, ParsedReport, ParserBusy, ParseWorker, parse_report
 from relayd.queue.store import QueueStore
-from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.smtp.protocol import (
+    BACKLOG,
+    ConnectionLimits,
+    RelayEnvelope,
+    RelaySession,
+    StrictSMTP,
+    listener_tls_context,
+)
 from relayd.smtp.ratelimit import RateLimiter, source_key
-from relayd.store.base import Store
+from relayd.store.base import Event, Store
 from relayd.tokens import VERP_LOCAL, parse_token
 
 log = logging.getLogger(__name__)
@@ -58,12 +72,12 @@ RATE_LIMITED = "421 4.7.0 Too many messages from your address, try again later"
 MAX_RECIPIENTS = 20
 
 _UNSUB_LOCAL = "unsubscribe"
-_PLAIN_ROLES = frozenset({"abuse", "fbl", "postmaster"})
+_PLAIN_ROLES = frozenset({"abuse", "fbl", "postmaster", "dmarc"})
 
 
 @dataclass(frozen=True, slots=True)
 class Role:
-    """What an accepted recipient is for: ``kind`` is bounce, unsubscribe, abuse, fbl or postmaster."""
+    """What an accepted recipient is for: ``kind`` is bounce, unsubscribe, abuse, fbl, postmaster or dmarc."""
 
     kind: str
     token: str | None = None
@@ -116,6 +130,7 @@ class InboundHandler:
         queue: QueueStore,
         secret: bytes,
         parser: ParseWorker | None = None,
+        desk: Desk | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -124,9 +139,20 @@ class InboundHandler:
         #: the report parser child; None parses in a thread of this process, with no time limit (for tests
         #: of the listener alone: the daemon always passes one)
         self.parser = parser
+        #: the postmaster's desk: the inbox of what a person must read, and the DMARC reports (its own
+        #: parse child, with the same time limit, when this handler has one)
+        self.desk = desk or Desk(
+            lambda: self.cfg,
+            store,
+            queue,
+            parse_timeout=cfg.inbound.parse_timeout if parser is not None else None,
+        )
         self._domains = frozenset(cfg.inbound.domains)
         rate = cfg.inbound.rate_per_ip
         self.rate = RateLimiter(rate.events, rate.per)
+        #: the STARTTLS context (None: STARTTLS not offered); each new connection reads it, so a reload
+        #: that swaps it serves a renewed certificate from the next connection on
+        self.tls_context: ssl.SSLContext | None = None
 
     async def handle_MAIL(
         self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
@@ -166,7 +192,12 @@ class InboundHandler:
         try:
             for role in roles:
                 await self.process(
-                    role, raw, datetime.now(UTC), reading, source_ip=source_key(server.peer_ip)
+                    role,
+                    raw,
+                    datetime.now(UTC),
+                    reading,
+                    source_ip=source_key(server.peer_ip),
+                    mail_from=str(envelope.mail_from or ""),
                 )
         except StorageError as exc:
             log.error("%s: inbound report not processed (will be retried): %s", server.peer_ip, exc)
@@ -200,6 +231,7 @@ class InboundHandler:
         reading: Reading | None = None,
         *,
         source_ip: str | None = None,
+        mail_from: str = "",
     ) -> None:
         """Route one message by recipient role. A VERP address also receives feedback loops that send to
         the Return-Path (some FBLs do), so a real ARF report there is treated as a complaint; postmaster@
@@ -212,21 +244,53 @@ class InboundHandler:
         genuine report for good as well. Raises ParserBusy when too many reports wait for the child.
         ``reading`` carries the parse from one role of the message to the next; ``source_ip`` (the
         client's address, an IPv6 client's /64) groups the reports that act on nobody, one event per source
-        and hour."""
+        and hour.
+
+        Then the desk (:mod:`relayd.desk`) keeps what a person must read: mail to abuse@/postmaster@ that
+        is no report, and reports attributed to nobody or not parsed; ``mail_from`` (the envelope sender)
+        tells a machine's mail from a person's. Mail to dmarc@ goes to the desk alone."""
         store, queue, secret, cfg = self.store, self.queue, self.secret, self.cfg
+        source = f"ip:{source_ip}" if source_ip else "unknown"
         if role.kind == "unsubscribe":
             assert role.token is not None
             await on_unsubscribe_mail(store, queue, secret, cfg, raw, role.token, now, source_ip=source_ip)
+            return
+        if role.kind == "dmarc":
+            await self.desk.on_dmarc(raw, now, source=source, mail_from=mail_from)
             return
         try:
             parsed = await (reading or Reading(raw)).get(self.parse)
         except ParseAbandoned as exc:
             await on_unclassified(store, raw, role.kind, exc.why, now, source_ip=source_ip)
+            await self.desk.unreadable(role.kind, raw, exc.why, now, source=source, mail_from=mail_from)
             return
         report, bounce = parsed.arf, parsed.dsn
+        events = await self._act(role, raw, now, report, bounce, source_ip=source_ip)
+        await self.desk.after_report(
+            role.kind,
+            raw,
+            now,
+            is_report=report.is_arf or (bounce is not None and bounce.is_dsn),
+            events=events,
+            source=source,
+            mail_from=mail_from,
+        )
+
+    async def _act(
+        self,
+        role: Role,
+        raw: bytes,
+        now: datetime,
+        report: ArfReport,
+        bounce: DsnReport | None,
+        *,
+        source_ip: str | None,
+    ) -> list[Event]:
+        """What relayd itself does with a parsed report (feedback's effects); returns the events."""
+        store, queue, secret, cfg = self.store, self.queue, self.secret, self.cfg
         if role.kind == "bounce":
             if report.is_arf and report.format in ("rfc5965", "hotmail-jmrp"):
-                await on_arf(
+                return await on_arf(
                     store,
                     queue,
                     secret,
@@ -237,15 +301,14 @@ class InboundHandler:
                     report=report,
                     source_ip=source_ip,
                 )
-            else:
-                await on_dsn(
-                    store, queue, secret, cfg, raw, role.token, now, report=bounce, source_ip=source_ip
-                )
-            return
+            return await on_dsn(
+                store, queue, secret, cfg, raw, role.token, now, report=bounce, source_ip=source_ip
+            )
         if role.kind == "postmaster" and not report.is_arf:
-            await on_dsn(store, queue, secret, cfg, raw, None, now, report=bounce, source_ip=source_ip)
-            return
-        await on_arf(store, queue, secret, cfg, raw, now, report=report, bounce=bounce, source_ip=source_ip)
+            return await on_dsn(store, queue, secret, cfg, raw, None, now, report=bounce, source_ip=source_ip)
+        return await on_arf(
+            store, queue, secret, cfg, raw, now, report=report, bounce=bounce, source_ip=source_ip
+        )
 
     async def parse(self, raw: bytes) -> ParsedReport:
         """The one reading of ``raw``: in the parser child, or (no child) in a thread of this process."""
@@ -285,6 +348,7 @@ async def start_inbound(
     inbound section has no keys of its own for them yet. Raises OSError when an address cannot be bound.
     """
     loop = asyncio.get_running_loop()
+    handler.tls_context = tls_context(cfg)
     servers = []
     for spec in cfg.inbound.listen:
         host, port = parse_hostport(spec)
@@ -300,11 +364,22 @@ async def start_inbound(
     return servers
 
 
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The inbound listener's STARTTLS context from ``[inbound] tls_cert``/``tls_key`` (None without
+    them); submission's settings. Raises OSError when the pair does not load."""
+    inbound = cfg.inbound
+    if inbound.tls_cert is None or inbound.tls_key is None:
+        return None
+    return listener_tls_context(inbound.tls_cert, inbound.tls_key)
+
+
 def inbound_protocol(cfg: Config, handler: InboundHandler, limits: ConnectionLimits) -> InboundSMTP:
     """One protocol instance per connection (the factory of :func:`start_inbound`, and of tests)."""
     return InboundSMTP(
         handler,
         limits=limits,
+        tls_context=handler.tls_context,
+        require_starttls=False,  # a sender without TLS still gets to return its bounce
         data_timeout=cfg.submission.data_timeout,
         max_errors=cfg.submission.max_errors,
         normalize_bare_lf=cfg.inbound.bare_newline == "normalize",
@@ -318,4 +393,5 @@ def inbound_protocol(cfg: Config, handler: InboundHandler, limits: ConnectionLim
         timeout=cfg.submission.command_timeout,
         auth_required=False,
         auth_require_tls=True,  # with no TLS context, EHLO never lists AUTH
+        auth_exclude_mechanism=["LOGIN", "PLAIN"],  # nor after STARTTLS: nobody logs in here
     )

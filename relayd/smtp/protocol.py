@@ -58,7 +58,9 @@ import contextlib
 import inspect
 import logging
 import re
+import ssl
 from collections import Counter
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import aiosmtpd.smtp
@@ -77,6 +79,24 @@ MAX_HEADER_BYTES = 256 * 1024
 #: listen() backlog: aiosmtpd's default of 100 overflows in a connection flood, and a dropped SYN costs a
 #: real client a 1 s retransmit (the kernel caps this at net.core.somaxconn).
 BACKLOG = 1024
+#: TLS 1.2 suites offered (1.3 suites are all AEAD and forward-secret; OpenSSL picks among them itself).
+TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:" + (
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+def listener_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server context of every listener (submission, implicit TLS, inbound): TLS 1.2 and later only,
+    forward-secret AEAD suites, no compression (CRIME) and no client-initiated renegotiation (a DoS).
+    Raises OSError (ssl.SSLError is one) when the pair does not load, so a reload can refuse it."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 #: After a 421 we read and discard the client's input this long (seconds) before closing; see hang_up().
 LINGER = 2.0
 

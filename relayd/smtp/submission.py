@@ -51,17 +51,20 @@ from relayd.policy.model import Action
 from relayd.policy.pipeline import AllDropped, MimeError, Pipeline, Refused
 from relayd.queue.handoff import Handoff
 from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
-from relayd.smtp.protocol import BACKLOG, ConnectionLimits, RelayEnvelope, RelaySession, StrictSMTP
+from relayd.smtp.protocol import (
+    BACKLOG,
+    ConnectionLimits,
+    RelayEnvelope,
+    RelaySession,
+    StrictSMTP,
+    listener_tls_context,
+)
 from relayd.smtp.ratelimit import TOO_MANY_FAILURES, AuthGuard, AuthVerdict
 from relayd.tokens import new_queue_id
 
 log = logging.getLogger(__name__)
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
-#: TLS 1.2 suites offered (1.3 suites are all AEAD and forward-secret; OpenSSL picks among them itself).
-TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:" + (
-    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
 POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
 MIME_TOO_DEEP = "554 5.6.0 Message refused: MIME structure nested too deeply"
 INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"  # RFC 3463 §3.4; Postfix says the same
@@ -440,6 +443,7 @@ class SubmissionHandler:
                 data=received + done.content,  # with the Date and Message-ID it lacked
                 list_name=done.list_name,
                 render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
+                msg_class=done.msg_class,
             )
         self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
         try:
@@ -454,12 +458,13 @@ class SubmissionHandler:
             return "451 4.3.0 Temporary storage failure, try again later"
         self.handoff.submitted(msg, time.time())
         log.info(
-            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d%s",
+            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d class=%s%s",
             queue_id,
             session.account,
             envelope.mail_from,
             len(msg.recipients),
             len(msg.data),
+            msg.msg_class.value,
             CLIENT_GONE_NOTE if fate.lost else "",
             extra={
                 "fields": {
@@ -467,6 +472,7 @@ class SubmissionHandler:
                     "queue_id": queue_id,
                     "account": session.account,
                     "list": msg.list_name,
+                    "class": msg.msg_class.value,
                     "outcome": "accepted",
                     "nrcpt": len(msg.recipients),
                     "size": len(msg.data),
@@ -475,7 +481,7 @@ class SubmissionHandler:
                 }
             },
         )
-        metrics.ACCOUNT_SENT.labels(session.account).inc(len(msg.recipients))
+        metrics.ACCOUNT_SENT.labels(session.account, msg.msg_class.value).inc(len(msg.recipients))
         if msg.render:  # after the commit: a suspension holds this message too
             await self._judge_traps(queue_id, session.account, done.trap_hits)
         return f"250 2.0.0 Ok: queued as {queue_id}"
@@ -539,8 +545,11 @@ def _outcome(reply: str) -> tuple[str, str]:
         return "refused", "mime"
     if "dropped by policy" in reply:
         return "refused", "policy"
-    if reply.startswith(("550 5.6.0", "550 5.7.1 From:", "550 5.7.1 Sender:", "554 5.7.1")):
-        return "refused", "content"  # a content rule (relayd.policy.fromheader, relayd.policy.confirmlink)
+    if reply.startswith(
+        ("550 5.6.0", "550 5.7.1 From:", "550 5.7.1 Sender:", "550 5.7.1 X-Relayd-Class:", "554 5.7.1")
+    ):
+        # a content rule (relayd.policy.fromheader, relayd.policy.messageclass, relayd.policy.confirmlink)
+        return "refused", "content"
     if reply.startswith("4"):
         return "deferred", "policy_store" if "policy" in reply else "storage"
     return "refused", "other"
@@ -554,14 +563,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     sub = cfg.submission
     if sub.tls_cert is None or sub.tls_key is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= (
-        ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    )  # CRIME; client-initiated renegotiation DoS
-    ctx.load_cert_chain(sub.tls_cert, sub.tls_key)
-    return ctx
+    return listener_tls_context(sub.tls_cert, sub.tls_key)
 
 
 async def start_submission(

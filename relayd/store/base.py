@@ -27,7 +27,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
@@ -37,10 +37,18 @@ __all__ = [
     "SCOPE_PRECEDENCE",
     "AccountState",
     "AccountStateStore",
+    "ApiKey",
+    "ApiKeyStore",
     "ConsentRecord",
     "ConsentStore",
+    "DmarcCount",
+    "DmarcStore",
     "Event",
     "EventStore",
+    "InboxItem",
+    "InboxStore",
+    "MtaStsCache",
+    "MtaStsRecord",
     "Reason",
     "SchemaTooNewError",
     "Scope",
@@ -52,6 +60,8 @@ __all__ = [
     "SuppressionEntry",
     "SuppressionStore",
     "SuspendReason",
+    "TlsReportStore",
+    "TlsSessionCount",
     "WebhookCursorStore",
     "as_utc",
     "utcnow",
@@ -203,8 +213,12 @@ class Event:
 class SuppressionStore(Protocol):
     """Who must not be mailed. ``check`` is on the RCPT and dequeue hot paths; the rest is for operators."""
 
-    async def add(self, entries: Iterable[SuppressionEntry]) -> int:
-        """Insert or replace (same key) ``entries`` atomically; return how many were written."""
+    async def add(self, entries: Iterable[SuppressionEntry], *, keep: frozenset[Reason] = frozenset()) -> int:
+        """Insert or replace (same key) ``entries`` atomically; return how many were given.
+
+        An entry whose key already holds an entry with a reason in ``keep`` leaves that one as it is: a
+        tenant's import or API call may add or renew its own entries, never turn a complaint into an
+        unsubscribe (which transactional mail passes)."""
         ...
 
     async def remove(
@@ -550,6 +564,229 @@ class ConsentStore(Protocol):
         ...
 
 
+# --- MTA-STS policy cache ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MtaStsRecord:
+    """An MTA-STS policy as fetched for ``domain`` (RFC 8461 §3.2), with the TXT ``policy_id`` it was
+    fetched under; valid until ``fetched_at + max_age`` seconds."""
+
+    domain: str
+    policy_id: str
+    mode: str  # enforce, testing, none
+    mx: tuple[str, ...]
+    max_age: int
+    fetched_at: datetime
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.fetched_at + timedelta(seconds=self.max_age)
+
+
+class MtaStsCache(Protocol):
+    """The MTA-STS policies every node shares (RFC 8461 §5.1: cached until ``max_age``)."""
+
+    async def get_mta_sts(self, domain: str) -> MtaStsRecord | None:
+        """The cached policy of ``domain``, expired or not (the caller decides), or None."""
+        ...
+
+    async def put_mta_sts(self, record: MtaStsRecord) -> None:
+        """Insert or replace the policy of ``record.domain``."""
+        ...
+
+    async def prune_mta_sts(self, before: datetime) -> int:
+        """Forget policies that expired before ``before``; return how many."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSessionCount:
+    """TLS sessions of one UTC ``day`` to the MX hosts of policy ``domain`` under one policy (RFC 8460
+    §4.4): successful ones (``result_type`` empty, no receiving host), or failed ones of one result type
+    at one receiving host. ``policy`` is the policy's JSON (``policy-string`` and ``mx-host``)."""
+
+    day: date
+    domain: str
+    policy_type: str  # sts, tlsa
+    policy: str
+    result_type: str
+    receiving_mx: str
+    receiving_ip: str
+    sessions: int
+
+
+class TlsReportStore(Protocol):
+    """TLS reporting counts, added to by every node, read once a day for the reports."""
+
+    async def add_tls_sessions(self, counts: Iterable[TlsSessionCount]) -> None:
+        """Add each count's ``sessions`` to its row (created at 0)."""
+        ...
+
+    async def tls_sessions(self, day: date) -> builtins.list[TlsSessionCount]:
+        """Every count of ``day``."""
+        ...
+
+    async def claim_tls_report(self, day: date, domain: str) -> bool:
+        """Take the sending of ``domain``'s report for ``day``: True for the one caller that gets it."""
+        ...
+
+    async def prune_tls_sessions(self, before: date) -> int:
+        """Forget counts and claims of days before ``before``; return the count rows removed."""
+        ...
+
+
+# --- the postmaster's inbox and DMARC aggregate counts ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """One message kept for a person (relayd.desk.inbox): what a listing shows, and the raw bytes when
+    asked for (``raw`` is None in listings). ``truncated``: only the first bytes of ``size`` were kept."""
+
+    id: int
+    received_at: datetime
+    kind: str
+    source: str
+    mail_from: str
+    from_header: str
+    subject: str
+    date_header: str
+    note: str
+    size: int
+    truncated: bool
+    state: str = "open"  # open, done
+    done_at: datetime | None = None
+    raw: bytes | None = None
+
+
+class InboxStore(Protocol):
+    """The postmaster's inbox: kept, listed, shown, marked done, pruned."""
+
+    async def add_inbox_item(self, item: InboxItem, raw: bytes) -> int:
+        """Keep ``item`` (its ``id`` is ignored) with ``raw``; return the new id."""
+        ...
+
+    async def count_inbox_from(self, source: str, since: datetime) -> int:
+        """How many items from ``source`` were kept since ``since`` (the per-source cap)."""
+        ...
+
+    async def inbox_items(
+        self,
+        *,
+        since: datetime | None = None,
+        kind: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[InboxItem]:
+        """Items received since ``since``, newest first, without their raw bytes."""
+        ...
+
+    async def get_inbox_item(self, item_id: int) -> InboxItem | None:
+        """One item with its raw bytes, or None."""
+        ...
+
+    async def mark_inbox_done(self, item_id: int, at: datetime) -> bool:
+        """Mark an item done; False when there is no such item."""
+        ...
+
+    async def count_open_inbox(self) -> int:
+        """Items still open."""
+        ...
+
+    async def prune_inbox(self, before: datetime) -> int:
+        """Forget items received before ``before``, open or done; return how many."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcCount:
+    """The rows of one DMARC aggregate report (RFC 7489 appendix C) about one source IP, added up:
+    messages in all, passing SPF and DKIM (any domain), passing them aligned (what DMARC counts), and
+    what the receiver did with the failing ones (quarantined, rejected)."""
+
+    domain: str
+    day: date
+    org: str
+    report_id: str
+    source_ip: str
+    total: int
+    spf_pass: int
+    dkim_pass: int
+    spf_aligned: int
+    dkim_aligned: int
+    dmarc_pass: int  # SPF or DKIM aligned: the message passed DMARC
+    quarantined: int
+    rejected: int
+
+
+class DmarcStore(Protocol):
+    """DMARC aggregate counts: a report is stored once, whatever number of times it is mailed."""
+
+    async def add_dmarc_report(
+        self, org: str, report_id: str, domain: str, received_at: datetime, counts: Sequence[DmarcCount]
+    ) -> bool:
+        """Store a report's counts; False (nothing written) when this report was stored before."""
+        ...
+
+    async def dmarc_counts(self, domain: str, since: date) -> builtins.list[DmarcCount]:
+        """Every count of ``domain`` from day ``since`` on."""
+        ...
+
+    async def prune_dmarc(self, before: date) -> int:
+        """Forget reports and counts of days before ``before``; return the count rows removed."""
+        ...
+
+
+# --- tenant API keys -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One API key of ``account``, as stored: never the key itself, only its SHA-256 (``key_hash``, hex).
+
+    ``key_id`` is the public part of the key (it is written in the key and shown by ``list``), so a request
+    finds its row with one indexed lookup and the secret part is compared in constant time against one hash.
+    A revoked key keeps its row (``revoked_at`` set): the listing shows what existed and when it stopped.
+    """
+
+    key_id: str
+    account: str
+    key_hash: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "created_at", as_utc(self.created_at))
+        if self.revoked_at is not None:
+            object.__setattr__(self, "revoked_at", as_utc(self.revoked_at))
+        if not self.key_id or not self.account or not self.key_hash:
+            raise ValueError("an API key needs an id, an account and a hash")
+
+
+class ApiKeyStore(Protocol):
+    """The tenants' API keys, shared by every node (a key created on one works on all, a revocation holds
+    everywhere from the next request on: the web listener reads the key's row for each request)."""
+
+    async def add_api_key(self, key: ApiKey) -> None:
+        """Store a new key durably. Raises ValueError when ``key.key_id`` exists already."""
+        ...
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        """The key with this id, revoked or not, or None."""
+        ...
+
+    async def list_api_keys(self, account: str | None = None) -> builtins.list[ApiKey]:
+        """Every key (of ``account``), revoked ones included, ordered by account and creation."""
+        ...
+
+    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        """Mark a key revoked at ``at`` (durably); False when there is no such key or it was revoked
+        before."""
+        ...
+
+
 class Store(
     SuppressionStore,
     SendCounterStore,
@@ -558,6 +795,11 @@ class Store(
     SentLedger,
     WebhookCursorStore,
     ConsentStore,
+    MtaStsCache,
+    TlsReportStore,
+    InboxStore,
+    DmarcStore,
+    ApiKeyStore,
     Protocol,
 ):
     """Everything the daemon keeps: one object per process, opened at start, closed at shutdown."""

@@ -45,7 +45,18 @@ from relayd.address import AddressError, normalize
 
 from .base import Reason, Scope, SuppressionEntry, SuppressionStore, as_utc, utcnow
 
-__all__ = ["HEADER", "ImportResult", "export_csv", "import_csv", "neutralize", "restore", "safe_rows"]
+__all__ = [
+    "HEADER",
+    "ImportResult",
+    "RowError",
+    "export_csv",
+    "import_csv",
+    "neutralize",
+    "parse_row",
+    "read_batch",
+    "restore",
+    "safe_rows",
+]
 
 HEADER: tuple[str, ...] = ("address", "scope", "account", "list", "reason", "created_at", "expires_at")
 _HEADER_WITH_SOURCE = (*HEADER, "source")
@@ -150,6 +161,12 @@ def _parse_row(row: list[str], has_source: bool, default_source: str, now: datet
         raise
     except ValueError as exc:  # scope/account/list inconsistency
         raise RowError(str(exc)) from None
+
+
+def parse_row(row: list[str], *, has_source: bool, default_source: str, now: datetime) -> SuppressionEntry:
+    """One data row (cells already through :func:`restore`) as an entry, or :class:`RowError`: for importers
+    that read the rows themselves and check more (the tenant API keeps each row to the key's account)."""
+    return _parse_row(row, has_source, default_source, now)
 
 
 class _BatchParser:

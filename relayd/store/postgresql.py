@@ -59,7 +59,7 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -68,11 +68,16 @@ import asyncpg
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
+from . import apikeyrows, deskrows
 from .base import (
     SCOPE_PRECEDENCE,
     AccountState,
+    ApiKey,
     ConsentRecord,
+    DmarcCount,
     Event,
+    InboxItem,
+    MtaStsRecord,
     Reason,
     SchemaTooNewError,
     Scope,
@@ -80,6 +85,7 @@ from .base import (
     StoreError,
     SuppressionEntry,
     SuspendReason,
+    TlsSessionCount,
     as_utc,
     utcnow,
 )
@@ -305,6 +311,11 @@ def _lock_key(*parts: str) -> int:
     """A stable signed 32-bit hash (the second key of a two-int advisory lock); NUL-joined parts."""
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _dollar(n: int) -> str:
+    """asyncpg's placeholder for the n-th parameter (for the statements shared with SQLite)."""
+    return f"${n}"
 
 
 def _mask(dsn: str) -> str:
@@ -742,7 +753,7 @@ class PostgresStore:
 
     # -- suppression -----------------------------------------------------------------------------------
 
-    async def add(self, entries: Iterable[SuppressionEntry]) -> int:
+    async def add(self, entries: Iterable[SuppressionEntry], *, keep: frozenset[Reason] = frozenset()) -> int:
         # One row per key, the last one given (upsert semantics; a statement may not upsert a row twice),
         # in key order: two concurrent imports then lock rows in the same order and cannot deadlock.
         by_key: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
@@ -761,9 +772,13 @@ class PostgresStore:
             return 0
         rows = [by_key[k] for k in sorted(by_key)]
         addresses = {row[0] for row in rows}
+        sql = _UPSERT_SUPPRESSION
+        if keep:
+            kept = ", ".join(f"'{Reason(r).value}'" for r in sorted(keep))  # enum values: no quoting issue
+            sql += f" WHERE suppression.reason NOT IN ({kept})"
         async with self._transaction(durable=True) as conn:
             for start in range(0, len(rows), _CHUNK):
-                await conn.execute(_UPSERT_SUPPRESSION, *_columns(rows[start : start + _CHUNK], 8))
+                await conn.execute(sql, *_columns(rows[start : start + _CHUNK], 8))
             payload = next(iter(addresses)) if len(addresses) == 1 else ""
             await self._notify(conn, CHANNEL_SUPPRESSION, payload)
         return written
@@ -1280,3 +1295,232 @@ class PostgresStore:
 
     async def prune_optin(self, before: datetime) -> int:
         return await self._autocommit_count("DELETE FROM optin_sent WHERE sent_at < $1", _us(before))
+
+    # -- tenant API keys -------------------------------------------------------------------------------
+
+    async def add_api_key(self, key: ApiKey) -> None:
+        async with self._transaction(durable=True) as conn:
+            rows = await conn.fetch(apikeyrows.insert_sql(_dollar), *apikeyrows.api_key_row(key))
+        if not rows:
+            raise ValueError(f"API key id {key.key_id!r} exists already")
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        rows = await self._fetch(apikeyrows.select_sql(_dollar), key_id)
+        return apikeyrows.api_key(tuple(rows[0])) if rows else None
+
+    async def list_api_keys(self, account: str | None = None) -> builtins.list[ApiKey]:
+        sql = apikeyrows.list_sql(_dollar, by_account=account is not None)
+        rows = await self._fetch(sql, account) if account is not None else await self._fetch(sql)
+        return [apikeyrows.api_key(tuple(row)) for row in rows]
+
+    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        async with self._transaction(durable=True) as conn:
+            rows = await conn.fetch(apikeyrows.revoke_sql(_dollar), apikeyrows.when(at or utcnow()), key_id)
+        return bool(rows)
+
+    # -- MTA-STS policy cache --------------------------------------------------------------------------
+
+    async def get_mta_sts(self, domain: str) -> MtaStsRecord | None:
+        rows = await self._fetch(
+            "SELECT policy_id, mode, mx, max_age, fetched_at FROM mta_sts_policies WHERE domain = $1", domain
+        )
+        return _mta_sts_record(domain, tuple(rows[0])) if rows else None
+
+    async def put_mta_sts(self, record: MtaStsRecord) -> None:
+        await self._autocommit(_UPSERT_MTA_STS, *_mta_sts_row(record))
+
+    async def prune_mta_sts(self, before: datetime) -> int:
+        return await self._autocommit_count("DELETE FROM mta_sts_policies WHERE expires_at < $1", _us(before))
+
+    # -- TLS reporting counts --------------------------------------------------------------------------
+
+    async def add_tls_sessions(self, counts: Iterable[TlsSessionCount]) -> None:
+        # one row per key (a statement may not upsert a row twice), in key order (no deadlock between nodes)
+        summed: dict[tuple[Any, ...], int] = {}
+        for c in counts:
+            key = _tls_row(c)[:-1]
+            summed[key] = summed.get(key, 0) + c.sessions
+        if not summed:
+            return
+        keys = sorted(summed)
+        columns = [list(col) for col in zip(*keys, strict=True)]
+        await self._autocommit(_ADD_TLS_SESSIONS, *columns, [summed[k] for k in keys])
+
+    async def tls_sessions(self, day: date) -> builtins.list[TlsSessionCount]:
+        rows = await self._fetch(f"SELECT {_TLS_COLUMNS} FROM tlsrpt_counts WHERE day = $1", _day(day))
+        return [_tls_count(tuple(row)) for row in rows]
+
+    async def claim_tls_report(self, day: date, domain: str) -> bool:
+        rows = await self._autocommit(
+            "INSERT INTO tlsrpt_sent (day, domain, sent_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+            " RETURNING day",
+            _day(day),
+            domain,
+            _us(utcnow()),
+        )
+        return len(rows) == 1
+
+    async def prune_tls_sessions(self, before: date) -> int:
+        await self._autocommit_count("DELETE FROM tlsrpt_sent WHERE day < $1", _day(before))
+        return await self._autocommit_count("DELETE FROM tlsrpt_counts WHERE day < $1", _day(before))
+
+    # -- the postmaster's inbox ------------------------------------------------------------------------
+
+    async def add_inbox_item(self, item: InboxItem, raw: bytes) -> int:
+        marks = ", ".join(f"${i}" for i in range(1, 14))
+        rows = await self._autocommit(
+            f"INSERT INTO inbox ({deskrows.INBOX_COLUMNS}) VALUES ({marks}) RETURNING id",
+            *deskrows.inbox_row(item, raw),
+        )
+        return int(rows[0][0])
+
+    async def count_inbox_from(self, source: str, since: datetime) -> int:
+        rows = await self._fetch(
+            "SELECT count(*) FROM inbox WHERE source = $1 AND received_at >= $2", source, _us(since)
+        )
+        return int(rows[0][0])
+
+    async def inbox_items(
+        self,
+        *,
+        since: datetime | None = None,
+        kind: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[InboxItem]:
+        rows = await self._fetch(
+            f"SELECT {deskrows.INBOX_LIST_COLUMNS} FROM inbox WHERE received_at >= $1"
+            " AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)"
+            " ORDER BY id DESC LIMIT $4",
+            _us(since) if since is not None else 0,
+            kind,
+            state,
+            limit,
+        )
+        return [deskrows.inbox_item(tuple(row)) for row in rows]
+
+    async def get_inbox_item(self, item_id: int) -> InboxItem | None:
+        rows = await self._fetch(
+            f"SELECT {deskrows.INBOX_LIST_COLUMNS}, raw FROM inbox WHERE id = $1", item_id
+        )
+        return deskrows.inbox_item(tuple(rows[0])[:13], rows[0][13]) if rows else None
+
+    async def mark_inbox_done(self, item_id: int, at: datetime) -> bool:
+        rows = await self._autocommit(
+            "UPDATE inbox SET state = 'done', done_at = coalesce(done_at, $1) WHERE id = $2 RETURNING id",
+            _us(at),
+            item_id,
+        )
+        return len(rows) == 1
+
+    async def count_open_inbox(self) -> int:
+        rows = await self._fetch("SELECT count(*) FROM inbox WHERE state = 'open'")
+        return int(rows[0][0])
+
+    async def prune_inbox(self, before: datetime) -> int:
+        return await self._autocommit_count("DELETE FROM inbox WHERE received_at < $1", _us(before))
+
+    # -- DMARC aggregate counts ------------------------------------------------------------------------
+
+    async def add_dmarc_report(
+        self, org: str, report_id: str, domain: str, received_at: datetime, counts: Sequence[DmarcCount]
+    ) -> bool:
+        day = min((c.day for c in counts), default=received_at.date())
+        # one row per key (a statement may not upsert a row twice), in key order (no deadlock between nodes)
+        summed: dict[tuple[Any, ...], list[int]] = {}
+        for c in counts:
+            row = deskrows.dmarc_row(c)
+            total = summed.setdefault(row[:5], [0] * 8)
+            for i, n in enumerate(row[5:]):
+                total[i] += n
+        async with self._transaction(durable=False) as conn:
+            claimed = await conn.fetch(
+                "INSERT INTO dmarc_reports (org, report_id, domain, day, received_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING day",
+                org,
+                report_id,
+                domain,
+                deskrows.day_number(day),
+                _us(received_at),
+            )
+            if not claimed:
+                return False
+            keys = sorted(summed)
+            if keys:
+                columns = [list(col) for col in zip(*[(*k, *summed[k]) for k in keys], strict=True)]
+                await conn.execute(_ADD_DMARC, *columns)
+            return True
+
+    async def dmarc_counts(self, domain: str, since: date) -> builtins.list[DmarcCount]:
+        rows = await self._fetch(
+            f"SELECT {deskrows.DMARC_COLUMNS} FROM dmarc_counts WHERE domain = $1 AND day >= $2",
+            domain,
+            deskrows.day_number(since),
+        )
+        return [deskrows.dmarc_count(tuple(row)) for row in rows]
+
+    async def prune_dmarc(self, before: date) -> int:
+        day = deskrows.day_number(before)
+        await self._autocommit_count("DELETE FROM dmarc_reports WHERE day < $1", day)
+        return await self._autocommit_count("DELETE FROM dmarc_counts WHERE day < $1", day)
+
+
+_UPSERT_MTA_STS: Final = (
+    "INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, fetched_at, expires_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (domain) DO UPDATE SET policy_id = excluded.policy_id,"
+    " mode = excluded.mode, mx = excluded.mx, max_age = excluded.max_age,"
+    " fetched_at = excluded.fetched_at, expires_at = excluded.expires_at"
+)
+
+
+def _mta_sts_row(r: MtaStsRecord) -> tuple[Any, ...]:
+    return (r.domain, r.policy_id, r.mode, "\n".join(r.mx), r.max_age, _us(r.fetched_at), _us(r.expires_at))
+
+
+def _mta_sts_record(domain: str, row: Sequence[Any]) -> MtaStsRecord:
+    policy_id, mode, mx, max_age, fetched_at = row
+    patterns = tuple(str(mx).split("\n")) if mx else ()
+    return MtaStsRecord(domain, str(policy_id), str(mode), patterns, int(max_age), _dt(int(fetched_at)))
+
+
+_TLS_COLUMNS: Final = "day, domain, policy_type, policy, result_type, receiving_mx, receiving_ip, sessions"
+_ADD_TLS_SESSIONS: Final = (
+    f"INSERT INTO tlsrpt_counts ({_TLS_COLUMNS})"
+    " SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::text[], $8::int8[])"
+    " ON CONFLICT (day, domain, policy_type, policy, result_type, receiving_mx, receiving_ip)"
+    " DO UPDATE SET sessions = tlsrpt_counts.sessions + excluded.sessions"
+)
+_EPOCH_DAY: Final = date(1970, 1, 1)
+
+
+def _day(value: date) -> int:
+    return (value - _EPOCH_DAY).days
+
+
+def _tls_row(c: TlsSessionCount) -> tuple[Any, ...]:
+    key = (c.domain, c.policy_type, c.policy, c.result_type, c.receiving_mx, c.receiving_ip)
+    return (_day(c.day), *key, c.sessions)
+
+
+def _tls_count(row: Sequence[Any]) -> TlsSessionCount:
+    day, *text, sessions = row
+    domain, ptype, policy, result, mx, ip = (str(t) for t in text)
+    return TlsSessionCount(
+        _EPOCH_DAY + timedelta(days=int(day)), domain, ptype, policy, result, mx, ip, int(sessions)
+    )
+
+
+_ADD_DMARC: Final = (
+    f"INSERT INTO dmarc_counts ({deskrows.DMARC_COLUMNS})"
+    " SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::int8[],"
+    " $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[])"
+    " ON CONFLICT (domain, day, org, report_id, source_ip) DO UPDATE SET"
+    " total = dmarc_counts.total + excluded.total, spf_pass = dmarc_counts.spf_pass + excluded.spf_pass,"
+    " dkim_pass = dmarc_counts.dkim_pass + excluded.dkim_pass,"
+    " spf_aligned = dmarc_counts.spf_aligned + excluded.spf_aligned,"
+    " dkim_aligned = dmarc_counts.dkim_aligned + excluded.dkim_aligned,"
+    " dmarc_pass = dmarc_counts.dmarc_pass + excluded.dmarc_pass,"
+    " quarantined = dmarc_counts.quarantined + excluded.quarantined,"
+    " rejected = dmarc_counts.rejected + excluded.rejected"
+)

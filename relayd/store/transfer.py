@@ -1,11 +1,12 @@
 """``relayd store export|import``: move the whole policy state between backends (SQLite -> PostgreSQL).
 
 The format is JSON Lines, one record a line with a ``type`` (suppression, account_state, event, sent,
-consent): plain text an operator can inspect, compress or split, streamed in batches so millions of
+consent, api_key): plain text an operator can inspect, compress or split, streamed in batches so millions of
 suppressions never sit in memory at once. Only the backend-neutral Store protocol is used, so any backend
 exports to any other. Send-cap counters are not moved (they are rolling windows of at most 30 days and
 rebuild themselves); webhook cursors are not moved (event ids are backend-local): endpoints restart at the
-first event recorded after the import.
+first event recorded after the import. API keys move as their hashes (the keys themselves are nowhere
+to be had), so the tenants' keys go on working on the new backend; a key already there is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from relayd.store.base import (
+    ApiKey,
     ConsentRecord,
     Event,
     Reason,
@@ -131,6 +133,18 @@ async def export_store(store: Store, out: TextIO) -> TransferCounts:
                     "evidence": c.evidence,
                 },
             )
+    for key in await store.list_api_keys():
+        emit(
+            "api_key",
+            {
+                "key_id": key.key_id,
+                "account": key.account,
+                "key_hash": key.key_hash,
+                "name": key.name,
+                "created_at": _iso(key.created_at),
+                "revoked_at": _iso(key.revoked_at),
+            },
+        )
     return result
 
 
@@ -206,6 +220,15 @@ async def import_store(store: Store, lines: Iterable[str]) -> TransferCounts:
                 )
             elif kind == "consent":
                 consents.append(ConsentRecord(**{**rec, "confirmed_at": _dt(rec["confirmed_at"])}))
+            elif kind == "api_key":
+                revoked = rec.pop("revoked_at", None)
+                key = ApiKey(
+                    **{**rec, "created_at": _dt(rec["created_at"])},
+                    revoked_at=_dt(revoked) if revoked else None,
+                )
+                if await store.get_api_key(key.key_id) != key:  # the same key again: an import run twice
+                    await store.add_api_key(key)  # ValueError for another key with this id
+                result.add("api_key")
             else:
                 raise ValueError(f"unknown record type {kind!r}")
         except (ValueError, KeyError, TypeError) as exc:

@@ -10,6 +10,8 @@ Routes::
                       ``confirm=yes``; 200 with the done page, or 303 to the list's ``redirect`` URL
     GET  /healthz     200 ``ok``: the process serves HTTP (liveness, not a store check)
     GET  /metrics     Prometheus; only to peers inside ``[http] metrics_allow`` (default loopback), else 403
+    /api/v1/...       the tenant API when ``[http] api = true`` (relayd.web.api: its own keys, limits and
+                      JSON errors)
 
 Rate limit (issue 10): each client address gets ``[http] rate_per_ip`` requests (token bucket, IPv6 by /64)
 to the token pages; beyond that ``429`` with ``Retry-After``, before any token is looked at. ``/healthz`` and
@@ -61,6 +63,7 @@ from relayd.errors import StorageError
 from relayd.queue.store import QueueStore
 from relayd.smtp.ratelimit import RateLimiter, source_key
 from relayd.store.base import Store, utcnow
+from relayd.web import api as tenant_api
 from relayd.web import confirm as optin
 from relayd.web import pages
 from relayd.web.unsubscribe import (
@@ -119,7 +122,10 @@ def _html(status: int, text: str, headers: dict[str, str] | None = None) -> web.
 
 def _redact(path: str) -> str:
     """A path fit for logs: an unsubscribe token keeps its queue id and index (to trace it), not its MAC
-    (which, with them, is the capability to unsubscribe that recipient)."""
+    (which, with them, is the capability to unsubscribe that recipient). An address in an API path is
+    masked (relayd.web.api.redact)."""
+    if path.startswith(tenant_api.PREFIX + "/"):
+        return tenant_api.redact(path)[:200]
     return re.sub(r"^(/[uc]/[^/-]*-[^/-]*)-.*$", r"\1-…", path)[:200]
 
 
@@ -168,6 +174,7 @@ async def _rate_limit(request: web.Request, handler: _Handler) -> web.StreamResp
     if (
         request.path in _UNLIMITED_PATHS
         or (request.path == "/metrics" and _metrics_allowed(request))
+        or tenant_api.limits_itself(request)  # per key, and per client only without a valid key
         or limiter.allow(source_key(request.remote or ""))
     ):
         return await handler(request)
@@ -372,6 +379,7 @@ def _metrics_allowed(request: web.Request) -> bool:
 def update_config(app: web.Application, cfg: Config) -> None:
     """Serve ``cfg`` from now on (SIGHUP reload): a list's ``redirect`` changes without a restart."""
     app[_DEPS].cfg = cfg
+    tenant_api.update_config(app, cfg)
 
 
 def create_app(cfg: Config, store: Store, secret: bytes, queue: QueueStore | None) -> web.Application:
@@ -379,11 +387,13 @@ def create_app(cfg: Config, store: Store, secret: bytes, queue: QueueStore | Non
 
     ``queue`` may be None (a process without a queue): unsubscribes then rely on the dequeue check to stop
     mail already queued."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_rate_limit, _errors])
+    # the API's middleware innermost: its JSON errors are answers, never turned into HTML pages
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_rate_limit, _errors, tenant_api.middleware])
     app[_DEPS] = _Deps(cfg, store, secret, queue)
     app[_LIMITER] = RateLimiter(cfg.http.rate_per_ip.events, cfg.http.rate_per_ip.per)
     app.on_response_prepare.append(_security_headers)
     _add_routes(app)
+    tenant_api.setup(app, cfg, store)
     return app
 
 

@@ -108,8 +108,8 @@ async def resolve(store: Store, secret: bytes, token: str) -> SentRecord | None:
     return record
 
 
-async def is_unsubscribed(store: Store, record: SentRecord, now: datetime) -> bool:
-    """True when an active unsubscribe entry already covers this record's (address, scope, account, list)."""
+async def _entry_at_key(store: Store, record: SentRecord, now: datetime) -> SuppressionEntry | None:
+    """The active entry stored under this record's (address, scope, account, list), if any."""
     entries = await store.list(
         address=record.address,
         scope=scope_of(record),
@@ -118,7 +118,13 @@ async def is_unsubscribed(store: Store, record: SentRecord, now: datetime) -> bo
         now=now,
         limit=1,
     )
-    return any(e.reason is Reason.UNSUBSCRIBE for e in entries)
+    return entries[0] if entries else None
+
+
+async def is_unsubscribed(store: Store, record: SentRecord, now: datetime) -> bool:
+    """True when an active unsubscribe entry already covers this record's (address, scope, account, list)."""
+    entry = await _entry_at_key(store, record, now)
+    return entry is not None and entry.reason is Reason.UNSUBSCRIBE
 
 
 async def unsubscribe(
@@ -142,21 +148,25 @@ async def unsubscribe(
     if record is None:
         return None
     scope = scope_of(record)
-    already = await is_unsubscribed(store, record, now)
+    existing = await _entry_at_key(store, record, now)
+    already = existing is not None and existing.reason is Reason.UNSUBSCRIBE
     if not already:
-        await store.add(
-            [
-                SuppressionEntry(
-                    record.address,
-                    scope,
-                    record.account,
-                    record.list if scope is Scope.LIST else None,
-                    Reason.UNSUBSCRIBE,
-                    source=src.value,
-                    created_at=now,
-                )
-            ]
-        )
+        # an entry of another reason under the same key (a complaint) is kept, not replaced: it blocks
+        # all the same mail, and more (transactional mail passes an unsubscribe, never a complaint)
+        if existing is None:
+            await store.add(
+                [
+                    SuppressionEntry(
+                        record.address,
+                        scope,
+                        record.account,
+                        record.list if scope is Scope.LIST else None,
+                        Reason.UNSUBSCRIBE,
+                        source=src.value,
+                        created_at=now,
+                    )
+                ]
+            )
         log.info(
             "%s: account=%s list=%s rcpt=<%s> unsubscribed (%s)",
             record.queue_id,
@@ -190,7 +200,10 @@ async def unsubscribe(
     dropped = 0
     if queue is not None:
         try:
-            dropped = await queue.drop_matching(record.account, record.list, record.address, "unsubscribed")
+            # transactional mail (a password reset) is not what the person unsubscribed from: it stays
+            dropped = await queue.drop_matching(
+                record.account, record.list, record.address, "unsubscribed", keep_transactional=True
+            )
         except StorageError:
             log.warning(
                 "%s: account=%s rcpt=<%s> queued mail not dropped now (the dequeue check will stop it)",

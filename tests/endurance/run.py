@@ -394,8 +394,10 @@ class Run:
     def _tally(self, relayd: Relayd, sink: ChaosSink) -> None:
         led = self.ledger
         states: dict[str, str] = {}
-        for row in _queue_rows(relayd, None):
-            states[row["queue_id"]] = row["recipients"][0]["state"] if row["recipients"] else "none"
+        # one row per recipient (one recipient per message here): unfinished ones, then finished ones
+        for row in _queue_rows(relayd, None) + _queue_rows(relayd, "done"):
+            state = row["state"]
+            states[row["queue_id"]] = "queued" if state in ("active", "deferred") else state
         markers = sink.markers()
         led.accepted = len(self.accepted)
         for n, qid in sorted(self.accepted.items()):
