@@ -1,4 +1,4 @@
-"""relayd vs Postfix + OpenDKIM, side by side: same sink, same load generator, same run (issue 8).
+"""relayd vs Postfix + OpenDKIM, side by side: same sink, same load generator, same run.
 
     .venv/bin/python bench/e2e.py --quick          # < 1 minute: 100 k suppressions, small runs
     .venv/bin/python bench/e2e.py                  # a few minutes: 1 M suppressions, scale runs

@@ -1,4 +1,4 @@
-"""Hostile clients against a real relayd (issue 10): what each abuse is answered, how long it takes, and the
+"""Hostile clients against a real relayd: what each abuse is answered, how long it takes, and the
 peak RSS of the relayd process while it lasts.
 
     .venv/bin/python bench/hostile.py [--connections 2000] [--big-mb 20] [--dsn-only] [--dsn-copies 5]

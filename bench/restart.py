@@ -1,4 +1,4 @@
-"""Restart with a big queue: time from start to the first delivery, and RSS (issue 8).
+"""Restart with a big queue: time from start to the first delivery, and RSS.
 
     .venv/bin/python bench/restart.py [--messages 200000]
 

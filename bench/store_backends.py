@@ -1,6 +1,6 @@
 """Store backends side by side: suppression checks and the per-message write path, SQLite vs PostgreSQL.
 
-Why: issue 7 runs several nodes on one PostgreSQL database, so every RCPT (``check``) and every accepted
+Why: several relayd nodes can share one PostgreSQL database, so every RCPT (``check``) and every accepted
 message (``record_sent`` + ``record_event``) becomes a network round trip instead of a b-tree lookup in
 the process's own file. This prints what that costs, per backend, through the real store classes:
 

@@ -11,10 +11,10 @@ Decisions:
   case-sensitive, but no mailbox provider that matters treats it so, and every ESP we model (see
   ``shared/seeds/``) folds case. Folding errs on the side of *not* mailing someone who asked not to be mailed.
 * **The domain is IDNA-encoded to A-labels** (``bücher.example`` -> ``xn--bcher-kva.example``) with the
-  ``idna`` package (IDNA 2008 with UTS #46 mapping); the stdlib ``encodings.idna`` codec (IDNA 2003) is only a
-  fallback when ``idna`` is not importable. Pure-ASCII domains skip the codec: they are checked against the
-  RFC 5321 ``Domain`` grammar (letters, digits, hyphens) directly, because the codec costs ~20 µs per call
-  and a 1 M-row CSV import cannot afford that.
+  ``idna`` package (IDNA 2008 with UTS #46 mapping; the stdlib codec is IDNA 2003, which maps ``ß`` to
+  ``ss``). Pure-ASCII domains skip the codec: they are checked against the RFC 5321 ``Domain`` grammar
+  (letters, digits, hyphens) directly, because the codec costs ~20 µs per call and a 1 M-row CSV import
+  cannot afford that.
 * **Quoted local parts stay correct**: ``"john doe"@example.test`` keeps its quotes; a quoted local part that
   is also a valid dot-atom is unquoted (``"john"@x`` is the same mailbox as ``john@x``, RFC 5321 section
   4.1.2); inside quotes only ``"`` and ``\\`` are backslash-escaped.
@@ -35,15 +35,12 @@ import ipaddress
 import re
 import unicodedata
 
-try:  # IDNA 2008 + UTS #46; preferred.
-    import idna as _idna
-except ImportError:  # pragma: no cover - the venv ships idna; stdlib IDNA 2003 is the fallback
-    _idna = None  # type: ignore[assignment]
+import idna as _idna
 
 __all__ = ["IDNA_IMPLEMENTATION", "AddressError", "normalize"]
 
 #: Which IDNA implementation :func:`normalize` uses, for ``relayd --version``-style reports and tests.
-IDNA_IMPLEMENTATION = "idna" if _idna is not None else "stdlib"
+IDNA_IMPLEMENTATION = "idna"
 
 MAX_LOCAL_OCTETS = 64
 MAX_DOMAIN_OCTETS = 255
@@ -200,9 +197,7 @@ def _normalize_literal(domain: str) -> str:
 def _to_alabels(domain: str) -> str:
     """IDNA-encode a non-ASCII domain; cached because real lists repeat a few domains many times."""
     try:
-        if _idna is not None:
-            return _idna.encode(domain, uts46=True).decode("ascii")
-        return domain.encode("idna").decode("ascii")  # pragma: no cover - fallback
+        return _idna.encode(domain, uts46=True).decode("ascii")
     except (UnicodeError, ValueError) as exc:  # idna.IDNAError is a UnicodeError
         raise AddressError(f"domain {domain!r} is not a valid IDN: {exc}") from exc
 
@@ -222,10 +217,7 @@ def _check_ascii_domain(domain: str) -> str:
             raise AddressError(f"invalid label {label!r} in domain {domain!r}")
         if label.startswith("xn--"):
             try:
-                if _idna is not None:
-                    _idna.decode(label)
-                else:  # pragma: no cover - fallback
-                    label.encode("ascii").decode("idna")
+                _idna.decode(label)
             except (UnicodeError, ValueError) as exc:
                 raise AddressError(f"invalid A-label {label!r} in domain {domain!r}") from exc
     return domain

@@ -169,7 +169,7 @@ class SubmissionConfig(_Model):
     max_sessions_per_account: int = Field(default=200, ge=1)
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
-    # hostile clients (issue 10): protocol errors per session, then 421 (Postfix's smtpd_hard_error_limit)
+    # hostile clients: protocol errors per session, then 421 (Postfix's smtpd_hard_error_limit)
     max_errors: int = Field(default=20, ge=1)
     # failed AUTH: growing delay before each 535, then 421 per client and a lockout per account name
     auth_failure_delay: Duration = 1.0
@@ -200,7 +200,7 @@ class InboundConfig(_Model):
     listen: list[HostPort] = ["127.0.0.1:2526"]
     domains: list[str] = ["bounces.example.test"]
     max_message_size: Size = 10_000_000
-    # messages (MAIL commands) per client address, then 421 4.7.0 (issue 10)
+    # messages (MAIL commands) per client address, then 421 4.7.0
     rate_per_ip: RateLimit = Rate(600, 60.0)
     # anyone on the internet may connect here: limits of its own, well below submission's
     max_connections: int = Field(default=200, ge=1)
@@ -255,7 +255,7 @@ class InboundConfig(_Model):
 class HttpConfig(_Model):
     listen: HostPort = "127.0.0.1:8025"
     public_url: str = "http://127.0.0.1:8025"
-    # requests per client address to /u/ and /c/, then 429 (issue 10)
+    # requests per client address to /u/ and /c/, then 429
     rate_per_ip: RateLimit = Rate(300, 60.0)
     # client networks that may read /metrics (account names and volumes); everyone else gets 403
     metrics_allow: list[Network] = Field(

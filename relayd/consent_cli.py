@@ -22,7 +22,6 @@ Like ``relayd suppress import``: a bad row never spoils the file; it is reported
 written in batches (one transaction each) and upserted, so running the same file again is harmless.
 
 Wiring: ``relayd.cli`` calls :func:`register` with its sub-parsers; :func:`run` is the command.
-``python -m relayd.consent_cli ...`` runs the same commands before that is done.
 """
 
 from __future__ import annotations

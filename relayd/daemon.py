@@ -295,7 +295,7 @@ class Daemon:
             new = config_mod.load(self.config_path)
             config_mod.refuse_example_passwords(new)  # as at start: not on a listener beyond loopback
             signer = load_signer(new)
-            # TLS (issue 10): re-read the certificate and key now (a renewed certificate is served from the
+            # TLS: re-read the certificate and key now (a renewed certificate is served from the
             # next connection on); a pair that does not load refuses the whole reload (ssl.SSLError is an
             # OSError) and the running context stays
             tls = tls_context(new)

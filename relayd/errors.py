@@ -10,8 +10,15 @@
           ├── TemporaryFailure   4xx, connection trouble, DNS timeout: retry on the schedule
           └── PermanentFailure   5xx, null MX, NXDOMAIN: record and stop
 
-Foreign exceptions (OSError, sqlite3.Error, aiosmtplib.SMTPException, dns.exception.DNSException) are
-mapped to these at the edge with ``raise ... from``, so the core never has to know which library failed.
+    SmtpError                 what the delivery SMTP client (relayd.queue.smtpclient) raises; the transport
+     │                        (relayd.queue.client) maps each to a DeliveryError, so none leaves relayd.queue
+     ├── SmtpReplyError       the server answered with an error code (``code``, ``message``)
+     ├── SmtpConnectError     the connection could not be made (also a ConnectionError)
+     ├── SmtpDisconnected     the connection was lost or the TLS handshake failed (also a ConnectionError)
+     └── SmtpTimeout          no reply in time (also a TimeoutError)
+
+Foreign exceptions (OSError, sqlite3.Error, dns.exception.DNSException) are mapped to these at the edge
+with ``raise ... from``, so the core never has to know which library failed.
 """
 
 from __future__ import annotations
@@ -58,3 +65,33 @@ class TemporaryFailure(DeliveryError):
 
 class PermanentFailure(DeliveryError):
     """Never try again (5xx reply, domain accepts no mail)."""
+
+
+class SmtpError(Exception):
+    """A failure of the delivery SMTP client; ``message`` is the text. Not a RelaydError: the transport maps
+    it to a :class:`DeliveryError` before it leaves the queue, so nothing above ever catches it."""
+
+    def __init__(self, message: str, /) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SmtpReplyError(SmtpError):
+    """The server answered with an error code; ``code`` -1 marks a reply too broken to read (temporary)."""
+
+    def __init__(self, code: int, message: str, /) -> None:
+        super().__init__(message)
+        self.code = code
+        self.args = (code, message)
+
+
+class SmtpConnectError(SmtpError, ConnectionError):
+    """The TCP connection to the server could not be made (a ConnectionError, as callers test for one)."""
+
+
+class SmtpDisconnected(SmtpError, ConnectionError):
+    """The server closed the connection, or the TLS handshake failed, before the reply was read."""
+
+
+class SmtpTimeout(SmtpError, TimeoutError):
+    """The server did not answer in time (a TimeoutError, so timeouts are counted alike wherever raised)."""

@@ -8,13 +8,9 @@ not had in time, the ``COMMIT`` and its fsync) goes to every job of the batch: n
 their rows are committed.
 
 Why on the event loop's thread, not a writer thread or an executor: on a busy machine every hand-over
-between threads waits for a CPU and for the GIL, twice per write (to the writer and back). Under
-bench/e2e.py's load (2 CPUs, all of them busy) a writer thread took 0.2-0.7 ms (p50) and 3-15 ms (p99) to
-pick a job up and another 1-1.5 ms (p50) and 5-6 ms (p99) to hand its outcome back, and a message needs
-three writes (caps, ledger, queue) one after the other: the server-side ``250`` path measured p50 12 ms,
-p99 38-45 ms. Run here, a batch costs the loop the time of the SQLite calls and the fsync (well under a
-millisecond at p50), and the ``250`` path measured p50 5.6-6.6 ms, p99 15-20 ms; the bench's probe saw its
-``250`` p99 fall from 40-58 ms to 20-26 ms in profile B, with the same throughput. The price: the loop
+between threads waits for a CPU and for the GIL, twice per write (to the writer and back), and a message
+needs three writes (caps, ledger, queue) one after the other. Run here, the server-side ``250`` path took
+about half as long as with a writer thread (figures: docs/performance.md). The price: the loop
 stands still for each batch's fsync. Here that is well under a millisecond; on a disk whose fsync takes
 10 ms every session of the process pauses that long, once per batch (all the messages that arrived
 meanwhile), not once per message. (A writer thread had also let a delivery process's garbage collections,

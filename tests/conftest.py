@@ -74,7 +74,7 @@ def _scratch_store(backend: str) -> Iterator[str | None]:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def store_config(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """Issue 7: the end-to-end policy and feedback suites run once per store backend (module scope: one
+    """The end-to-end policy and feedback suites run once per store backend (module scope: one
     daemon per backend). Pass it to ``Relayd(..., store=store_config)``."""
     with _scratch_store(request.param) as config:
         yield config

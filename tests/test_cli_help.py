@@ -1,4 +1,4 @@
-"""Issue 6: every subcommand has ``--help`` with an example."""
+"""Every subcommand has ``--help`` with an example."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 9, consent records and double opt-in.
+"""Consent records and double opt-in.
 
 Four layers, each against real things (no mocks):
 

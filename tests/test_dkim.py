@@ -172,8 +172,7 @@ MESSAGES: dict[str, bytes] = {
 
 
 def delivered(message: bytes) -> bytes:
-    """What the receiving MTA sees: CRLF everywhere and a final CRLF (aiosmtplib
-    ``normalize_message_line_endings``; RFC 5321 §4.1.1.4)."""
+    """What the receiving MTA sees: CRLF everywhere and a final CRLF (RFC 5321 §4.1.1.4)."""
     message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 

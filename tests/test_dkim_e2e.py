@@ -1,4 +1,4 @@
-"""Issue 4, signing end to end: what a real ``relayd serve`` delivers verifies with independent verifiers.
+"""Signing end to end: what a real ``relayd serve`` delivers verifies with independent verifiers.
 
 Keys come from ``relayd dkim keygen`` at test time (one rsa and one ed25519 selector for acme.example.test:
 dual signing, RFC 8463 §1); the public keys are taken from the zone lines it prints, so the verifiers get

@@ -11,7 +11,6 @@ them against regressions.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,9 +20,7 @@ from typing import Any
 
 import pytest
 
-CORPUS = Path(os.environ.get("RELAYD_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
-if not (CORPUS / "labels.jsonl").exists():
-    CORPUS = Path("/work/shared/corpus")
+from tests.corpus import CORPUS
 
 pytestmark = pytest.mark.skipif(not (CORPUS / "labels.jsonl").exists(), reason="bounce corpus not present")
 

@@ -18,8 +18,8 @@ from relayd.config import Config
 from relayd.queue.store import NewMessage, QueueStore
 from relayd.store import Event, Reason, Scope, SentRecord, SqliteStore, SuppressionEntry
 from relayd.tokens import make_token, new_queue_id, verp_token
+from tests.corpus import CORPUS
 
-CORPUS = Path("/work/shared/corpus")
 SECRET = b"feedback-test-secret-0123456789abcdef"
 INBOUND = "bounces.example.test"
 T0 = datetime(2026, 2, 1, 12, 0, tzinfo=UTC)

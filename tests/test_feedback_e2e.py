@@ -1,4 +1,4 @@
-"""Issue 5 end to end: what comes back (DSN, ARF, one-click) changes what goes out, through a real daemon."""
+"""End to end: what comes back (DSN, ARF, one-click) changes what goes out, through a real daemon."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ INBOUND = "bounces.example.test"
 def peers(
     tmp_path_factory: pytest.TempPathFactory, store_config: str | None
 ) -> Iterator[tuple[Relayd, Sink]]:
-    """Runs once on SQLite and once on PostgreSQL (issue 7: every inbound behaviour on both backends)."""
+    """Runs once on SQLite and once on PostgreSQL (every inbound behaviour must hold on both backends)."""
     with Sink() as sink:
         tmp = tmp_path_factory.mktemp("feedback")
         with Relayd(tmp, routes={"example.test": sink.port}, store=store_config) as relayd:

@@ -1,4 +1,4 @@
-"""Hostile clients (issue 10): slowloris, password guessing, abuse inputs, report floods.
+"""Hostile clients: slowloris, password guessing, abuse inputs, report floods.
 
 Raw sockets throughout, so nothing on the client side normalises or limits what we send. Each abuse gets a
 clear reply and relayd keeps serving a legitimate client; memory figures are in ``bench/hostile.py``.

@@ -1,4 +1,4 @@
-"""Issue 4, the rewrite end to end: what a real ``relayd serve`` delivers to an aiosmtpd sink.
+"""The rewrite end to end: what a real ``relayd serve`` delivers to an aiosmtpd sink.
 
 Every delivered copy carries ``List-Unsubscribe`` (one-click URL first, then the mailto, RFC 2369 / RFC 8058)
 with ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``, a per-recipient URL that is also the link in the

@@ -1,4 +1,4 @@
-"""Issue 7: several relayd nodes sharing their policy state in a real PostgreSQL act as one.
+"""Several relayd nodes sharing their policy state in a real PostgreSQL act as one.
 
 Each node is a real ``relayd serve`` process with its own local queue; they share the store (and the
 server secret, as the README tells operators to do, so a token minted by one node verifies on another).

@@ -1,4 +1,4 @@
-"""Issue 4, policy pipeline, end to end: a real ``relayd serve`` between smtplib and an aiosmtpd sink.
+"""Policy pipeline, end to end: a real ``relayd serve`` between smtplib and an aiosmtpd sink.
 
 What each rule blocks, and where: suppression by scope and reason (RCPT for global and account scope, DATA
 for list scope), expiry, discard patterns, spam traps, the re-check at dequeue, per-list send caps and
@@ -92,7 +92,7 @@ def _relayd(tmp: Path, sink: Sink, store: str | None) -> Relayd:
 def relayd(
     tmp_path_factory: pytest.TempPathFactory, sink: Sink, store_config: str | None
 ) -> Iterator[Relayd]:
-    """The suite runs once on SQLite and once on PostgreSQL (issue 7: every policy behaviour on both)."""
+    """The suite runs once on SQLite and once on PostgreSQL (every policy behaviour must hold on both)."""
     with _relayd(tmp_path_factory.mktemp("policy"), sink, store_config) as r:
         yield r
 

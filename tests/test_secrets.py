@@ -1,4 +1,4 @@
-"""Secrets (issue 10): created 0600, refused when others may read them, never in a log line.
+"""Secrets: created 0600, refused when others may read them, never in a log line.
 
 The log test runs a whole relayd life at ``--log-level debug`` (the most talkative setting, aiosmtpd's
 command echo included): AUTH, a submission signed with a DKIM key, a delivery, a synchronous bounce (5xx at

@@ -1,4 +1,4 @@
-"""STARTTLS on submission (issue 10): TLS 1.2+ only, modern ciphers, certificate reload on SIGHUP.
+"""STARTTLS on submission: TLS 1.2+ only, modern ciphers, certificate reload on SIGHUP.
 
 Old protocol versions are tried twice: with the ``openssl s_client`` CLI, and with Python's ssl on a client
 context capped at TLS 1.1 with ``@SECLEVEL=0`` ciphers (Debian's OpenSSL 3 refuses to even offer TLS 1.0/1.1

@@ -9,9 +9,11 @@ sequence of first arrivals is strictly increasing), across receiver outages, sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -521,10 +523,19 @@ async def test_empty_secret_and_duplicate_endpoint_fail_start(tmp_path: Path, st
     assert await store.get_webhook_cursor(endpoint_key("acme", "http://127.0.0.1:9/hook")) is None
 
 
-async def test_no_webhooks_configured_is_a_no_op(store: SqliteStore) -> None:
+async def test_no_webhooks_configured_is_a_no_op(store: SqliteStore, tmp_path: Path) -> None:
+    """Without endpoints start() starts no sender task and writes no cursor; events stay as they were."""
+    await store.record_event(ev("delivered", 1))
+    before = await store.max_event_id()
     dispatcher = WebhookDispatcher(Config.model_validate({}), store)
     await dispatcher.start()
-    await dispatcher.stop()
+    try:
+        assert [t for t in asyncio.all_tasks() if t.get_name().startswith("webhook")] == []
+        with contextlib.closing(sqlite3.connect(tmp_path / "relayd.db")) as db:
+            assert db.execute("SELECT count(*) FROM webhook_cursor").fetchone() == (0,)
+    finally:
+        await dispatcher.stop()
+    assert await store.max_event_id() == before == 1
 
 
 # -- (4) end to end: relayd serve ------------------------------------------------------------------------

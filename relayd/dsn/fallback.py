@@ -23,10 +23,8 @@ log = logging.getLogger(__name__)
 
 def recipients(raw: bytes) -> list[str]:
     """Addresses flufl.bounce considers failed (temporary or permanent), lower-cased."""
-    try:
-        from flufl.bounce import all_failures
-    except ImportError:  # pragma: no cover - declared dependency
-        return []
+    from flufl.bounce import all_failures
+
     msg = message.parse_message(bounded_copy(raw))
     if msg is None or sum(1 for _ in msg.walk()) > limits.MAX_PARTS:
         return []

@@ -1,7 +1,7 @@
 """Result types of DSN classification.
 
 Frozen dataclasses so that a report can cross module (and thread) lines without anyone
-mutating it; the lead's inbound listener, the CLI and the attribution step all read the
+mutating it; the inbound listener, the CLI and the attribution step all read the
 same object.
 """
 

@@ -62,14 +62,13 @@ from relayd.policy.render import (
     Renderer,
     prepare_message,
     read_meta,
-    unsubscribe_url,
 )
 from relayd.policy.rewrite import MimeError
 from relayd.policy.suppression import ListSuppressionRule, SuppressionRule, TransactionalSuppressionRule
 from relayd.policy.suspension import SUSPENDED_REPLY, AccountGate
 from relayd.store.base import Event, SentRecord, Store
 
-__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused", "unsubscribe_url"]
+__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class Pipeline:
             SpamtrapRule(cfg.policy.spamtraps),
             SuppressionRule(store, [n for n, a in cfg.accounts.items() if a.transactional]),
         )
-        # --- consent (issue 9): after list suppression (an unsubscribe wins over consent), before caps ---
+        # --- consent: after list suppression (an unsubscribe wins over consent), before caps ---
         self.message_rules: tuple[MessageRule, ...] = (
             ListSuppressionRule(store),
             ConsentRule(store, cfg),
@@ -272,7 +271,7 @@ class Pipeline:
         if msg_class is MessageClass.TRANSACTIONAL:
             return self.transactional_rules
         if lname:
-            return self.optin_rules if optin else self.message_rules  # consent (issue 9)
+            return self.optin_rules if optin else self.message_rules  # a confirmation mail is checked as one
         if self.cfg.accounts[account].transactional:
             return self.unlisted_checked_rules
         return self.unlisted_rules
@@ -349,6 +348,3 @@ class Pipeline:
                 v.rule,
                 v.reason,
             )
-
-
-__all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused"]

@@ -88,7 +88,7 @@ class Meta:
     headers: Message
     #: the list the message is mail of: List-Id's, or the one a confirmation mail's X-Relayd-Optin names
     list_name: str | None
-    optin: bool  # a confirmation mail (issue 9): the body's link is the confirm link
+    optin: bool  # a double opt-in confirmation mail: the body's link is the confirm link
     campaign: str | None
 
 
@@ -208,7 +208,7 @@ class Renderer:
             unsubscribe_url=_unsubscribe_url(public, unsub),
             unsubscribe_mailto=_unsubscribe_mailto(cfg.inbound.domains[0], unsub),
             relayd_id=relayd_id(secret, queue_id, index, address),
-            # consent (issue 9): the confirm link, tied to this ledger record (queue id, index)
+            # consent: the confirm link, tied to this ledger record (queue id, index)
             body_url=confirm_url(public, secret, queue_id, index, address) if prepared.optin else None,
         )
         if prepared.domain is None:

@@ -1,7 +1,7 @@
 """The SMTP client side of delivery: one transaction over a (possibly reused) connection.
 
 This is the transport seam of the queue: :meth:`Transport.send` either returns the final reply or raises
-:class:`TemporaryFailure` / :class:`PermanentFailure`; aiosmtplib and socket errors never leave this module.
+:class:`TemporaryFailure` / :class:`PermanentFailure`; SMTP client and socket errors never leave this module.
 
 * Opportunistic STARTTLS (``tls = "may"``, Postfix's ``smtp_tls_security_level = may``): used when offered,
   certificates not verified (there is no trust anchor for MX hosts without DANE/MTA-STS); a failed handshake
@@ -34,10 +34,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiosmtplib
-
 from relayd import metrics
-from relayd.errors import PermanentFailure, TemporaryFailure
+from relayd.errors import PermanentFailure, SmtpError, SmtpReplyError, SmtpTimeout, TemporaryFailure
 from relayd.queue import dane
 from relayd.queue.smtpclient import LeanSMTP
 from relayd.queue.tlspolicy import TlsLevel, handshake_result, unmet
@@ -85,9 +83,9 @@ def _fallback_reason(exc: BaseException) -> str:
     causes = (exc, exc.__cause__)
     if any(isinstance(e, ssl.SSLError) for e in causes):
         return "tls_error"
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
+    if isinstance(exc, SmtpReplyError):
         return "refused"  # the server answered STARTTLS with an error code
-    if any(isinstance(e, TimeoutError | aiosmtplib.SMTPTimeoutError) for e in causes):
+    if any(isinstance(e, TimeoutError | SmtpTimeout) for e in causes):
         return "timeout"
     if any(isinstance(e, ConnectionError) for e in causes):
         return "closed"  # the connection was cut in the handshake (what a stripping middlebox does)
@@ -210,10 +208,10 @@ class Transport:
         try:
             await client.connect(timeout=self._connect_timeout)
             await client.ehlo()
-        except aiosmtplib.SMTPResponseException as exc:
+        except SmtpReplyError as exc:
             client.close()
             raise _fail(exc.code, exc.message, f"greeting from {host}:{port}{source}") from exc
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except (SmtpError, OSError, TimeoutError) as exc:
             client.close()
             raise TemporaryFailure(f"connect to {host}:{port}{source}: {exc}") from exc
         if level.required and not client.supports_extension("starttls"):
@@ -226,7 +224,7 @@ class Transport:
             try:
                 context = self._context(level)
                 await client.starttls(context=context, server_hostname=name or host)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            except (SmtpError, OSError, TimeoutError) as exc:
                 client.close()
                 if level.required:
                     metrics.DELIVERY_TLS.labels(level.value, "failed").inc()
@@ -316,7 +314,7 @@ class Transport:
 
     async def _retire(self, conn: _Conn) -> None:
         """QUIT and close; the lane's count drops only once the server has seen the end."""
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        with contextlib.suppress(SmtpError, OSError, TimeoutError):
             if conn.client.is_connected:
                 await conn.client.quit(timeout=5)
         self._drop(conn)
@@ -420,7 +418,7 @@ class Transport:
             options.append(f"SIZE={len(data)}")
         try:
             code, text = await client.send(mail_from, rcpt, data, options)
-        except aiosmtplib.SMTPResponseException as exc:
+        except SmtpReplyError as exc:
             step = getattr(exc, "command", "DATA")
             err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step)
             if exc.code == 421 or not client.is_connected:
@@ -428,12 +426,12 @@ class Transport:
             else:
                 try:
                     await client.rset()
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                except (SmtpError, OSError, TimeoutError):
                     self._drop(conn)
                 else:
                     await self._checkin(conn)
             raise err from exc
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except (SmtpError, OSError, TimeoutError) as exc:
             # nothing answered on a connection that had been idle in the pool: the server closed it
             stale = not client.replied and conn.used > 0
             self._drop(conn)

@@ -1,15 +1,16 @@
 """A lean SMTP client for delivery: a transaction in two round trips with PIPELINING (RFC 2920), one with
 CHUNKING.
 
-Why not aiosmtplib here (it is still used nowhere else in delivery): it sends one command and waits for
+Why not aiosmtplib: it sends one command and waits for
 its reply before the next, and drops replies that arrive for commands it did not wait on, so it can't
 pipeline; it also re-parses every address with the stdlib header parser and re-normalises the whole
 message's line endings. Under load that was a third of relayd's CPU (py-spy, profile of 10 recipients a
 message). Delivery sends one transaction per recipient (VERP), so the per-transaction cost is what counts.
 
-The errors it raises are aiosmtplib's (``SMTPResponseException`` with ``code``/``message`` for a reply,
-``SMTPServerDisconnected``/``SMTPConnectError``/``SMTPTimeoutError`` for the connection), so the transport
-maps them exactly as before. A reply error also carries ``command`` ("MAIL", "RCPT", "DATA").
+The errors it raises are relayd's :class:`~relayd.errors.SmtpError` tree (``SmtpReplyError`` with
+``code``/``message`` for a reply, ``SmtpDisconnected``/``SmtpConnectError``/``SmtpTimeout`` for the
+connection), which the transport maps to delivery failures. A reply error also carries ``command`` ("MAIL",
+"RCPT", "DATA").
 
 With CHUNKING (RFC 3030) and PIPELINING offered, a transaction is one round trip: MAIL, RCPT, ``BDAT <n>
 LAST`` and the message in one write (Gmail, Microsoft and Postfix's smtpd offer both).
@@ -23,7 +24,7 @@ import asyncio
 import logging
 import ssl
 
-import aiosmtplib
+from relayd.errors import SmtpConnectError, SmtpDisconnected, SmtpReplyError, SmtpTimeout
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ MAX_REPLY_BYTES = 1024 * 1024
 _BDAT_EXPECTED = (("MAIL", (250,)), ("RCPT", (250, 251)), ("DATA", (250,)))
 
 
-class ReplyError(aiosmtplib.SMTPResponseException):
+class ReplyError(SmtpReplyError):
     def __init__(self, code: int, message: str, command: str) -> None:
         super().__init__(code, message)
         self.command = command
@@ -84,9 +85,7 @@ class LeanSMTP:
                 timeout,
             )
         except (OSError, TimeoutError) as exc:
-            raise aiosmtplib.SMTPConnectError(
-                f"Error connecting to {self.hostname} on port {self.port}: {exc}"
-            ) from exc
+            raise SmtpConnectError(f"Error connecting to {self.hostname} on port {self.port}: {exc}") from exc
         code, text = await self._reply()
         if code != 220:
             self.close()
@@ -135,7 +134,7 @@ class LeanSMTP:
             await asyncio.wait_for(self._writer.start_tls(ctx, server_hostname=name), self.timeout)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self.close()
-            raise aiosmtplib.SMTPServerDisconnected(f"TLS handshake failed: {exc}") from exc
+            raise SmtpDisconnected(f"TLS handshake failed: {exc}") from exc
         self.encrypted = True
         await self.ehlo()
 
@@ -216,7 +215,7 @@ class LeanSMTP:
 
     def _write(self, data: bytes) -> None:
         if self._writer is None or self._writer.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            raise SmtpDisconnected("Connection lost")
         self._writer.write(data)
 
     async def _command(self, line: str) -> tuple[int, str]:
@@ -233,10 +232,10 @@ class LeanSMTP:
 
         Of each reply the first :data:`MAX_REPLY_LINES` lines (:data:`MAX_REPLY_TEXT` characters) are
         kept and the rest read and dropped; a reply over :data:`MAX_REPLY_BYTES` closes the connection
-        with an ``SMTPResponseException`` (code -1: a temporary failure of the attempt)."""
+        with an ``SmtpReplyError`` (code -1: a temporary failure of the attempt)."""
         reader = self._reader
         if reader is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            raise SmtpDisconnected("Connection lost")
         out: list[tuple[int, str]] = []
         lines: list[str] = []
         kept = size = dropped = 0  # of the reply being read: characters kept, bytes read, lines dropped
@@ -247,21 +246,19 @@ class LeanSMTP:
                     raw = await reader.readline()
                     if not raw:
                         self.close()
-                        raise aiosmtplib.SMTPServerDisconnected("Unexpected EOF received")
+                        raise SmtpDisconnected("Unexpected EOF received")
                     size += len(raw)
                     if size > MAX_REPLY_BYTES:
                         self.replied = True
                         self.close()
-                        raise aiosmtplib.SMTPResponseException(
+                        raise SmtpReplyError(
                             -1,
                             f"Reply longer than {MAX_REPLY_BYTES} bytes: {lines[0][:100] if lines else ''}",
                         )
                     line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
                     if len(line) < 3 or not line[:3].isdigit():
                         self.close()
-                        raise aiosmtplib.SMTPResponseException(
-                            -1, f"Malformed SMTP response line: {line[:100]}"
-                        )
+                        raise SmtpReplyError(-1, f"Malformed SMTP response line: {line[:100]}")
                     if len(lines) < MAX_REPLY_LINES and kept < MAX_REPLY_TEXT:
                         text = line[4 : 4 + MAX_REPLY_TEXT - kept]
                         lines.append(text)
@@ -285,7 +282,7 @@ class LeanSMTP:
             return out
         except TimeoutError as exc:
             self.close()
-            raise aiosmtplib.SMTPTimeoutError("Timed out waiting for server response") from exc
+            raise SmtpTimeout("Timed out waiting for server response") from exc
         except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             self.close()
-            raise aiosmtplib.SMTPServerDisconnected(f"Connection lost: {exc}") from exc
+            raise SmtpDisconnected(f"Connection lost: {exc}") from exc

@@ -19,7 +19,7 @@ What this subclass changes, and why:
 * An exception in our own code answers ``451 4.3.0`` (our fault, temporary) and never shows its text;
   aiosmtpd's default is a ``500`` with the exception message.
 
-Hostile clients (issue 10), and what bounds the memory each one can make us use:
+Hostile clients, and what bounds the memory each one can make us use:
 
 * Idle and slow clients (slowloris) hold a connection slot, nothing else: the per-IP limit stops one source
   from taking them all, and ``command_timeout`` only restarts on a complete, recognised command, so dripping

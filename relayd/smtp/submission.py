@@ -10,7 +10,7 @@ later say.
 The ``250`` after DATA is sent only when the queue's commit holding the message has returned; a storage
 error answers ``451 4.3.0`` and the client keeps the message.
 
-Password guessing (issue 10) is slowed and then stopped by :class:`~relayd.smtp.ratelimit.AuthGuard`: each
+Password guessing is slowed and then stopped by :class:`~relayd.smtp.ratelimit.AuthGuard`: each
 failure waits longer before its ``535``, ``[submission] auth_max_failures`` failures from one client within
 ``auth_failure_window`` get ``421 4.7.0`` and a closed connection, and ``auth_account_max_failures``
 against one account name lock it for clients that have never logged in to it (the real application keeps
@@ -447,13 +447,13 @@ class SubmissionHandler:
             )
         self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
         try:
-            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # issue 10: queue_minfree
+            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # 452, not a full disk
         except BaseException as exc:
             self.handoff.forget(queue_id)
             if not isinstance(exc, StorageError):
                 raise
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
-            if isinstance(exc, InsufficientStorage):  # issue 10: the client keeps its message
+            if isinstance(exc, InsufficientStorage):  # 452: the client keeps its message
                 return INSUFFICIENT_STORAGE
             return "451 4.3.0 Temporary storage failure, try again later"
         self.handoff.submitted(msg, time.time())

@@ -2,8 +2,8 @@
 
 Why a Protocol per concern: the policy rules, the DSN/ARF feedback loop, the CLI and the web pages each need
 only one slice of the state (a suppression rule needs ``check``, the caps rule needs ``reserve_sends``), and
-typing each caller against its slice keeps fakes in unit tests small. One backend class (``SqliteStore``,
-later a PostgreSQL one) implements all of them; :class:`Store` is the union the daemon holds.
+typing each caller against its slice keeps fakes in unit tests small. Each backend class (``SqliteStore``,
+``PostgresStore``) implements all of them; :class:`Store` is the union the daemon holds.
 
 Conventions every backend keeps (the contract suite in ``tests/test_store_contract.py`` checks them):
 
@@ -474,7 +474,7 @@ class WebhookCursorStore(Protocol):
         ...
 
 
-# --- consent (issue 9) ---------------------------------------------------------------------------------
+# --- consent -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,9 @@ Why this shape:
   waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go, and each caller
   returns only once its rows are committed. SQLite's write lock is shared with the other worker processes;
   a transaction made of several aiosqlite calls holds it across event-loop turns, and under load the other
-  workers then slept in SQLite's busy handler: accepting a message took 35-60 ms (p50) and up to 0.5 s,
-  most of it waiting for the sent-ledger insert (measured with timers around each step of DATA, 2 workers,
-  10 recipients a message). Why not a writer thread either: relayd.sqlitewriter says. Rarer writes
+  workers then slept in SQLite's busy handler, most of an accepted message's time waiting for the
+  sent-ledger insert (figures: docs/performance.md). Why not a writer thread either: relayd.sqlitewriter
+  says. Rarer writes
   (suppression, account state, pruning) stay on the aiosqlite writer.
 * ``check`` pads its ``IN (...)`` list to a power of two so a handful of statement texts cover every batch
   size and stay in sqlite3's statement cache (no re-prepare per message).
@@ -868,7 +868,7 @@ class SqliteStore:
                 [key, event_id, _us(utcnow())],
             )
 
-    # -- consent (issue 9): consent records, confirmation mails sent ---------------------------------------
+    # -- consent: consent records, confirmation mails sent ---------------------------------------
 
     async def add_consent(self, records: Iterable[ConsentRecord]) -> int:
         rows = [

@@ -13,7 +13,7 @@ Routes::
     /api/v1/...       the tenant API when ``[http] api = true`` (relayd.web.api: its own keys, limits and
                       JSON errors)
 
-Rate limit (issue 10): each client address gets ``[http] rate_per_ip`` requests (token bucket, IPv6 by /64)
+Rate limit: each client address gets ``[http] rate_per_ip`` requests (token bucket, IPv6 by /64)
 to the token pages; beyond that ``429`` with ``Retry-After``, before any token is looked at. ``/healthz`` and
 ``/metrics`` for ``metrics_allow`` peers are not counted (monitoring polls them; they touch no store).
 Mailbox providers send one-click POSTs from a few addresses of their own, so the default is generous; behind
@@ -255,7 +255,7 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok", content_type="text/plain")
 
 
-# --- consent (issue 9): double opt-in confirm pages ----------------------------------------------------
+# --- consent: double opt-in confirm pages ----------------------------------------------------
 
 
 def _redirect_of(cfg: Config, account: str, list_name: str) -> str | None:
@@ -340,8 +340,8 @@ async def _confirm_post(request: web.Request) -> web.StreamResponse:
 def _add_routes(app: web.Application) -> None:
     app.router.add_get("/u/{token}", _show, allow_head=False)
     app.router.add_post("/u/{token}", _post)
-    app.router.add_get("/c/{token}", _confirm_show, allow_head=False)  # consent (issue 9)
-    app.router.add_post("/c/{token}", _confirm_post)  # consent (issue 9)
+    app.router.add_get("/c/{token}", _confirm_show, allow_head=False)  # double opt-in confirm page
+    app.router.add_post("/c/{token}", _confirm_post)  # the button on it confirms
     app.router.add_get("/healthz", _healthz, allow_head=False)
     app.router.add_get("/metrics", _metrics, allow_head=False)
 

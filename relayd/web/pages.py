@@ -182,7 +182,7 @@ def error_page(status: int, heading: str, text: str) -> str:
     return _page(f"{status} {heading}", f"<h1>{escape(heading)}</h1>\n<p>{escape(text)}</p>")
 
 
-# --- consent (issue 9): the double opt-in confirm pages, same look and rules as the unsubscribe pages ---
+# --- consent: the double opt-in confirm pages, same look and rules as the unsubscribe pages ---
 
 
 def optin_confirm_page(record: Subject) -> str:

@@ -1,4 +1,4 @@
-"""Schema version 5: consent records and the confirmation mails sent (double opt-in, issue 9).
+"""Schema version 5: consent records and the confirmation mails sent (double opt-in).
 
 ``consent`` holds one row per (account, list, address): the proof that the address asked for that list's
 mail (seeds/003 "double opt-in with proof", seeds/004 "date, time, IP of the sign-up"). It is keyed and
