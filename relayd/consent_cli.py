@@ -49,7 +49,6 @@ __all__ = [
     "ImportResult",
     "export_consents",
     "import_consents",
-    "record_json",
     "register",
     "run",
 ]
@@ -241,24 +240,6 @@ async def export_consents(
     return written
 
 
-def record_json(r: ConsentRecord) -> dict[str, Any]:
-    """One record as the ``--json`` object: the proof, with ``evidence`` as an object."""
-    try:
-        evidence = json.loads(r.evidence)
-    except ValueError:
-        evidence = {"text": r.evidence}
-    return {
-        "account": r.account,
-        "list": r.list,
-        "address": r.address,
-        "confirmed_at": _time(r.confirmed_at),
-        "ip": r.ip,
-        "user_agent": r.user_agent,
-        "source": r.source,
-        "evidence": evidence,
-    }
-
-
 # --- command line --------------------------------------------------------------------------------------
 
 
@@ -334,7 +315,7 @@ async def _main(args: argparse.Namespace, cfg: config_mod.Config) -> int:
                 for r in batch:
                     found += 1
                     if args.json:
-                        print(json.dumps(record_json(r), sort_keys=True))
+                        print(json.dumps(r.as_json(), sort_keys=True))
                     else:
                         print(
                             f"{r.account:<12} {r.list:<12} {r.address}  confirmed {_time(r.confirmed_at)}"

@@ -25,11 +25,12 @@ Exceptions::
 from __future__ import annotations
 
 import builtins
+import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from relayd.errors import StorageError
 
@@ -503,6 +504,24 @@ class ConsentRecord:
         object.__setattr__(self, "confirmed_at", as_utc(self.confirmed_at))
         if not self.account or not self.list or not self.address:
             raise ValueError("a consent record needs an account, a list and an address")
+
+    def as_json(self) -> dict[str, Any]:
+        """The proof as one JSON object (``relayd consent list --json``, the tenant API): ``evidence`` as
+        an object (text that is not JSON as ``{"text": ...}``), times in UTC with ``Z``."""
+        try:
+            evidence = json.loads(self.evidence)
+        except ValueError:
+            evidence = {"text": self.evidence}
+        return {
+            "account": self.account,
+            "list": self.list,
+            "address": self.address,
+            "confirmed_at": self.confirmed_at.isoformat().replace("+00:00", "Z"),
+            "ip": self.ip,
+            "user_agent": self.user_agent,
+            "source": self.source,
+            "evidence": evidence,
+        }
 
 
 class ConsentStore(Protocol):

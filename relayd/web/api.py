@@ -637,19 +637,10 @@ async def _events(request: web.Request) -> web.Response:
 
 
 def _consent_json(r: ConsentRecord) -> dict[str, Any]:
-    try:
-        evidence = json.loads(r.evidence)
-    except ValueError:
-        evidence = {"text": r.evidence}
-    return {
-        "list": r.list,
-        "address": r.address,
-        "confirmed_at": _time(r.confirmed_at),
-        "ip": r.ip,
-        "user_agent": r.user_agent,
-        "source": r.source,
-        "evidence": evidence,
-    }
+    """The record as ``relayd consent list --json`` shows it, without the account (the key's own)."""
+    doc = r.as_json()
+    del doc["account"]
+    return doc
 
 
 async def _consent_get(request: web.Request) -> web.Response:
