@@ -97,69 +97,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-def _fmt_time(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _with_queue(args: argparse.Namespace, fn: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
-    from relayd.queue.shards import QueueShards
-
-    cfg = _load(args)
-
-    async def main() -> int:
-        store = QueueShards(cfg.queue.path)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
-
-
-def _message_json(row: Any) -> dict[str, Any]:
-    return {
-        "queue_id": row.queue_id,
-        "account": row.account,
-        "mail_from": row.mail_from,
-        "list": row.list_name,
-        "created_at": _fmt_time(row.created_at),
-        "size": row.size,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state,
-                "attempts": r.attempts,
-                "next_attempt": _fmt_time(r.next_attempt) if r.state == "queued" else None,
-                "last_reply": r.last_reply,
-            }
-            for r in row.recipients
-        ],
-    }
-
-
-def cmd_queue(args: argparse.Namespace) -> int:
-    """``relayd queue show``: whole messages with their recipients (the other queue commands are in
-    relayd.queue_cli)."""
-
-    async def run(store: Any) -> int:
-        if args.action == "show":
-            code = 0
-            for qid in args.queue_id:
-                row = await store.show(qid)
-                if row is None:
-                    print(f"{qid}: no such message", file=sys.stderr)
-                    code = 1
-                    continue
-                print(json.dumps(_message_json(row), indent=None if args.json else 2))
-            return code
-        return 2
-
-    return _with_queue(args, run)
-
-
 def _with_store(
     args: argparse.Namespace, fn: Callable[[Any, config_mod.Config], Coroutine[Any, Any, int]]
 ) -> int:
@@ -508,10 +445,6 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     queue_cli.register(q, with_config)
-    sp = with_config(q.add_parser("show", help="show messages and their recipients"))
-    sp.add_argument("queue_id", nargs="*")
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=cmd_queue)
 
     acct = sub.add_parser("account", help="accounts: state, suspension, rates").add_subparsers(
         dest="action", required=True

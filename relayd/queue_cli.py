@@ -99,7 +99,41 @@ def _with_queue(args: argparse.Namespace, fn: Callable[[QueueShards, Any], Corou
     return asyncio.run(main())
 
 
-# --- list, summary ---------------------------------------------------------------------------------------
+# --- show, list, summary ---------------------------------------------------------------------------------
+
+
+def _message_json(row: Any) -> dict[str, Any]:
+    """``relayd queue show``: a whole message with its recipients."""
+    return {
+        "queue_id": row.queue_id,
+        "account": row.account,
+        "mail_from": row.mail_from,
+        "list": row.list_name,
+        "created_at": _iso(row.created_at),
+        "size": row.size,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state,
+                "attempts": r.attempts,
+                "next_attempt": _iso(r.next_attempt) if r.state == "queued" else None,
+                "last_reply": r.last_reply,
+            }
+            for r in row.recipients
+        ],
+    }
+
+
+async def _show(args: argparse.Namespace, queue: QueueShards, cfg: Any) -> int:
+    code = 0
+    for qid in args.queue_id:
+        row = await queue.show(qid)
+        if row is None:
+            print(f"{qid}: no such message", file=sys.stderr)
+            code = 1
+            continue
+        print(json.dumps(_message_json(row), indent=None if args.json else 2))
+    return code
 
 
 async def _list(args: argparse.Namespace, queue: QueueShards, cfg: Any) -> int:
@@ -374,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"relayd queue {args.action}: name what to {args.action}: {what}", file=sys.stderr)
         return 2
-    fn = {"list": _list, "summary": _summary, "cat": _cat}.get(args.action, _act)
+    fn = {"show": _show, "list": _list, "summary": _summary, "cat": _cat}.get(args.action, _act)
     return _with_queue(args, lambda queue, cfg: fn(args, queue, cfg))
 
 
@@ -420,3 +454,8 @@ def register(q: Any, with_config: Callable[[argparse.ArgumentParser], argparse.A
         if name == "drop":
             sp.add_argument("--recipient", help="recipient address")
         sp.set_defaults(fn=run)
+
+    sp = with_config(q.add_parser("show", help="show messages and their recipients"))
+    sp.add_argument("queue_id", nargs="*")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=run)
