@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from relayd.passwords import hash_password
+from relayd.core.passwords import hash_password
 from tests.harness import Relayd
 
 PASSWORD = "bench password"

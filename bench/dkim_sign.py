@@ -1,4 +1,4 @@
-"""Signatures per second for relayd.dkim and, for the record, dkimpy, on a 5 KB message.
+"""Signatures per second for relayd.mail.dkim and, for the record, dkimpy, on a 5 KB message.
 
     .venv/bin/python bench/dkim_sign.py [--seconds 2]
 
@@ -20,7 +20,7 @@ import dkim as dkimpy
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd.dkim import DkimKey, Signer, body_hash, keygen, load_key, split_message
+from relayd.mail.dkim import DkimKey, Signer, body_hash, keygen, load_key, split_message
 
 DOMAIN = "example.test"
 

@@ -2,7 +2,7 @@
 
 Reads every ``*.eml`` under DIR (default ``../shared/corpus``) once, then classifies
 the whole set repeatedly for about two seconds and prints messages per second for
-``relayd.dsn.classify`` and ``relayd.arf.parse``.
+``relayd.reports.dsn.classify`` and ``relayd.reports.arf.parse``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from relayd.arf import parse
-from relayd.dsn import classify
+from relayd.reports.arf import parse
+from relayd.reports.dsn import classify
 
 
 def _rate(fn: Callable[[bytes], object], messages: list[bytes], seconds: float = 2.0) -> float:

@@ -13,7 +13,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP, compat32
 
-from relayd.policy.rewrite import DEFAULT_HTML_TEMPLATE, DEFAULT_TEXT_TEMPLATE, FooterSpec, prepare
+from relayd.mail.rewrite import DEFAULT_HTML_TEMPLATE, DEFAULT_TEXT_TEMPLATE, FooterSpec, prepare
 
 SPEC = FooterSpec(
     DEFAULT_TEXT_TEMPLATE,

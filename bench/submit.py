@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.keeping_sink import KeepingSink
 from bench.loadgen import run_load
-from relayd.passwords import hash_password
+from relayd.core.passwords import hash_password
 
 
 def free_port() -> int:
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def pipeline_config(tmp: Path) -> str:
     """The whole policy pipeline: DKIM rsa-2048, imprint, caps on the list, discard patterns."""
-    from relayd.dkim import keygen
+    from relayd.mail.dkim import keygen
 
     key, _ = keygen("acme.example.test", "bench", "rsa", tmp / "dkim")
     return f"""

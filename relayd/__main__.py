@@ -2,6 +2,6 @@
 
 import sys
 
-from relayd.cli import main
+from relayd.cli.main import main
 
 sys.exit(main())

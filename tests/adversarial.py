@@ -2,7 +2,7 @@
 
 Each builder returns a complete message of about ``size`` bytes whose attacker-controlled
 text repeats the start of something a parser looks for without ever finishing it: the
-first pieces of a multi-piece phrase of :data:`relayd.dsn.patterns.PHRASES` (a lazy
+first pieces of a multi-piece phrase of :data:`relayd.reports.dsn.patterns.PHRASES` (a lazy
 ``a.*?b.*?c`` chain over that text is cubic), ``<script `` without a closing tag, ``<``
 followed by address characters, SMTP continuation prefixes. They are shared by
 ``tests/test_redos.py`` (hang detection) and ``bench/adversarial.py`` /
@@ -11,7 +11,7 @@ followed by address characters, SMTP continuation prefixes. They are shared by
 
 from __future__ import annotations
 
-from relayd.dsn.patterns import PHRASES
+from relayd.reports.dsn.patterns import PHRASES
 
 #: The filler of the headline attack: the first two pieces of "mailbox ... exceeded"-style
 #: phrases, never followed by what completes them.

@@ -1,6 +1,6 @@
 """Independent DKIM verifiers for the tests: dkimpy, Perl Mail::DKIM and libopendkim.
 
-None of them shares code with :mod:`relayd.dkim`, and none touches the network: the public keys are given
+None of them shares code with :mod:`relayd.mail.dkim`, and none touches the network: the public keys are given
 as ``records`` (``"<selector>._domainkey.<domain>"`` -> TXT text, unquoted), e.g. parsed from what
 ``relayd dkim keygen`` prints with :func:`records_from_zone_lines`.
 

@@ -27,7 +27,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd.passwords import hash_password
+from relayd.core.passwords import hash_password
 
 PASSWORD = "s3cret-Passw0rd"
 # hash once per test session: scrypt is slow on purpose

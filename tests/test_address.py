@@ -1,4 +1,4 @@
-"""relayd.address.normalize: canonical forms, rejections, and the never-raise/idempotence properties."""
+"""relayd.core.address.normalize: canonical forms, rejections, and the never-raise/idempotence properties."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relayd.address import IDNA_IMPLEMENTATION, AddressError, normalize
+from relayd.core.address import IDNA_IMPLEMENTATION, AddressError, normalize
 
 
 @pytest.mark.parametrize(

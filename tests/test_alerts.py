@@ -1,7 +1,8 @@
 """``conf/alerts.yml`` and ``conf/grafana-dashboard.json`` against promtool and relayd's own metric families.
 
 An alert on a metric relayd does not export never fires, silently; a dashboard panel on one stays empty.
-So every metric name in every rule and panel must be ``up`` or a family in :data:`relayd.metrics.REGISTRY`.
+So every metric name in every rule and panel must be ``up`` or a family in
+:data:`relayd.core.metrics.REGISTRY`.
 promtool checks the rules' syntax and, in a unit test built here, that the main alerts fire when they should
 and stay quiet when they should. CI installs promtool (Debian package ``prometheus``): without it the
 promtool tests fail rather than skip, so a broken CI image cannot pass unnoticed.
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relayd.metrics import REGISTRY
+from relayd.core.metrics import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "conf" / "alerts.yml"

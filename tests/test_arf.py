@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from relayd.arf import ArfReport, parse
+from relayd.reports.arf import ArfReport, parse
 from tests.test_dsn_corpus import CORPUS, _labels, _to_crlf
 
 pytestmark = pytest.mark.skipif(not (CORPUS / "labels.jsonl").exists(), reason="corpus not present")

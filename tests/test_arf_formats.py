@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from relayd.arf import parse
+from relayd.reports.arf import parse
 
 ORIGINAL_HEADERS = """\
 Received: from mta1.acme.example.test (mta1.acme.example.test [192.0.2.10])

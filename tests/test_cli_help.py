@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from relayd.cli import build_parser
+from relayd.cli.main import build_parser
 
 
 def _leaves(

@@ -1,7 +1,8 @@
 """Double opt-in can't be faked: ``{{confirm_url}}`` only where a person clicks, and a confirmation mail to a
 spam trap is recorded without counting against the account.
 
-The placement check on its own (:func:`relayd.policy.confirmlink.misplaced_confirm_link`) over a table of
+The placement check on its own (:func:`relayd.policy.rules.confirmlink.misplaced_confirm_link`) over a table
+of
 messages, each decoded as the rewrite decodes it (quoted-printable, base64); then end to end through a
 real ``relayd serve`` and an aiosmtpd sink: the refusal, the link as delivered, and the spam trap typed into
 a sign-up form.
@@ -37,9 +38,9 @@ def confirmation(
 
 
 def misplaced(raw: bytes) -> str | None:
-    """:func:`relayd.policy.confirmlink.misplaced_confirm_link` (imported here, so that the end-to-end
+    """:func:`relayd.policy.rules.confirmlink.misplaced_confirm_link` (imported here, so that the end-to-end
     tests below also run against a relayd without that module)."""
-    from relayd.policy.confirmlink import misplaced_confirm_link
+    from relayd.policy.rules.confirmlink import misplaced_confirm_link
 
     return misplaced_confirm_link(raw)
 
@@ -151,7 +152,7 @@ def test_html_scan_never_raises_and_finds_nothing_without_the_placeholder(pieces
 
 
 def test_an_html_part_too_long_to_check_is_refused() -> None:
-    from relayd.policy.confirmlink import MAX_HTML
+    from relayd.policy.rules.confirmlink import MAX_HTML
 
     body = f'<a href="{PH}">Yes</a>' + "<p>padding</p>\r\n" * (MAX_HTML // 16 + 1)
     assert misplaced(confirmation(body)) == "an HTML part of more than 1024 KiB (too long to check)"

@@ -32,19 +32,19 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relayd import metrics
+from relayd.cli.consent import COLUMNS, export_consents, import_consents
 from relayd.config import Config
-from relayd.consent_cli import COLUMNS, export_consents, import_consents
-from relayd.dkim import Signer
-from relayd.policy.consent import OPTIN_WINDOW, OptinHeaderError
+from relayd.core import metrics
+from relayd.core.tokens import new_queue_id
+from relayd.edge.web import create_app, start_web
+from relayd.mail.dkim import Signer
 from relayd.policy.model import Verdict
 from relayd.policy.pipeline import AllDropped, Pipeline, Processed
-from relayd.policy.suspension import AccountGate
+from relayd.policy.rules.consent import OPTIN_WINDOW, OptinHeaderError
+from relayd.policy.rules.suspension import AccountGate
 from relayd.store import Reason, Scope, SqliteStore, SuppressionEntry
 from relayd.store.base import ConsentRecord, Store
 from relayd.store.migrations import LATEST_VERSION
-from relayd.tokens import new_queue_id
-from relayd.web import create_app, start_web
 from tests.harness import PASSWORD_HASH, RELAYD, Relayd, Sink, submit_each, wait_until
 
 BACKENDS = ["sqlite"]
@@ -711,7 +711,7 @@ require_consent = true
 
 
 def consent_cli(relayd: Relayd, *args: str) -> subprocess.CompletedProcess[str]:
-    """``relayd consent ARGS --config ...`` (through the module until relayd.cli wires it in)."""
+    """``relayd consent ARGS --config ...`` (through the module until relayd.cli.main wires it in)."""
     return subprocess.run(
         [sys.executable, "-m", "relayd", "consent", *args, "--config", str(relayd.config)],
         capture_output=True,

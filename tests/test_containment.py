@@ -1,6 +1,7 @@
 """Containment: no report and no remote reply can stall relayd, whatever the parsers do with it.
 
-* Reports are parsed in a child process (:mod:`relayd.parseworker`) with a hard time limit: a parse that
+* Reports are parsed in a child process (:mod:`relayd.reports.parseworker`) with a hard time limit: a parse
+that
   never ends is cut off, its report kept as an ``unclassified`` event acting on nobody, the child replaced,
   and the listeners answer all along. The slow parse is made deterministic two ways: a parser target that
   loops forever (the worker alone), and a real daemon's parser child stopped with SIGSTOP.
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from relayd import config, parseworker
-from relayd.errors import PermanentFailure, TemporaryFailure
-from relayd.parseworker import ParseAbandoned, ParsedReport, ParserBusy, ParseWorker, parse_report
-from relayd.queue.client import Transport
-from relayd.queue.smtpclient import MAX_REPLY_LINES, MAX_REPLY_TEXT
+from relayd import config
+from relayd.core.errors import PermanentFailure, TemporaryFailure
+from relayd.queue.transport.client import Transport
+from relayd.queue.transport.smtpclient import MAX_REPLY_LINES, MAX_REPLY_TEXT
+from relayd.reports import parseworker
+from relayd.reports.parseworker import ParseAbandoned, ParsedReport, ParserBusy, ParseWorker, parse_report
 from tests.adversarial import adversarial_dsn
 from tests.harness import PASSWORD, Relayd, Sink, message, wait_for_port, wait_until
 from tests.test_feedback_e2e import _deliver, _dsn, _suppressions, _verp
@@ -150,7 +152,7 @@ def test_parse_timeout_defaults_to_10s_and_the_example_config_documents_it() -> 
 
 
 def _parser_child(relayd: Relayd) -> int | None:
-    """The pid of the daemon's report parser child (a child process running relayd.parseworker)."""
+    """The pid of the daemon's report parser child (a child process running relayd.reports.parseworker)."""
     assert relayd.proc is not None
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -158,7 +160,9 @@ def _parser_child(relayd: Relayd) -> int | None:
         with contextlib.suppress(OSError):
             status = (entry / "status").read_text()
             ppid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
-            ours = ppid == relayd.proc.pid and b"relayd.parseworker" in (entry / "cmdline").read_bytes()
+            ours = (
+                ppid == relayd.proc.pid and b"relayd.reports.parseworker" in (entry / "cmdline").read_bytes()
+            )
             if ours and "\nState:\tZ" not in status:
                 return int(entry.name)
     return None

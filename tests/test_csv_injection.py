@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.consent_cli import export_consents, import_consents
+from relayd.cli.consent import export_consents, import_consents
 from relayd.store import Reason, Scope, SqliteStore, Store, SuppressionEntry
 from relayd.store.base import ConsentRecord
 from relayd.store.csvio import export_csv, import_csv

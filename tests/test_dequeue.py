@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from relayd.core.models import DueRecipient
 from relayd.policy.dequeue import Decision, DequeueCheck
-from relayd.policy.suspension import AccountGate
-from relayd.queue.store import DueRecipient
+from relayd.policy.rules.suspension import AccountGate
 from relayd.store import Reason, Scope, SqliteStore, SuppressionEntry
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from relayd.core.tokens import new_queue_id
 from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore
-from relayd.tokens import new_queue_id
 from tests.endurance.disk import SmallDisk, unavailable
 from tests.harness import Relayd, Sink, message, wait_until
 

@@ -1,4 +1,4 @@
-"""relayd.dkim: signatures checked by three verifiers that share no code with ours.
+"""relayd.mail.dkim: signatures checked by three verifiers that share no code with ours.
 
 - dkimpy (Python; also the reference for canonicalization and body hashes),
 - Perl Mail::DKIM (Debian libmail-dkim-perl; the installed 1.20230212 has rsa-sha256 only, so ed25519 is
@@ -7,7 +7,7 @@
   "file" key query method. ``opendkim-testmsg`` cannot be used: it verifies only against live DNS.
 
 Each verifier runs without network: the public keys come from keys generated at test time with
-:func:`relayd.dkim.keygen`. Every check also runs on a tampered copy, so a verifier harness that passes
+:func:`relayd.mail.dkim.keygen`. Every check also runs on a tampered copy, so a verifier harness that passes
 everything cannot go unnoticed.
 """
 
@@ -31,7 +31,7 @@ from dkim.canonicalization import Relaxed
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.dkim import (
+from relayd.mail.dkim import (
     BodyHash,
     DkimKey,
     DkimKeyError,

@@ -33,11 +33,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relayd.cli.doctor import run_checks
 from relayd.config import Config
-from relayd.desk import dmarc
-from relayd.desk.dmarc import MAX_XML, Refused, decompress_gzip, read_mail, unzip_one
 from relayd.desk.dmarcstats import counts_of
-from relayd.doctor import run_checks
+from relayd.reports import dmarc
+from relayd.reports.dmarc import MAX_XML, Refused, decompress_gzip, read_mail, unzip_one
 from relayd.store import Store
 from tests.harness import PASSWORD_HASH, Relayd, free_port, wait_until
 from tests.test_alerts import ALERTS, _promtool, _series

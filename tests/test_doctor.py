@@ -1,4 +1,4 @@
-"""``relayd.doctor`` against a real DNS server on loopback (a dnspython responder, UDP and TCP).
+"""``relayd.cli.doctor`` against a real DNS server on loopback (a dnspython responder, UDP and TCP).
 
 The zone has one domain where everything is right (``a.test``, plus ``news.a.test`` relying on it), one
 where each record is wrong in its own way (``b.test``), and one whose server fails (``broken.test``).
@@ -21,9 +21,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from relayd.cli.doctor import Check, format_table, run_checks
 from relayd.config import Config
-from relayd.dkim import keygen
-from relayd.doctor import Check, format_table, run_checks
+from relayd.mail.dkim import keygen
 
 # A TXT set of the size real apex domains have (site verification tokens next to SPF): over 512 bytes, so
 # the UDP answer is truncated and the lookup has to be retried over TCP (RFC 7766), as in the wild.

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import trustme
 
+from relayd.cli.doctor import Check, format_table, run_checks
 from relayd.config import Config
-from relayd.doctor import Check, format_table, run_checks
 from tests.dnszone import PolicyServer, Zone
 
 CA = trustme.CA()

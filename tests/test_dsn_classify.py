@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from relayd.dsn import BouncedRecipient, DsnReport, classify, classify_reply, rfc3464, smtptext
-from relayd.dsn.reasons import Evidence, decide, is_hard
+from relayd.reports.dsn import BouncedRecipient, DsnReport, classify, classify_reply, rfc3464, smtptext
+from relayd.reports.dsn.reasons import Evidence, decide, is_hard
 
 DSN = b"""\
 From: Mail Delivery System <MAILER-DAEMON@mx.example.net>

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from relayd.dsn import heuristics, reasons, smtptext
-from relayd.dsn.reasons import Evidence, classify_reply, decide, is_hard
+from relayd.reports.dsn import heuristics, reasons, smtptext
+from relayd.reports.dsn.reasons import Evidence, classify_reply, decide, is_hard
 
 
 @pytest.mark.parametrize(

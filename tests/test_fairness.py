@@ -7,8 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from relayd.queue.shards import shard_path
 from relayd.queue.store import NewMessage, QueueStore, StoredData
-from relayd.supervisor import shard_path
 from tests.harness import Relayd, message, wait_until
 from tests.test_shaping import CountingSink, submit_many
 

@@ -1,4 +1,5 @@
-"""Attribution and effects of bounces, complaints and mailto unsubscribes (relayd.feedback), on a real
+"""Attribution and effects of bounces, complaints and mailto unsubscribes (relayd.feedback.handlers), on a
+real
 SqliteStore and QueueStore. Report bodies are corpus samples with their recipient rewritten to ours, or
 RFC 3464/5965 reports built here when a test needs one exact field."""
 
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from relayd import feedback
 from relayd.config import Config
+from relayd.core.tokens import make_token, new_queue_id, verp_token
+from relayd.feedback import handlers as feedback
 from relayd.queue.store import NewMessage, QueueStore
 from relayd.store import Event, Reason, Scope, SentRecord, SqliteStore, SuppressionEntry
-from relayd.tokens import make_token, new_queue_id, verp_token
 from tests.corpus import CORPUS
 
 SECRET = b"feedback-test-secret-0123456789abcdef"

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from relayd import config as config_mod
-from relayd.dkim import Signer
+from relayd.core.tokens import new_queue_id
+from relayd.mail.dkim import Signer
 from relayd.policy.render import Renderer, prepare_message, read_meta
 from relayd.queue.handoff import MAX_DATAGRAM, Announcer, Receiver, channel
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.store import NewMessage, QueueStore, State
-from relayd.tokens import new_queue_id
 from tests.harness import Sink, config_text, free_port, message
 
 SECRET = b"k" * 32

@@ -358,7 +358,7 @@ def test_forged_report_floods_are_rate_limited_and_change_nothing(tmp_path: Path
 
 
 def test_rate_limit_keys_and_buckets() -> None:
-    from relayd.smtp.ratelimit import AuthGuard, RateLimiter, source_key
+    from relayd.edge.ratelimit import AuthGuard, RateLimiter, source_key
 
     assert source_key("2001:db8:1:2:3:4:5:6") == source_key("2001:db8:1:2::9") == "2001:db8:1:2::/64"
     assert source_key("::ffff:192.0.2.1") == "192.0.2.1"

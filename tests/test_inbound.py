@@ -2,7 +2,8 @@
 and the whole loop submit -> bounce/complaint -> the next RCPT refused.
 
 Until the daemon starts the inbound listener, the server here is our protocol factory on
-``loop.create_server`` (exactly what :func:`relayd.smtp.inbound.start_inbound` binds), driven by smtplib in
+``loop.create_server`` (exactly what :func:`relayd.edge.smtp.inbound.start_inbound` binds), driven by smtplib
+in
 a thread; the submission side is the real submission listener with the real policy pipeline.
 """
 
@@ -20,16 +21,17 @@ from typing import Any
 import pytest
 
 from relayd.config import Config
-from relayd.dkim import Signer
-from relayd.errors import StorageError
+from relayd.core.errors import StorageError
+from relayd.core.models import DueRecipient
+from relayd.core.tokens import make_token, new_queue_id, verp_address
+from relayd.edge.smtp.inbound import InboundHandler, inbound_protocol, role_of, start_inbound
+from relayd.edge.smtp.protocol import ConnectionLimits
+from relayd.edge.smtp.submission import SubmissionHandler, start_submission
+from relayd.mail.dkim import Signer
 from relayd.policy.pipeline import Pipeline
-from relayd.policy.suspension import AccountGate
-from relayd.queue.store import DueRecipient, NewMessage, QueueStore
-from relayd.smtp.inbound import InboundHandler, inbound_protocol, role_of, start_inbound
-from relayd.smtp.protocol import ConnectionLimits
-from relayd.smtp.submission import SubmissionHandler, start_submission
+from relayd.policy.rules.suspension import AccountGate
+from relayd.queue.store import NewMessage, QueueStore
 from relayd.store import Reason, Scope, SqliteStore
-from relayd.tokens import make_token, new_queue_id, verp_address
 from tests.test_feedback import CORPUS, INBOUND, SECRET, arf_report, corpus, dsn_report, make_config
 
 

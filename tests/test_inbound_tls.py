@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 from relayd.config import load
-from relayd.errors import ConfigError
+from relayd.core.errors import ConfigError
 from tests.harness import Relayd, Sink, wait_until
 
 CA = trustme.CA()

@@ -1,6 +1,6 @@
 """A process loads only the libraries its role uses (each costs memory in every worker process).
 
-A delivery process imports :mod:`relayd.daemon` but never serves HTTP or talks to PostgreSQL: aiohttp
+A delivery process imports :mod:`relayd.app.daemon` but never serves HTTP or talks to PostgreSQL: aiohttp
 (~13 MB per process) and asyncpg (~6 MB) must not come with it. Checked in a fresh interpreter, since this
 one has long imported both.
 """
@@ -12,11 +12,11 @@ import sys
 
 CHECK = """
 import sys
-import relayd.daemon, relayd.store, relayd.web.unsubscribe
+import relayd.app.daemon, relayd.store, relayd.feedback.unsubscribe
 loaded = lambda: sorted(m for m in ("aiohttp", "asyncpg") if m in sys.modules)
 print(loaded())
 from relayd.store import PostgresStore
-from relayd.web import create_app
+from relayd.edge.web import create_app
 print(PostgresStore.__name__, create_app.__name__, loaded())
 """
 

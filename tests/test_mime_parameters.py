@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.policy.headers import MAX_PARAMETERS, check_parameter_counts
-from relayd.policy.rewrite import MimeError
+from relayd.mail.headers import MAX_PARAMETERS, check_parameter_counts
+from relayd.mail.rewrite import MimeError
 from tests.harness import Relayd, Sink, message
 
 

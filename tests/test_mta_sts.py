@@ -23,7 +23,7 @@ from aiosmtpd.smtp import Envelope, Session
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.queue.mtasts import (
+from relayd.queue.transport.mtasts import (
     MAX_AGE_CAP,
     Mode,
     PolicyError,

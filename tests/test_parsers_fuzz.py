@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.arf import ArfReport, parse
-from relayd.dsn import DsnReport, classify
+from relayd.reports.arf import ArfReport, parse
+from relayd.reports.dsn import DsnReport, classify
 from tests.test_dsn_corpus import CORPUS
 
 SAMPLES = sorted(CORPUS.glob("*/*.eml")) if CORPUS.exists() else []

@@ -10,7 +10,7 @@ import threading
 import tomllib
 from pathlib import Path
 
-from relayd.passwords import hash_password, verify_password
+from relayd.core.passwords import hash_password, verify_password
 from tests.harness import PASSWORD, PASSWORD_HASH, RELAYD, Relayd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ class Counting:
         self.calls: list[tuple[int, int, int]] = []
 
     def __call__(self, h: object, password: str) -> bool:
-        from relayd.passwords import ScryptHash
+        from relayd.core.passwords import ScryptHash
 
         assert isinstance(h, ScryptHash)
         self.calls.append((h.n, h.r, h.p))
@@ -119,7 +119,7 @@ class Counting:
 
 
 async def test_a_successful_check_is_remembered_and_failures_never_are() -> None:
-    from relayd.passwords import PasswordChecker, parse_hash
+    from relayd.core.passwords import PasswordChecker, parse_hash
 
     now = [0.0]
     verify = Counting()
@@ -139,7 +139,7 @@ async def test_a_successful_check_is_remembered_and_failures_never_are() -> None
 
 
 async def test_a_changed_password_hash_forgets_remembered_logins() -> None:
-    from relayd.passwords import PasswordChecker, parse_hash
+    from relayd.core.passwords import PasswordChecker, parse_hash
 
     verify = Counting()
     checker = PasswordChecker(verify=verify)
@@ -156,7 +156,7 @@ async def test_a_changed_password_hash_forgets_remembered_logins() -> None:
 
 
 async def test_remembered_logins_are_bounded() -> None:
-    from relayd.passwords import PasswordChecker, parse_hash
+    from relayd.core.passwords import PasswordChecker, parse_hash
 
     checker = PasswordChecker(max_entries=3)
     checker.configure({f"a{i}": parse_hash(PASSWORD_HASH) for i in range(6)})
@@ -168,7 +168,7 @@ async def test_remembered_logins_are_bounded() -> None:
 async def test_every_failure_costs_one_check_at_the_same_cost_whatever_the_account() -> None:
     """Unknown names, accounts with only `networks` and `password_file` accounts: one scrypt check with
     the parameters the configured hashes use, as for a wrong password on a real account."""
-    from relayd.passwords import PasswordChecker, PlainPassword, parse_hash
+    from relayd.core.passwords import PasswordChecker, PlainPassword, parse_hash
 
     verify = Counting()
     checker = PasswordChecker(verify=verify)
@@ -184,7 +184,7 @@ async def test_every_failure_costs_one_check_at_the_same_cost_whatever_the_accou
 
 
 async def test_checks_run_off_the_event_loop_at_most_two_at_a_time() -> None:
-    from relayd.passwords import PasswordChecker, parse_hash
+    from relayd.core.passwords import PasswordChecker, parse_hash
 
     release = threading.Event()
     lock = threading.Lock()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from relayd import config as config_mod
-from relayd import retention
+from relayd.app import retention
 from relayd.desk import inbox
 from relayd.desk.inbox import MAX_RAW, PER_SOURCE_HOUR, Kind
 from relayd.store import Store

@@ -28,10 +28,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd import metrics
 from relayd.config import load
-from relayd.errors import ConfigError
-from relayd.smtp.protocol import ConnectionLimits, StrictSMTP
+from relayd.core import metrics
+from relayd.core.errors import ConfigError
+from relayd.edge.smtp.protocol import ConnectionLimits, StrictSMTP
 from tests.harness import PASSWORD, Relayd, Sink, free_port, message, wait_for_port, wait_until
 
 POSTMASTER = b"postmaster@bounces.example.test"
@@ -237,7 +237,7 @@ def test_data_over_the_process_budget_gets_452_and_the_retry_is_accepted(tmp_pat
 def _budget_server(budget_bytes: int) -> tuple[Any, ConnectionLimits, Any]:
     """Handler, limits and protocol factory of an in-process StrictSMTP whose DATA hook accepts, raises or
     hangs by Subject (so every way a DATA can end is exercised)."""
-    from relayd.smtp.protocol import DataBudget
+    from relayd.edge.smtp.protocol import DataBudget
 
     class Hooks:
         def __init__(self) -> None:
@@ -602,7 +602,7 @@ def flaky_tls_mx() -> Iterator[tuple[int, TlsSeen, ssl.SSLContext]]:
 async def test_failed_starttls_falls_back_for_the_ttl_then_tls_is_tried_again(
     flaky_tls_mx: tuple[int, TlsSeen, ssl.SSLContext],
 ) -> None:
-    from relayd.queue.client import Transport
+    from relayd.queue.transport.client import Transport
 
     port, handler, ctx = flaky_tls_mx
     now = [1000.0]

@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.arf import ArfReport
-from relayd.arf import parse as arf_parse
-from relayd.dsn import DsnReport, classify, classify_reply, heuristics, message, rfc3464, smtptext
-from relayd.dsn.patterns import PHRASES, mentions
+from relayd.reports.arf import ArfReport
+from relayd.reports.arf import parse as arf_parse
+from relayd.reports.dsn import DsnReport, classify, classify_reply, heuristics, message, rfc3464, smtptext
+from relayd.reports.dsn.patterns import PHRASES, mentions
 from tests import adversarial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ TOKEN = "abcdefghijklmnop-1-abcdefghijklmnop"
 
 def _tokens() -> list[list[str]]:
     """The report token scan (trace header, VERP, unsubscribe) after a flood of blank lines."""
-    from relayd.feedback import tokens_in
+    from relayd.feedback.handlers import tokens_in
 
     out = []
     for size in SIZES:

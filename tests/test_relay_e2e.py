@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from relayd.tokens import verify_token, verp_token
+from relayd.core.tokens import verify_token, verp_token
 from tests.harness import PASSWORD, PostfixSink, Relayd, Sink, message, split_delivered, wait_until
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from relayd import feedback, reputation, retention
+from relayd.app import retention
 from relayd.config import Config, load
-from relayd.errors import ConfigError
+from relayd.core.errors import ConfigError
+from relayd.core.tokens import make_token, new_queue_id
+from relayd.feedback import handlers as feedback
+from relayd.feedback import reputation
 from relayd.queue.store import QueueStore
 from relayd.store import Event, SentRecord, SqliteStore, Store
 from relayd.store.postgresql import PostgresStore
-from relayd.tokens import make_token, new_queue_id
 from tests.test_feedback import SECRET, T0, arf_report, dsn_report, make_config
 
 DAY = timedelta(days=1)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from relayd import feedback, reputation
+from relayd.core.tokens import make_token, new_queue_id
+from relayd.feedback import handlers as feedback
+from relayd.feedback import reputation
 from relayd.queue.store import QueueStore
 from relayd.store import Event, SentRecord, SqliteStore, SuspendReason
-from relayd.tokens import make_token, new_queue_id
 from tests.test_feedback import SECRET, T0, Env, arf_report, make_config
 
 

@@ -1,4 +1,4 @@
-"""relayd.policy.rewrite: headers, footers in every text part, structure kept, broken MIME refused.
+"""relayd.mail.rewrite: headers, footers in every text part, structure kept, broken MIME refused.
 
 Every rendered message is checked the same way (``check_message``): canonical CRLF, lines <= 998, each new
 field exactly once, the app's other header fields byte-exact, and a parallel walk of the stdlib trees of
@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.policy.rewrite import (
+from relayd.mail.rewrite import (
     DEFAULT_HTML_TEMPLATE,
     DEFAULT_TEXT_TEMPLATE,
     FooterSpec,

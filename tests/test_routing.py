@@ -13,7 +13,7 @@ import dns.rrset
 import pytest
 
 from relayd.config import DeliveryConfig
-from relayd.errors import PermanentFailure, TemporaryFailure
+from relayd.core.errors import PermanentFailure, TemporaryFailure
 from relayd.queue.routing import Router
 
 ZONE: dict[tuple[str, str], list[str]] = {

@@ -199,7 +199,7 @@ def test_rsa_dkim_key_under_2048_bits_refuses_to_start(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from relayd.dkim import DkimKeyError, keygen
+    from relayd.mail.dkim import DkimKeyError, keygen
 
     key = tmp_path / "short.pem"
     pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd import config
 from relayd.config import Config
-from relayd.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
+from relayd.core.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relayd.queue.routing import Route
 from relayd.queue.shaping import Lane, Rule, ShapingTable, Signal, Source, classify
 from tests.harness import PASSWORD, Relayd, free_port, message, wait_until

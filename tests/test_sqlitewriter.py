@@ -1,4 +1,5 @@
-"""relayd.sqlitewriter and relayd.sqlitelock: jobs waiting together commit together; a failing job is rolled
+"""relayd.store.sqlitewriter and relayd.store.sqlitelock: jobs waiting together commit together; a failing
+job is rolled
 back alone; a failed transaction fails every job in it; stop() commits what was given first; waiting for
 another connection's write lock lets the event loop go on. On real SQLite files."""
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.sqlitelock import write_lock
-from relayd.sqlitewriter import SqliteWriter
+from relayd.store.sqlitelock import write_lock
+from relayd.store.sqlitewriter import SqliteWriter
 
 
 class Refused(Exception):

@@ -614,7 +614,7 @@ async def test_sqlite_migration_3_folds_existing_rows(
         await new.close()
 
 
-# --- webhook outbox: events by id, cursors (relayd.webhooks) ------------------------------------------
+# --- webhook outbox: events by id, cursors (relayd.edge.webhooks) ------------------------------------------
 
 
 async def test_events_after_ids_order_account_filter_and_limit(store: Store) -> None:

@@ -310,8 +310,8 @@ def test_openapi_document_validates_and_lists_every_api_route(daemon: Relayd, tm
     from openapi_spec_validator import validate
 
     from relayd import config as config_mod
+    from relayd.edge.web import create_app
     from relayd.store import SqliteStore
-    from relayd.web import create_app
 
     reply = call(daemon, "GET", "/api/v1/openapi.json")  # no key needed
     assert reply.status == 200
@@ -526,7 +526,7 @@ async def key_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 
 
 async def test_key_store_keeps_hashes_lists_by_account_and_revokes_once(key_store: Store) -> None:
-    from relayd import apikeys
+    from relayd.edge import apikeys
 
     t0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     first = await apikeys.create(key_store, "acme", "billing", t0)
@@ -611,7 +611,7 @@ webhooks = [{{ url = "{receiver.url}", secret_file = "{secret_file}" }}]
 async def test_store_export_and_import_move_api_keys_so_they_still_work(
     key_store: Store, tmp_path: Path
 ) -> None:
-    from relayd import apikeys
+    from relayd.edge import apikeys
     from relayd.store import SqliteStore
     from relayd.store.transfer import export_store, import_store
 

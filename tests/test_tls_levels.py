@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
 from relayd.config import load
-from relayd.errors import ConfigError
+from relayd.core.errors import ConfigError
 from tests.harness import Relayd, free_port, message, wait_until
 
 

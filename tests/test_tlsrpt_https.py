@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 import trustme
 
-from relayd import metrics
+from relayd.app.daemon import load_signer
 from relayd.config import load
-from relayd.daemon import load_signer
+from relayd.core import metrics
 from relayd.queue.routing import make_resolver
+from relayd.queue.shards import shard_path
 from relayd.queue.store import QueueStore
-from relayd.queue.tlsrpt import ReportSender
+from relayd.queue.transport.tlsrpt import ReportSender
 from relayd.store import open_store
 from relayd.store.base import TlsSessionCount
-from relayd.supervisor import shard_path
 from tests.dnszone import Zone
 from tests.harness import Relayd
 

@@ -6,7 +6,7 @@ import base64
 import hmac
 import random
 
-from relayd import tokens
+from relayd.core import tokens
 
 
 def test_b32_matches_the_stdlib_for_every_length() -> None:

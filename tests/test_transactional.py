@@ -29,10 +29,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.policy.messageclass import strip_class_field
-from relayd.policy.suppression import transactional_passes
+from relayd.edge.webhooks import SIGNATURE_HEADER, verify
+from relayd.policy.rules.messageclass import strip_class_field
+from relayd.policy.rules.suppression import transactional_passes
 from relayd.store.base import Reason, Scope, SuppressionEntry
-from relayd.webhooks import SIGNATURE_HEADER, verify
 from tests.dkimverify import records_from_zone_lines, verify_dkimpy
 from tests.harness import (
     PASSWORD_HASH,

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright, expect
 
+from relayd.edge.web import create_app, start_web
 from relayd.policy.render import unsubscribe_url
 from relayd.queue.store import QueueStore
 from relayd.store import Reason, Scope, SqliteStore
-from relayd.web import create_app, start_web
 from tests.test_web import SECRET, make_config, send
 
 CHROMIUM = Path("/usr/bin/chromium")

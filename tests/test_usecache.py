@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relayd.usecache import UseCache
+from relayd.core.usecache import UseCache
 
 
 def test_a_value_serves_its_uses_then_leaves() -> None:

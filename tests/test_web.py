@@ -23,13 +23,13 @@ import aiohttp
 import pytest
 
 from relayd.config import Config
+from relayd.core.tokens import make_token, new_queue_id
+from relayd.edge.web import MAX_BODY, UnsubscribeSource, create_app, start_web, unsubscribe
+from relayd.edge.web.pages import mask_address
 from relayd.policy.render import unsubscribe_url
 from relayd.queue.store import MessageRow, NewMessage, QueueStore
 from relayd.store import Reason, Scope, SentRecord, SqliteStore, SuppressionEntry
 from relayd.store.base import Event
-from relayd.tokens import make_token, new_queue_id
-from relayd.web import MAX_BODY, UnsubscribeSource, create_app, start_web, unsubscribe
-from relayd.web.pages import mask_address
 
 SECRET = b"test-secret-0123456789abcdef0123"
 JANE = "jane.doe@example.test"

@@ -1,6 +1,6 @@
 """Event webhooks against a real HTTP receiver on 127.0.0.1 (aiohttp), over a real SQLite store.
 
-The receiver checks every signature with :func:`relayd.webhooks.verify` and records what it accepted, so
+The receiver checks every signature with :func:`relayd.edge.webhooks.verify` and records what it accepted, so
 "delivered" in these tests means: arrived, signed with the endpoint's secret, and answered 2xx. What the
 tests hold the dispatcher to: every event of a subscribed kind arrives at least once and in id order (the
 sequence of first arrivals is strictly increasing), across receiver outages, stops and kill -9.
@@ -27,9 +27,8 @@ import pytest
 from aiohttp import web
 
 from relayd.config import Config
-from relayd.errors import ConfigError
-from relayd.store import Event, SqliteStore
-from relayd.webhooks import (
+from relayd.core.errors import ConfigError
+from relayd.edge.webhooks import (
     EVENT_ID_HEADER,
     EVENT_NAMES,
     SIGNATURE_HEADER,
@@ -39,6 +38,7 @@ from relayd.webhooks import (
     sign,
     verify,
 )
+from relayd.store import Event, SqliteStore
 from tests.harness import PASSWORD_HASH, Relayd, Sink, free_port, message, wait_until
 
 SECRET = b"whsec-0123456789abcdef"
@@ -296,7 +296,7 @@ async def test_receiver_down_retried_with_backoff_then_delivered(
     tmp_path: Path, store: SqliteStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Default backoff (1 s, 2 s ...): refused at 0 s and 1 s, the receiver is up by the try at 3 s."""
-    caplog.set_level(logging.INFO, logger="relayd.webhooks")
+    caplog.set_level(logging.INFO, logger="relayd.edge.webhooks")
     receiver = Receiver()  # not started: connection refused
     cfg = make_config(tmp_path, receiver.url)
     dispatcher = WebhookDispatcher(cfg, store, poll_interval=0.05)
@@ -325,7 +325,7 @@ async def test_receiver_down_retried_with_backoff_then_delivered(
 async def test_non_2xx_redirect_and_timeout_are_retried_in_order(
     tmp_path: Path, store: SqliteStore, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="relayd.webhooks")
+    caplog.set_level(logging.WARNING, logger="relayd.edge.webhooks")
     receiver.script = [500, 302, 429, 503, 503, 200]
     receiver.headers[429] = {"Retry-After": "1"}
     receiver.headers[302] = {"Location": "http://127.0.0.1:9/elsewhere"}
@@ -434,7 +434,7 @@ _DISPATCHER_PROCESS = textwrap.dedent(
     from pathlib import Path
     from relayd.config import load
     from relayd.store import SqliteStore
-    from relayd.webhooks import WebhookDispatcher
+    from relayd.edge.webhooks import WebhookDispatcher
 
     async def main() -> None:
         cfg = load(sys.argv[1])

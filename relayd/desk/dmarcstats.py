@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from relayd.config import Config
-from relayd.desk.dmarc import DmarcReport
+from relayd.reports.dmarc import DmarcReport
 from relayd.store.base import DmarcCount
 
 __all__ = [

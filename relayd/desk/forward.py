@@ -28,10 +28,10 @@ from email.mime.text import MIMEText
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
+from relayd.core.tokens import new_queue_id
 from relayd.desk.inbox import headers_of
 from relayd.queue.store import NewMessage, QueueStore
 from relayd.store.base import InboxItem
-from relayd.tokens import new_queue_id
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ Bounds, since anyone can mail these addresses: each item keeps at most :data:`MA
 message (``truncated`` says when it was cut) and every header field shown is clipped; a source (the client
 address, an IPv6 client's /64) gets at most :data:`PER_SOURCE_HOUR` items an hour, after which its mail
 is only logged and counted (the ``unattributed`` events still count it). Items are pruned after
-``[inbound] keep_inbox`` by :mod:`relayd.retention`, open or done.
+``[inbound] keep_inbox`` by :mod:`relayd.app.retention`, open or done.
 """
 
 from __future__ import annotations

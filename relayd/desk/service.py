@@ -1,15 +1,15 @@
 """The postmaster's desk as the inbound listener sees it: one object, built once, told what came in.
 
-The listener (:mod:`relayd.smtp.inbound`) has already done what relayd does with a report (attribution,
+The listener (:mod:`relayd.edge.smtp.inbound`) has already done what relayd does with a report (attribution,
 suppression, events); it then tells the desk, which keeps what a person must see
 (:mod:`relayd.desk.inbox`), forwards it when ``[inbound] postmaster_forward`` is set
 (:mod:`relayd.desk.forward`), and reads DMARC aggregate reports sent to ``dmarc@``
-(:mod:`relayd.desk.dmarc`, in a child process of its own with the report parser's time limit, since the
+(:mod:`relayd.reports.dmarc`, in a child process of its own with the report parser's time limit, since the
 XML and the archives are attacker input as much as a bounce is).
 
-Failure: a store error while keeping raises :class:`~relayd.errors.StorageError` (the listener answers
+Failure: a store error while keeping raises :class:`~relayd.core.errors.StorageError` (the listener answers
 451 and the sender retries); a forward that cannot be queued is logged and the item stays in the inbox,
-so that a full queue never makes a report come back twice. :class:`~relayd.parseworker.ParserBusy`
+so that a full queue never makes a report come back twice. :class:`~relayd.reports.parseworker.ParserBusy`
 propagates (451) like the report parser's.
 """
 
@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, cast
 
-from relayd import metrics
 from relayd.config import Config
+from relayd.core import metrics
+from relayd.core.errors import StorageError
 from relayd.desk import dmarcstats, forward, inbox
-from relayd.desk.dmarc import DmarcReading, read_mail
 from relayd.desk.inbox import Kind
-from relayd.errors import StorageError
-from relayd.parseworker import ParseAbandoned, ParseWorker
 from relayd.queue.store import QueueStore
+from relayd.reports.dmarc import DmarcReading, read_mail
+from relayd.reports.parseworker import ParseAbandoned, ParseWorker
 from relayd.store.base import DmarcStore, Event, InboxStore
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DMARC_PER_SOURCE_HOUR", "DMARC_TARGET", "Desk", "DeskStore"]
 
 #: What the DMARC parse child runs.
-DMARC_TARGET = "relayd.desk.dmarc:read_mail"
+DMARC_TARGET = "relayd.reports.dmarc:read_mail"
 #: DMARC reports read per source address an hour: a reporter sends one per domain and day.
 DMARC_PER_SOURCE_HOUR = 200
 #: Recipient roles whose human-written mail is kept (RFC 2142: they must reach a person).

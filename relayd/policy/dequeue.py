@@ -4,7 +4,7 @@ Things change while mail waits in the queue: a recipient bounces hard on another
 unsubscribes; an account gets suspended. So the suppression check runs again at dequeue (all scopes, the
 message's list included), and a suspended account's mail is held instead of sent. Transactional mail passes
 what it passed at submission, an unsubscribe of a list or of the account, and nothing else
-(:mod:`relayd.policy.messageclass`); caps and consent are not checked here for any class.
+(:mod:`relayd.policy.rules.messageclass`); caps and consent are not checked here for any class.
 
 The lookups are batched: the recipients of a message start their first attempts together, and those
 that ask in the same turn of the event loop share one store query (one ``IN (...)`` per account and
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from relayd.msgclass import MessageClass
-from relayd.policy.suppression import blocking_transactional
-from relayd.policy.suspension import AccountGate
-from relayd.queue.store import DueRecipient
+from relayd.core.models import DueRecipient
+from relayd.core.msgclass import MessageClass
+from relayd.policy.rules.suppression import blocking_transactional
+from relayd.policy.rules.suspension import AccountGate
 from relayd.store.base import Event, Store, StoreError, SuppressionEntry
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ verdict for a recipient wins, and each verdict names its rule and reason. Stages
                content: X-Relayd-Class well-formed and granted  -> 550 5.6.0 / 550 5.7.1
                content: a confirmation mail's confirm link      -> 554 5.7.1
                list suppression, consent, send caps             -> recipient dropped, event recorded
-               (transactional mail: suppression only, minus unsubscribes, relayd.policy.messageclass)
+               (transactional mail: suppression only, minus unsubscribes, relayd.policy.rules.messageclass)
                (all recipients dropped -> 550 5.7.1)
                spam traps met at RCPT are recorded once the message is accepted; a confirmation
                mail's hits don't count against the account (anyone can type a trap into a form)
-    fields     Date and Message-ID added when absent, and queued so (relayd.policy.missingfields);
+    fields     Date and Message-ID added when absent, and queued so (relayd.policy.rules.missingfields);
                X-Relayd-Class removed (the class is queued beside the message)
     rewrite    strip forged headers; List-Unsubscribe + One-Click, Feedback-ID, X-Relayd-ID;
                unsubscribe link + imprint in every text part    -> broken MIME: 554 5.6.0
@@ -34,18 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from relayd import metrics
 from relayd.config import Config, ListConfig
-from relayd.dkim import Signer
-from relayd.msgclass import MessageClass
-from relayd.policy.caps import CapsRule, cap_windows
-from relayd.policy.confirmlink import ConfirmLinkRule
-from relayd.policy.consent import ConsentRule
-from relayd.policy.discard import OPTIN_TRAP_REASON, TRAP_REASON, DiscardRule, SpamtrapRule
-from relayd.policy.fromheader import FromHeaderRule
-from relayd.policy.headers import check_parameter_counts
-from relayd.policy.messageclass import MessageClassRule, class_values, message_class, strip_class_field
-from relayd.policy.missingfields import add_missing_fields
+from relayd.core import metrics
+from relayd.core.msgclass import MessageClass
+from relayd.mail.dkim import Signer
+from relayd.mail.headers import check_parameter_counts
+from relayd.mail.rewrite import MimeError
 from relayd.policy.model import (
     Action,
     ContentRequest,
@@ -63,9 +57,15 @@ from relayd.policy.render import (
     prepare_message,
     read_meta,
 )
-from relayd.policy.rewrite import MimeError
-from relayd.policy.suppression import ListSuppressionRule, SuppressionRule, TransactionalSuppressionRule
-from relayd.policy.suspension import SUSPENDED_REPLY, AccountGate
+from relayd.policy.rules.caps import CapsRule, cap_windows
+from relayd.policy.rules.confirmlink import ConfirmLinkRule
+from relayd.policy.rules.consent import ConsentRule
+from relayd.policy.rules.discard import OPTIN_TRAP_REASON, TRAP_REASON, DiscardRule, SpamtrapRule
+from relayd.policy.rules.fromheader import FromHeaderRule
+from relayd.policy.rules.messageclass import MessageClassRule, class_values, message_class, strip_class_field
+from relayd.policy.rules.missingfields import add_missing_fields
+from relayd.policy.rules.suppression import ListSuppressionRule, SuppressionRule, TransactionalSuppressionRule
+from relayd.policy.rules.suspension import SUSPENDED_REPLY, AccountGate
 from relayd.store.base import Event, SentRecord, Store
 
 __all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused"]
@@ -87,9 +87,10 @@ class Processed:
     #: judges its reputation); a confirmation mail's hits are recorded but don't count
     trap_hits: int = 0
     #: the content to queue: as submitted, with the Date and Message-ID it lacked added on top
-    #: (:mod:`relayd.policy.missingfields`), so that a copy prepared again from the queue has the same ones
+    #: (:mod:`relayd.policy.rules.missingfields`), so that a copy prepared again from the queue has the same
+    #: ones
     content: bytes = field(kw_only=True)
-    #: bulk or transactional (relayd.policy.messageclass): queued with the message
+    #: bulk or transactional (relayd.policy.rules.messageclass): queued with the message
     msg_class: MessageClass = field(default=MessageClass.BULK, kw_only=True)
 
 
@@ -296,7 +297,7 @@ class Pipeline:
         """Record the spam traps a message went to; returns how many count against the account.
 
         A confirmation mail's hits are recorded with reason ``spamtrap:optin`` and count for nothing
-        (:func:`relayd.reputation.rates` counts reason ``spamtrap``): the address was typed into the
+        (:func:`relayd.feedback.reputation.rates` counts reason ``spamtrap``): the address was typed into the
         sender's sign-up form by whoever filled it in, so counting it would let anyone suspend any
         customer with a form. The consent rule still allows only one confirmation mail per address a
         day, and the trap never gets one."""

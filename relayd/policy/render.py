@@ -24,14 +24,15 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from relayd import metrics
 from relayd.config import Config, domain_key
-from relayd.dkim import Signer
-from relayd.msgclass import MessageClass
-from relayd.policy.consent import confirm_url, optin_list, prepare_confirmation
-from relayd.policy.fromheader import author_domain
-from relayd.policy.listid import campaign_id, list_name
-from relayd.policy.rewrite import (
+from relayd.core import metrics
+from relayd.core.models import DueRecipient
+from relayd.core.msgclass import MessageClass
+from relayd.core.tokens import make_token
+from relayd.core.usecache import UseCache
+from relayd.mail.dkim import Signer
+from relayd.mail.listid import campaign_id, list_name
+from relayd.mail.rewrite import (
     DEFAULT_HTML_TEMPLATE,
     DEFAULT_TEXT_TEMPLATE,
     FooterSpec,
@@ -39,9 +40,8 @@ from relayd.policy.rewrite import (
     format_feedback_id,
     prepare,
 )
-from relayd.queue.store import DueRecipient
-from relayd.tokens import make_token
-from relayd.usecache import UseCache
+from relayd.policy.rules.consent import confirm_url, optin_list, prepare_confirmation
+from relayd.policy.rules.fromheader import author_domain
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def prepare_message(
     """Rewrite ``raw`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
 
     Transactional mail gets the imprint without an unsubscribe link or List-Unsubscribe
-    (:mod:`relayd.policy.messageclass`). An account no longer configured (removed while its mail was
+    (:mod:`relayd.policy.rules.messageclass`). An account no longer configured (removed while its mail was
     queued) still gets the footer, without an imprint, and no DKIM signature (:func:`signing_domain`)."""
     acct = cfg.accounts.get(account)
     imprint = acct.imprint if acct is not None else ""

@@ -16,7 +16,7 @@ import dns.flags
 import dns.resolver
 
 from relayd.config import DeliveryConfig, parse_hostport
-from relayd.errors import PermanentFailure, TemporaryFailure
+from relayd.core.errors import PermanentFailure, TemporaryFailure
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,13 +32,12 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from enum import Enum
 from typing import Any, Protocol
 
-from relayd import metrics
 from relayd.config import Config
-from relayd.errors import ConfigError, DeliveryError, PermanentFailure, StorageError, TemporaryFailure
-from relayd.queue.client import Channel, Transport
-from relayd.queue.dane import Dane, Tlsa, TlsaStatus
-from relayd.queue.mtasts import MtaSts, Plan
-from relayd.queue.mtasts import count as count_mta_sts
+from relayd.core import metrics
+from relayd.core.errors import ConfigError, DeliveryError, PermanentFailure, StorageError, TemporaryFailure
+from relayd.core.models import DueRecipient
+from relayd.core.tokens import verp_address
+from relayd.core.usecache import UseCache
 from relayd.queue.routing import Route, Router, make_resolver
 from relayd.queue.shaping import (
     DEFAULT_SOURCES,
@@ -50,11 +49,13 @@ from relayd.queue.shaping import (
     Source,
     classify,
 )
-from relayd.queue.store import DueRecipient, NewMessage, QueueStore, State, StoredData
-from relayd.queue.tlspolicy import TlsLevel, TlsPolicies, TlsUnmet
-from relayd.queue.tlsrpt import PolicyRef, SessionCounter, TransportStore
-from relayd.tokens import verp_address
-from relayd.usecache import UseCache
+from relayd.queue.store import NewMessage, QueueStore, State, StoredData
+from relayd.queue.transport.client import Channel, Transport
+from relayd.queue.transport.dane import Dane, Tlsa, TlsaStatus
+from relayd.queue.transport.mtasts import MtaSts, Plan
+from relayd.queue.transport.mtasts import count as count_mta_sts
+from relayd.queue.transport.tlspolicy import TlsLevel, TlsPolicies, TlsUnmet
+from relayd.queue.transport.tlsrpt import PolicyRef, SessionCounter, TransportStore
 
 log = logging.getLogger(__name__)
 
@@ -530,8 +531,9 @@ class Scheduler:
 
     async def _plan(self, domain: str, route: Route) -> Plan:
         """Hosts and TLS level of a delivery: ``[tls_policy]``/``[delivery] tls``, and for MX delivery the
-        TLSA records of the MX hosts (relayd.queue.dane) or, where there are none, the domain's MTA-STS
-        policy (relayd.queue.mtasts); routes and a smarthost never look either up."""
+        TLSA records of the MX hosts (relayd.queue.transport.dane) or, where there are none, the domain's
+        MTA-STS
+        policy (relayd.queue.transport.mtasts); routes and a smarthost never look either up."""
         level = self._tls.level_for(domain)
         if not route.via_mx:
             return Plan(route.hosts, route.hostnames, level)

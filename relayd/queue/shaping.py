@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from relayd import metrics
 from relayd.config import Config, ShapingConfig, load_shaping_file
-from relayd.errors import DeliveryError
-from relayd.queue.client import Channel
+from relayd.core import metrics
+from relayd.core.errors import DeliveryError
 from relayd.queue.routing import Route
+from relayd.queue.transport.client import Channel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ShapingTable:
 
     @classmethod
     def from_config(cls, cfg: Config) -> ShapingTable:
-        """Raises :class:`relayd.errors.ConfigError` when the shaping file is unreadable or invalid."""
+        """Raises :class:`relayd.core.errors.ConfigError` when the shaping file is unreadable or invalid."""
         entries: dict[str, ShapingConfig] = {}
         if cfg.delivery.shaping_file is not None:
             entries.update(load_shaping_file(cfg.delivery.shaping_file))

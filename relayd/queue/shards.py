@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from relayd.queue.store import Action, Affected, MessageRow, QueueEntry, QueueStore, Selection, View
-from relayd.supervisor import all_shards, shard_path
+
+
+def shard_path(queue_dir: Path, index: int) -> Path:
+    """The file of queue shard ``index``: shard 0 is ``queue.db``, the one a single process uses."""
+    return queue_dir / ("queue.db" if index == 0 else f"queue-{index}.db")
+
+
+def all_shards(queue_dir: Path) -> list[Path]:
+    """Every queue shard on disk (for the CLI: ``queue list`` shows them all)."""
+    return sorted(p for p in queue_dir.glob("queue*.db") if p.name == "queue.db" or p.stem[6:].isdigit())
 
 
 class QueueShards:

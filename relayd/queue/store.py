@@ -2,7 +2,8 @@
 
 Why SQLite and not a file per message (Postfix, Mailman): one transaction stores the message and all its
 recipients atomically, so a crash leaves either the whole message or nothing, and many sessions can share
-one fsync (group commit): the writer (relayd.sqlitewriter) takes every write that is waiting, runs them in
+one fsync (group commit): the writer (relayd.store.sqlitewriter) takes every write that is waiting, runs them
+in
 one transaction and commits once. A session gets its ``250`` only after the commit that holds its
 message has returned.
 
@@ -21,7 +22,7 @@ attempt is in flight does not lose that attempt's outcome: a delivery or a bounc
 its final state too (the mail has left, holding it would send it twice after the release), a deferral
 records its attempt and leaves the recipient held.
 
-Failure: every sqlite3/OS error is raised as :class:`relayd.errors.StorageError`; the submission listener
+Failure: every sqlite3/OS error is raised as :class:`relayd.core.errors.StorageError`; the submission listener
 answers 451 and the client keeps its message.
 
 Disk full (Postfix's ``queue_minfree``): :meth:`QueueStore.enqueue` refuses a new message with
@@ -47,9 +48,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from relayd.errors import StorageError
-from relayd.msgclass import MessageClass
-from relayd.sqlitewriter import SqliteWriter
+from relayd.core.errors import StorageError
+from relayd.core.models import DueRecipient
+from relayd.core.msgclass import MessageClass
+from relayd.store.sqlitewriter import SqliteWriter
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def migrate(db: sqlite3.Connection) -> None:
     if "render" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
         db.execute("ALTER TABLE messages ADD COLUMN render INTEGER NOT NULL DEFAULT 0")
     if "msg_class" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
-        # the class of a message (relayd.msgclass): mail queued before classes existed is bulk
+        # the class of a message (relayd.core.msgclass): mail queued before classes existed is bulk
         db.execute("ALTER TABLE messages ADD COLUMN msg_class TEXT NOT NULL DEFAULT 'bulk'")
     db.execute(_ACCOUNT_INDEX)
     db.execute(
@@ -179,21 +181,6 @@ class StoredData:
 
     data: bytes
     render: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DueRecipient:
-    """One recipient ready for a delivery attempt (the message bytes are loaded separately)."""
-
-    queue_id: str
-    index: int
-    address: str
-    attempts: int
-    account: str
-    mail_from: str
-    created_at: float
-    list_name: str | None = None
-    msg_class: MessageClass = MessageClass.BULK
 
 
 def _due(row: Sequence[Any]) -> DueRecipient:
@@ -438,7 +425,7 @@ def _storage_error(exc: Exception) -> StorageError:
 
 
 class QueueStore:
-    """Async access to the queue database: a group-committing writer (relayd.sqlitewriter) plus inline
+    """Async access to the queue database: a group-committing writer (relayd.store.sqlitewriter) plus inline
     reads. Reads are short indexed lookups in WAL mode (readers never wait for the writer) and run on the
     loop thread.
     """

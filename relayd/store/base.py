@@ -7,7 +7,7 @@ typing each caller against its slice keeps fakes in unit tests small. Each backe
 
 Conventions every backend keeps (the contract suite in ``tests/test_store_contract.py`` checks them):
 
-* Addresses are stored and compared as given: callers pass them through :func:`relayd.address.normalize`
+* Addresses are stored and compared as given: callers pass them through :func:`relayd.core.address.normalize`
   first (RCPT TO, CSV import and the CLI do). The store does not normalise on the hot path.
 * Times are timezone-aware UTC ``datetime`` values with microsecond precision; a naive ``datetime`` passed
   in is taken as UTC (never as local time) and values come back aware.
@@ -32,7 +32,8 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from relayd.errors import StorageError
+from relayd.core.errors import StorageError
+from relayd.core.models import Event, as_utc, utcnow
 
 __all__ = [
     "SCOPE_PRECEDENCE",
@@ -106,20 +107,6 @@ class SuspendReason(StrEnum):
     MANUAL = "manual"
 
 
-def utcnow() -> datetime:
-    """Aware current UTC time: the default ``now`` of every method that takes one."""
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """Aware UTC copy of ``value``; naive values are taken as UTC (the store never guesses local time)."""
-    if value.tzinfo is UTC:
-        return value
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
 #: Order in which ``check`` picks among several matching entries for one address: the broadest scope wins,
 #: because its reason (a hard bounce, a spam trap) says the most about the address.
 SCOPE_PRECEDENCE: Mapping[Scope, int] = {Scope.GLOBAL: 0, Scope.ACCOUNT: 1, Scope.LIST: 2}
@@ -176,39 +163,6 @@ class AccountState:
     reason: SuspendReason | None
     details: str
     since: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Something policy did or learned, kept for operators and rate computations.
-
-    ``kind`` is a free string (``dropped``, ``suppressed``, ``delivered``, ``bounced`` ...); ``reason`` the
-    drop or bounce reason (``suppressed:hard_bounce``, ``cap``, ``userunknown``); ``evidence`` a JSON text
-    (the DSN status line, the ARF feedback type) so the schema need not change for each new kind.
-    Unattributable reports leave ``account``/``list``/``address`` as ``None``.
-
-    ``key`` makes an event one of a kind: recording an event whose key is already in the log adds its
-    ``count`` to the stored one and moves ``last_seen`` (the stored ``at``, evidence and fields stay those
-    of the first). Rate counts (:meth:`EventStore.count_events`) count keys, not repeats, so a report
-    replayed a hundred times counts once. ``None`` (most events): every record is a new row.
-    """
-
-    at: datetime
-    kind: str
-    account: str | None = None
-    list: str | None = None
-    address: str | None = None
-    reason: str | None = None
-    queue_id: str | None = None
-    evidence: str = "{}"
-    key: str | None = None
-    count: int = 1
-    last_seen: datetime | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "at", as_utc(self.at))
-        if self.last_seen is not None:
-            object.__setattr__(self, "last_seen", as_utc(self.last_seen))
 
 
 class SuppressionStore(Protocol):

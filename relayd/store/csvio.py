@@ -13,7 +13,7 @@ Why it is built this way: ESPs move suppression lists of millions of rows betwee
 
 * a bad row never spoils the file: it is reported as ``(line number, message)`` and skipped; good rows are
   kept. Line numbers are physical lines (header = line 1), what an editor shows;
-* addresses go through :func:`relayd.address.normalize`, so an imported ``Bob@Example.TEST`` blocks mail
+* addresses go through :func:`relayd.core.address.normalize`, so an imported ``Bob@Example.TEST`` blocks mail
   to ``bob@example.test``;
 * rows are written in batches of ``batch_size`` per transaction through :meth:`SuppressionStore.add` (one
   sorted ``executemany`` each); parsing runs in a worker thread so the event loop stays responsive when the
@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from relayd.address import AddressError, normalize
+from relayd.core.address import AddressError, normalize
 
 from .base import Reason, Scope, SuppressionEntry, SuppressionStore, as_utc, utcnow
 

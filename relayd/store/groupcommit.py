@@ -1,5 +1,5 @@
 """Group commit for PostgreSQL's high-rate inserts (events, the sent ledger). SQLite's writes do the same
-on the event loop's thread (:mod:`relayd.sqlitewriter`).
+on the event loop's thread (:mod:`relayd.store.sqlitewriter`).
 
 Rows added while a batch is being written go together into the next write, and each caller returns once
 its rows are committed, or gets that batch's error: many sessions share one transaction, and nobody is told

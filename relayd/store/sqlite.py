@@ -18,12 +18,12 @@ Why this shape:
   pruning, webhook cursors) use ``synchronous=NORMAL`` (consistent after a crash, may lose the last
   commits). A FULL commit also flushes every NORMAL commit before it.
 * **The writes of every message are group-committed, on the event loop's thread.** Send-cap reservations,
-  the sent ledger and events run on a second writer connection (:mod:`relayd.sqlitewriter`): every write
+  the sent ledger and events run on a second writer connection (:mod:`relayd.store.sqlitewriter`): every write
   waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go, and each caller
   returns only once its rows are committed. SQLite's write lock is shared with the other worker processes;
   a transaction made of several aiosqlite calls holds it across event-loop turns, and under load the other
   workers then slept in SQLite's busy handler, most of an accepted message's time waiting for the
-  sent-ledger insert (figures: docs/performance.md). Why not a writer thread either: relayd.sqlitewriter
+  sent-ledger insert (figures: docs/performance.md). Why not a writer thread either: relayd.store.sqlitewriter
   says. Rarer writes
   (suppression, account state, pruning) stay on the aiosqlite writer.
 * ``check`` pads its ``IN (...)`` list to a power of two so a handful of statement texts cover every batch
@@ -52,7 +52,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from relayd.sqlitewriter import SqliteWriter
+from relayd.store.sqlitewriter import SqliteWriter
 
 from . import apikeyrows, deskrows
 from .base import (
@@ -719,7 +719,7 @@ class SqliteStore:
 
     async def _insert_hot(self, sql: str, rows: builtins.list[Row]) -> None:
         """One INSERT of many rows on the per-message writer, in one transaction with every other write
-        waiting (group commit: relayd.sqlitewriter)."""
+        waiting (group commit: relayd.store.sqlitewriter)."""
         await self._require_hot().run(functools.partial(_insert_many, sql, rows))
 
     async def events(

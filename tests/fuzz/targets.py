@@ -26,10 +26,10 @@ from email.policy import compat32
 
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd.address import AddressError, normalize
-from relayd.arf import ArfReport, parse
-from relayd.dsn import DsnReport, classify
-from relayd.policy.rewrite import (
+from relayd.core.address import AddressError, normalize
+from relayd.core.tokens import TokenRef, make_token, parse_token, verify_token
+from relayd.edge.smtp.protocol import ConnectionLimits, StrictSMTP
+from relayd.mail.rewrite import (
     DEFAULT_HTML_TEMPLATE,
     DEFAULT_TEXT_TEMPLATE,
     PLACEHOLDER,
@@ -37,8 +37,8 @@ from relayd.policy.rewrite import (
     MimeError,
     prepare,
 )
-from relayd.smtp.protocol import ConnectionLimits, StrictSMTP
-from relayd.tokens import TokenRef, make_token, parse_token, verify_token
+from relayd.reports.arf import ArfReport, parse
+from relayd.reports.dsn import DsnReport, classify
 from tests.test_dsn_corpus import CORPUS
 
 # DESIGN.md, "Reasons and scopes": the sisimai (v5) taxonomy; "hard" only for the first four

@@ -5,7 +5,8 @@ Why roll-ups: an account's complaint and hard-bounce *rates* are judged after ev
 bulk sender's ledger (millions of rows) per bounce. ``sent_hourly`` and ``event_hourly`` hold one row per
 (account, hour) and (account, kind, reason, hour), so a 30-day count reads at most 720 rows per kind; the
 first, partial hour of a window is counted exactly from the raw rows through the new indexes, so the
-window is exact to the microsecond (which matters right after a reinstatement, see ``relayd.reputation``).
+window is exact to the microsecond (which matters right after a reinstatement, see
+``relayd.feedback.reputation``).
 
 The roll-ups are kept by triggers, not by the Python code that writes ``sent`` and ``events``: every writer
 (the daemon, the CLI, an import) keeps them right without knowing they exist, in the same transaction.

@@ -5,7 +5,8 @@ committed there anyway (``record_event`` on the hot path), and its integer ``id`
 webhook endpoint needs only "the last event id I delivered" to resume after a crash or an outage. Writing a
 second outbox row per event per endpoint would double the writes of every delivery for nothing.
 
-``endpoint`` is the dispatcher's key for one (account, url) pair (see ``relayd.webhooks``); ``event_id`` is
+``endpoint`` is the dispatcher's key for one (account, url) pair (see ``relayd.edge.webhooks``); ``event_id``
+is
 the highest event id of that account that the endpoint has acknowledged with a 2xx, or scanned past without
 anything to send. ``updated_at`` (microseconds, like every time in the store) is for operators only.
 """

@@ -1,6 +1,7 @@
 """Schema version 6: a repeated report is one event with a count.
 
-Why: the account rates (``relayd.reputation``) count events through ``event_hourly``, which the insert
+Why: the account rates (``relayd.feedback.reputation``) count events through ``event_hourly``, which the
+insert
 triggers of version 3 keep. If every copy of a report is a row, one genuine DSN replayed a hundred times
 counts a hundred hard bounces, and a forger floods the log with rows. So an event that is *about one
 thing* carries a key (``hard_bounce:<queue id>-<index>``, ``unattributed:dsn:<source>:<hour>``), unique
