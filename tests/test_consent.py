@@ -2,7 +2,7 @@
 
 Four layers, each against real things (no mocks):
 
-* the store contract of :class:`~relayd.store.base.ConsentStore`, run for every backend in ``BACKENDS``
+* the store contract of :class:`~relayd.store.protocols.ConsentStore`, run for every backend in ``BACKENDS``
   (PostgreSQL: add it there, as in ``tests/test_store_contract.py``);
 * the pipeline in-process with a real SqliteStore: ``require_consent`` drops ``no_consent``, an unsubscribe
   wins over consent, a confirmation mail (``X-Relayd-Optin``) goes through once per 24 h with its
@@ -37,14 +37,16 @@ from relayd.config import Config
 from relayd.core import metrics
 from relayd.core.tokens import new_queue_id
 from relayd.edge.web import create_app, start_web
+from relayd.mail.confirmation import OptinHeaderError
 from relayd.mail.dkim import Signer
 from relayd.policy.model import Verdict
 from relayd.policy.pipeline import AllDropped, Pipeline, Processed
-from relayd.policy.rules.consent import OPTIN_WINDOW, OptinHeaderError
+from relayd.policy.rules.consent import OPTIN_WINDOW
 from relayd.policy.rules.suspension import AccountGate
 from relayd.store import Reason, Scope, SqliteStore, SuppressionEntry
-from relayd.store.base import ConsentRecord, Store
 from relayd.store.migrations import LATEST_VERSION
+from relayd.store.models import ConsentRecord
+from relayd.store.protocols import Store
 from tests.harness import PASSWORD_HASH, RELAYD, Relayd, Sink, submit_each, wait_until
 
 BACKENDS = ["sqlite"]

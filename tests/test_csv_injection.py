@@ -14,8 +14,8 @@ import pytest
 
 from relayd.cli.consent import export_consents, import_consents
 from relayd.store import Reason, Scope, SqliteStore, Store, SuppressionEntry
-from relayd.store.base import ConsentRecord
 from relayd.store.csvio import export_csv, import_csv
+from relayd.store.models import ConsentRecord
 from tests.harness import RELAYD, Relayd
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

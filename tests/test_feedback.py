@@ -1,7 +1,6 @@
-"""Attribution and effects of bounces, complaints and mailto unsubscribes (relayd.feedback.handlers), on a
-real
-SqliteStore and QueueStore. Report bodies are corpus samples with their recipient rewritten to ours, or
-RFC 3464/5965 reports built here when a test needs one exact field."""
+"""Attribution and effects of bounces, complaints and mailto unsubscribes (relayd.feedback.service.Feedback),
+on a real SqliteStore and QueueStore. Report bodies are corpus samples with their recipient rewritten to
+ours, or RFC 3464/5965 reports built here when a test needs one exact field."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import pytest
 
 from relayd.config import Config
 from relayd.core.tokens import make_token, new_queue_id, verp_token
-from relayd.feedback import handlers as feedback
+from relayd.feedback.service import Feedback
 from relayd.queue.store import NewMessage, QueueStore
 from relayd.store import Event, Reason, Scope, SentRecord, SqliteStore, SuppressionEntry
 from tests.corpus import CORPUS
@@ -51,6 +50,11 @@ class Env:
     cfg: Config
     tmp: Path
 
+    @property
+    def feedback(self) -> Feedback:
+        """The object under test, built as the daemon builds it, with the current ``cfg``."""
+        return Feedback(self.store, self.queue, SECRET, self.cfg)
+
     async def sent(
         self, address: str, account: str = "acme", list_name: str | None = "news", at: datetime = T0
     ) -> Msg:
@@ -72,7 +76,9 @@ class Env:
         return await self.store.events(T0 - timedelta(days=400), kind=kind, limit=10_000)
 
     async def suppressed(self, address: str) -> list[tuple[Scope, str | None, str | None, Reason]]:
-        return [(e.scope, e.account, e.list, e.reason) for e in await self.store.list(address=address)]
+        return [
+            (e.scope, e.account, e.list, e.reason) for e in await self.store.list_entries(address=address)
+        ]
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ async def test_hard_bounce_to_verp_address_suppresses_exactly_that_address(env: 
     m = await env.sent("kijitora@example.co.jp")
     other = await env.sent("bystander@example.co.jp")
     raw = corpus("dsn/lhost-postfix-04.eml", "kijitora@example.co.jp", m.address)
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, verp_token(m.verp), T0)
+    events = await env.feedback.on_dsn(raw, verp_token(m.verp), T0)
     assert [e.kind for e in events] == ["hard_bounce", "suppressed"]
     hb = events[0]
     assert (hb.account, hb.list, hb.address, hb.reason, hb.queue_id) == (
@@ -212,7 +218,7 @@ async def test_forged_dsn_suppresses_nobody_and_is_unattributed(env: Env, how: s
         real = await env.sent("victim3@example.net")
         token = real.token("unsub")
         raw = dsn_report(real.address)
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, token, T0)
+    events = await env.feedback.on_dsn(raw, token, T0)
     assert [e.kind for e in events] == ["unattributed"]
     assert events[0].account is None and events[0].address is None and events[0].reason == "dsn"
     assert await env.store.count() == 0
@@ -222,7 +228,7 @@ async def test_forged_dsn_suppresses_nobody_and_is_unattributed(env: Env, how: s
 async def test_dsn_without_envelope_token_attributed_by_trace_header_in_original(env: Env) -> None:
     m = await env.sent("user@example.org")
     raw = dsn_report(m.address, original_headers=f"X-Relayd-ID: {m.token('trace')}\r\n")
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, None, T0)
+    events = await env.feedback.on_dsn(raw, None, T0)
     assert [e.kind for e in events] == ["hard_bounce", "suppressed"]
     assert json.loads(events[0].evidence)["token"] == "trace"
 
@@ -230,14 +236,14 @@ async def test_dsn_without_envelope_token_attributed_by_trace_header_in_original
 async def test_dsn_without_envelope_token_attributed_by_verp_return_path_in_original(env: Env) -> None:
     m = await env.sent("user@example.org")
     raw = dsn_report(m.address, original_headers=f"Return-Path: <{m.verp}>\r\n")
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, None, T0)
+    events = await env.feedback.on_dsn(raw, None, T0)
     assert [e.kind for e in events][:1] == ["hard_bounce"]
 
 
 async def test_dsn_about_address_we_never_mailed(env: Env) -> None:
     raw = corpus("dsn/lhost-sendmail-14.eml", "kijitora@example.com", "never@example.com")
     token = make_token(SECRET, "verp", new_queue_id(), 0, "never@example.com")
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, token, T0)
+    events = await env.feedback.on_dsn(raw, token, T0)
     assert [(e.kind, json.loads(e.evidence)["why"]) for e in events] == [("unattributed", "unknown message")]
     assert await env.store.count() == 0
 
@@ -251,9 +257,7 @@ async def test_soft_bounces_reach_the_limit(env: Env) -> None:
     for day in range(3):
         m = await env.sent(address, at=T0 + timedelta(days=day))
         raw = corpus("dsn/lhost-exim-07.eml", "shiba@example.com", address)
-        events = await feedback.on_dsn(
-            env.store, env.queue, SECRET, env.cfg, raw, m.token("verp"), T0 + timedelta(days=day, hours=1)
-        )
+        events = await env.feedback.on_dsn(raw, m.token("verp"), T0 + timedelta(days=day, hours=1))
         kinds.append([(e.kind, e.reason) for e in events])
         if day < 2:
             assert await env.suppressed(address) == []
@@ -267,9 +271,7 @@ async def test_soft_bounces_outside_the_window_do_not_add_up(env: Env) -> None:
     for day in (0, 40, 80):  # window 30 d: never 3 within it
         m = await env.sent(address, at=T0 + timedelta(days=day))
         raw = dsn_report(address, status="4.2.2", diagnostic="smtp; 452 4.2.2 Mailbox full")
-        await feedback.on_dsn(
-            env.store, env.queue, SECRET, env.cfg, raw, m.token("verp"), T0 + timedelta(days=day)
-        )
+        await env.feedback.on_dsn(raw, m.token("verp"), T0 + timedelta(days=day))
     assert await env.suppressed(address) == []
     assert len(await env.events("soft_bounce")) == 3
 
@@ -288,7 +290,7 @@ async def test_permanent_failure_about_the_sender_suppresses_nobody(
 ) -> None:
     m = await env.sent("rcpt@example.net")
     raw = corpus(sample, old, m.address)
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, m.token("verp"), T0)
+    events = await env.feedback.on_dsn(raw, m.token("verp"), T0)
     assert [(e.kind, e.reason) for e in events] == [("bounce", reason)]
     assert events[0].account == "acme"
     assert await env.store.count() == 0
@@ -297,10 +299,10 @@ async def test_permanent_failure_about_the_sender_suppresses_nobody(
 async def test_delayed_and_delivered_are_events_only(env: Env) -> None:
     m = await env.sent("later@example.net")
     delayed = dsn_report(m.address, status="4.4.1", action="delayed", diagnostic="smtp; 421 try later")
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, delayed, m.token("verp"), T0)
+    events = await env.feedback.on_dsn(delayed, m.token("verp"), T0)
     assert [e.kind for e in events] == ["delayed"]
     delivered = dsn_report(m.address, status="2.0.0", action="delivered", diagnostic="smtp; 250 ok")
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, delivered, m.token("verp"), T0)
+    events = await env.feedback.on_dsn(delivered, m.token("verp"), T0)
     assert [e.kind for e in events] == ["delivered"]
     assert await env.store.count() == 0
 
@@ -308,36 +310,32 @@ async def test_delayed_and_delivered_are_events_only(env: Env) -> None:
 async def test_auto_reply_to_return_path_is_noted_not_acted_on(env: Env) -> None:
     m = await env.sent("holiday@example.net")
     raw = (CORPUS / "other/rfc3834-01.eml").read_bytes()
-    events = await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, m.token("verp"), T0)
+    events = await env.feedback.on_dsn(raw, m.token("verp"), T0)
     assert [e.kind for e in events] == ["autoreply"]
     assert await env.store.count() == 0
 
 
 async def test_own_synchronous_5xx_suppresses_like_a_dsn(env: Env) -> None:
-    common = dict(queue_id=new_queue_id(), index=0, account="acme", list_name="news", command="RCPT", now=T0)
-    events = await feedback.on_delivery_failure(
-        env.store,
-        env.queue,
-        env.cfg,
-        address="gone@example.net",
+    qid = new_queue_id()
+    events = await env.feedback.on_delivery_failure(
+        SentRecord(qid, 0, "acme", "news", "gone@example.net", T0),
         code=550,
         enhanced="5.1.1",
         text="<gone@example.net>: Recipient address rejected: User unknown in virtual mailbox table",
-        **common,  # type: ignore[arg-type]
+        command="RCPT",
+        now=T0,
     )
     assert [(e.kind, e.reason) for e in events] == [
         ("hard_bounce", "userunknown"),
         ("suppressed", "hard_bounce"),
     ]
-    events = await feedback.on_delivery_failure(
-        env.store,
-        env.queue,
-        env.cfg,
-        address="blocked@example.net",
+    events = await env.feedback.on_delivery_failure(
+        SentRecord(qid, 0, "acme", "news", "blocked@example.net", T0),
         code=554,
         enhanced="5.7.1",
         text="Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
-        **common,  # type: ignore[arg-type]
+        command="RCPT",
+        now=T0,
     )
     assert [e.kind for e in events] == ["bounce"]
     assert await env.suppressed("blocked@example.net") == []
@@ -348,9 +346,7 @@ async def test_hard_bounce_keeps_an_existing_global_entry(env: Env) -> None:
     await env.store.add(
         [SuppressionEntry(m.address, Scope.GLOBAL, None, None, Reason.MANUAL, "operator", T0)]
     )
-    events = await feedback.on_dsn(
-        env.store, env.queue, SECRET, env.cfg, dsn_report(m.address), m.token("verp"), T0
-    )
+    events = await env.feedback.on_dsn(dsn_report(m.address), m.token("verp"), T0)
     assert [e.kind for e in events] == ["hard_bounce"]
     assert await env.suppressed(m.address) == [(Scope.GLOBAL, None, None, Reason.MANUAL)]
 
@@ -362,9 +358,7 @@ async def test_arf_with_our_trace_id_suppresses_for_the_account_and_drops_queued
     m = await env.sent("complainer@example.com")
     qid = await env.queued(m.address)
     other_account = await env.queued(m.address, account="other", list_name=None)
-    events = await feedback.on_arf(
-        env.store, env.queue, SECRET, env.cfg, arf_report(m.address, relayd_id=m.token("trace")), T0
-    )
+    events = await env.feedback.on_arf(arf_report(m.address, relayd_id=m.token("trace")), T0)
     assert [(e.kind, e.reason) for e in events] == [("complaint", "abuse"), ("suppressed", "complaint")]
     assert json.loads(events[0].evidence)["source_ip"] == "192.0.2.10"
     assert await env.suppressed(m.address) == [(Scope.ACCOUNT, "acme", None, Reason.COMPLAINT)]
@@ -378,7 +372,7 @@ async def test_corpus_arf_rewritten_to_us_is_attributed(env: Env) -> None:
     m = await env.sent("kijitora@y.example.com")
     raw = (CORPUS / "arf/arf-14.eml").read_bytes()
     raw = raw.replace(b"Feedback-ID: 2\n", f"Feedback-ID: 2\nX-Relayd-ID: {m.token('trace')}\n".encode())
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
+    events = await env.feedback.on_arf(raw, T0)
     assert [e.kind for e in events] == ["complaint", "suppressed"]
 
 
@@ -390,9 +384,7 @@ async def test_arf_without_valid_token_does_nothing(env: Env, how: str) -> None:
         "bad-mac": m.token("trace")[:-2] + "zz",
         "other-address": make_token(SECRET, "trace", m.queue_id, 0, "else@example.com"),
     }[how]
-    events = await feedback.on_arf(
-        env.store, env.queue, SECRET, env.cfg, arf_report(m.address, relayd_id=token), T0
-    )
+    events = await env.feedback.on_arf(arf_report(m.address, relayd_id=token), T0)
     assert [(e.kind, e.reason) for e in events] == [("unattributed", "arf")]
     assert await env.store.count() == 0
 
@@ -400,13 +392,13 @@ async def test_arf_without_valid_token_does_nothing(env: Env, how: str) -> None:
 async def test_duplicate_complaint_counts_once(env: Env) -> None:
     m = await env.sent("twice@example.com")
     raw = arf_report(m.address, relayd_id=m.token("trace"))
-    await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0 + timedelta(minutes=5))
+    await env.feedback.on_arf(raw, T0)
+    events = await env.feedback.on_arf(raw, T0 + timedelta(minutes=5))
     assert [e.kind for e in events] == ["complaint"]  # the same report again: counted on its event
     assert [e.count for e in await env.events("complaint")] == [2]
     other_copy = await env.sent(m.address)  # another message to the same person, reported too
     raw = arf_report(m.address, relayd_id=other_copy.token("trace"))
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0 + timedelta(minutes=6))
+    events = await env.feedback.on_arf(raw, T0 + timedelta(minutes=6))
     assert [e.kind for e in events] == ["complaint_duplicate"]
     assert await env.store.count_events("complaint", T0 - timedelta(days=1), account="acme") == 1
 
@@ -414,7 +406,7 @@ async def test_duplicate_complaint_counts_once(env: Env) -> None:
 async def test_auth_failure_report_is_feedback_not_a_complaint(env: Env) -> None:
     m = await env.sent("auth@example.com")
     raw = arf_report(m.address, relayd_id=m.token("trace"), feedback_type="auth-failure")
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
+    events = await env.feedback.on_arf(raw, T0)
     assert [(e.kind, e.reason) for e in events] == [("feedback", "auth-failure")]
     assert await env.store.count() == 0
 
@@ -435,14 +427,14 @@ def forwarded_complaint(body_token_line: str) -> bytes:
 async def test_plain_forwarded_complaint_with_our_unsubscribe_link_is_attributed(env: Env) -> None:
     m = await env.sent("angry@example.org")
     raw = forwarded_complaint(f"Unsubscribe: http://127.0.0.1:8025/u/{m.token('unsub')}")
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
+    events = await env.feedback.on_arf(raw, T0)
     assert [(e.kind, e.reason) for e in events] == [("complaint", "forwarded"), ("suppressed", "complaint")]
     assert await env.suppressed(m.address) == [(Scope.ACCOUNT, "acme", None, Reason.COMPLAINT)]
 
 
 async def test_plain_forwarded_complaint_without_token_is_unattributed(env: Env) -> None:
     await env.sent("angry@example.org")
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, forwarded_complaint("Bye"), T0)
+    events = await env.feedback.on_arf(forwarded_complaint("Bye"), T0)
     assert [e.kind for e in events] == ["unattributed"]
     assert await env.store.count() == 0
 
@@ -455,13 +447,9 @@ async def test_mailto_unsubscribe_suppresses_the_list_and_drops_queued(env: Env)
     in_list = await env.queued(m.address)
     other_list = await env.queued(m.address, list_name="promo")
     raw = b"From: reader@example.com\r\nSubject: unsubscribe\r\n\r\n"
-    events = await feedback.on_unsubscribe_mail(
-        env.store, env.queue, SECRET, env.cfg, raw, m.token("unsub"), T0
-    )
+    events = await env.feedback.on_unsubscribe_mail(raw, m.token("unsub"), T0)
     assert [(e.kind, e.reason) for e in events] == [("unsubscribed", "unsubscribe")]
-    again = await feedback.on_unsubscribe_mail(
-        env.store, env.queue, SECRET, env.cfg, raw, m.token("unsub"), T0
-    )
+    again = await env.feedback.on_unsubscribe_mail(raw, m.token("unsub"), T0)
     assert again == []  # already unsubscribed: kept as it was
     assert await env.suppressed(m.address) == [(Scope.LIST, "acme", "news", Reason.UNSUBSCRIBE)]
     a, b = await env.queue.show(in_list), await env.queue.show(other_list)
@@ -471,15 +459,13 @@ async def test_mailto_unsubscribe_suppresses_the_list_and_drops_queued(env: Env)
 
 async def test_mailto_unsubscribe_without_list_is_account_scope(env: Env) -> None:
     m = await env.sent("reader@example.com", list_name=None)
-    await feedback.on_unsubscribe_mail(env.store, env.queue, SECRET, env.cfg, b"\r\n", m.token("unsub"), T0)
+    await env.feedback.on_unsubscribe_mail(b"\r\n", m.token("unsub"), T0)
     assert await env.suppressed(m.address) == [(Scope.ACCOUNT, "acme", None, Reason.UNSUBSCRIBE)]
 
 
 async def test_mailto_unsubscribe_with_a_verp_token_is_refused(env: Env) -> None:
     m = await env.sent("reader@example.com")
-    events = await feedback.on_unsubscribe_mail(
-        env.store, env.queue, SECRET, env.cfg, b"\r\n", m.token("verp"), T0
-    )
+    events = await env.feedback.on_unsubscribe_mail(b"\r\n", m.token("verp"), T0)
     assert [e.kind for e in events] == ["unattributed"]
     assert await env.store.count() == 0
 
@@ -517,10 +503,8 @@ def _junk_reports(address: str, trace: str) -> dict[str, bytes]:
 async def test_malformed_reports_never_raise_and_never_suppress(env: Env, name: str) -> None:
     m = await env.sent("target@example.com")
     raw = _junk_reports("other@example.com", m.token("trace"))[name]
-    await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, raw, None, T0)
-    await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
-    await feedback.on_unsubscribe_mail(
-        env.store, env.queue, SECRET, env.cfg, raw, "x" * 16 + "-0-" + "y" * 16, T0
-    )
+    await env.feedback.on_dsn(raw, None, T0)
+    await env.feedback.on_arf(raw, T0)
+    await env.feedback.on_unsubscribe_mail(raw, "x" * 16 + "-0-" + "y" * 16, T0)
     assert await env.store.count() == 0
     assert {e.kind for e in await env.events()} <= {"unattributed"}

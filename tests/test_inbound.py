@@ -169,7 +169,7 @@ async def test_bounce_to_verp_address_then_next_rcpt_is_refused(live: Live) -> N
     raw = corpus("dsn/lhost-postfix-04.eml", rcpt, rcpt)
     code, msg = await live.send_report(return_path, raw)
     assert code == 250, msg
-    entries = await live.store.list(address=rcpt)
+    entries = await live.store.list_entries(address=rcpt)
     assert [(e.scope, e.reason) for e in entries] == [(Scope.GLOBAL, Reason.HARD_BOUNCE)]
     code, msg, _ = await live.submit(rcpt)
     assert (code, msg.decode()) == (550, f"5.7.1 <{rcpt}>: suppressed (hard_bounce)")
@@ -191,7 +191,7 @@ async def test_arf_with_our_x_relayd_id_suppresses_for_the_account(live: Live) -
         f"fbl@{INBOUND}", arf_report(rcpt, relayd_id=trace), "fbl@provider.example"
     )
     assert code == 250, msg
-    entries = await live.store.list(address=rcpt)
+    entries = await live.store.list_entries(address=rcpt)
     assert [(e.scope, e.account, e.reason) for e in entries] == [(Scope.ACCOUNT, "acme", Reason.COMPLAINT)]
     code, msg, _ = await live.submit(rcpt)
     assert (code, msg.decode()) == (550, f"5.7.1 <{rcpt}>: suppressed (complaint)")
@@ -218,7 +218,7 @@ async def test_mailto_unsubscribe(live: Live) -> None:
     token = make_token(SECRET, "unsub", qid, 0, rcpt)
     code, _ = await live.send_report(f"unsubscribe+{token}@{INBOUND}", b"Subject: unsubscribe\r\n\r\n", rcpt)
     assert code == 250
-    entries = await live.store.list(address=rcpt)
+    entries = await live.store.list_entries(address=rcpt)
     assert [(e.scope, e.list, e.reason) for e in entries] == [(Scope.LIST, "news", Reason.UNSUBSCRIBE)]
 
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
-from relayd.edge.smtp.submission import CLIENT_GONE_NOTE
+from relayd.edge.smtp.accept import CLIENT_GONE_NOTE
 from tests.harness import PASSWORD, RELAYD, Relayd, Sink, message, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from relayd.app import retention
 from relayd.desk import inbox
 from relayd.desk.inbox import MAX_RAW, PER_SOURCE_HOUR, Kind
 from relayd.store import Store
-from relayd.store.base import DmarcCount
+from relayd.store.models import DmarcCount
 from tests.harness import RELAYD, Relayd, Sink, wait_until
 from tests.test_store_contract import _make_store, _postgresql_for_make_store  # noqa: F401
 

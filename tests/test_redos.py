@@ -195,7 +195,7 @@ TOKEN = "abcdefghijklmnop-1-abcdefghijklmnop"
 
 def _tokens() -> list[list[str]]:
     """The report token scan (trace header, VERP, unsubscribe) after a flood of blank lines."""
-    from relayd.feedback.handlers import tokens_in
+    from relayd.feedback.attribution import tokens_in
 
     out = []
     for size in SIZES:

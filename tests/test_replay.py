@@ -18,8 +18,9 @@ from relayd.app import retention
 from relayd.config import Config, load
 from relayd.core.errors import ConfigError
 from relayd.core.tokens import make_token, new_queue_id
-from relayd.feedback import handlers as feedback
+from relayd.feedback import events as evidence_rules
 from relayd.feedback import reputation
+from relayd.feedback.service import Feedback
 from relayd.queue.store import QueueStore
 from relayd.store import Event, SentRecord, SqliteStore, Store
 from relayd.store.postgresql import PostgresStore
@@ -33,6 +34,11 @@ class Env:
     store: Store
     queue: QueueStore
     cfg: Config
+
+    @property
+    def feedback(self) -> Feedback:
+        """The object under test, built as the daemon builds it, with the current ``cfg``."""
+        return Feedback(self.store, self.queue, SECRET, self.cfg)
 
     async def sent(self, n: int, at: datetime | None = None, account: str = "acme") -> list[SentRecord]:
         """``n`` accepted recipients of one message in the ledger, as the pipeline records them."""
@@ -80,9 +86,7 @@ async def test_101_copies_of_one_valid_dsn_are_one_hard_bounce_and_suspend_nobod
     victim = records[0]
     raw = dsn_report(victim.address)
     for n in range(101):
-        await feedback.on_dsn(
-            env.store, env.queue, SECRET, env.cfg, raw, verp(victim), T0 + n * timedelta(seconds=1)
-        )
+        await env.feedback.on_dsn(raw, verp(victim), T0 + n * timedelta(seconds=1))
     state = await env.store.get_account_state("acme")
     assert state is None or not state.suspended
     bounces = await env.events("hard_bounce")
@@ -98,7 +102,7 @@ async def test_one_hard_bounce_per_copy_still_adds_up_across_copies(env: Env) ->
     env.cfg = make_config(minimum_sent=10, hard_bounce_suspend=0.05)
     records = await env.sent(20)
     for r in records[:2]:  # two distinct copies: 10 % of 20 sent
-        await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, dsn_report(r.address), verp(r), T0)
+        await env.feedback.on_dsn(dsn_report(r.address), verp(r), T0)
     state = await env.store.get_account_state("acme")
     assert state is not None and state.suspended
     assert await env.store.count_events("hard_bounce", T0 - DAY, account="acme") == 2
@@ -108,9 +112,7 @@ async def test_a_repeated_complaint_is_one_event_with_a_count(env: Env) -> None:
     (r,) = await env.sent(1)
     raw = arf_report(r.address, relayd_id=trace(r))
     for n in range(5):
-        events = await feedback.on_arf(
-            env.store, env.queue, SECRET, env.cfg, raw, T0 + n * timedelta(minutes=1)
-        )
+        events = await env.feedback.on_arf(raw, T0 + n * timedelta(minutes=1))
         assert [e.kind for e in events][:1] == ["complaint"]
     (complaint,) = await env.events("complaint")
     assert complaint.count == 5
@@ -124,12 +126,10 @@ async def test_a_repeated_complaint_is_one_event_with_a_count(env: Env) -> None:
 async def test_report_about_a_copy_older_than_report_max_age_is_an_event_only(env: Env) -> None:
     old = T0 - timedelta(days=31)  # report_max_age: 30 days by default
     bounced, complained = await env.sent(2, at=old)
-    events = await feedback.on_dsn(
-        env.store, env.queue, SECRET, env.cfg, dsn_report(bounced.address), verp(bounced), T0
-    )
+    events = await env.feedback.on_dsn(dsn_report(bounced.address), verp(bounced), T0)
     assert [(e.kind, e.reason) for e in events] == [("late_report", "dsn")]
     raw = arf_report(complained.address, relayd_id=trace(complained))
-    events = await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0)
+    events = await env.feedback.on_arf(raw, T0)
     assert [(e.kind, e.reason) for e in events] == [("late_report", "arf")]
     assert await env.store.count() == 0  # nobody suppressed
     assert await env.store.count_events("hard_bounce", old, account="acme") == 0
@@ -137,9 +137,7 @@ async def test_report_about_a_copy_older_than_report_max_age_is_an_event_only(en
     assert json.loads(events[0].evidence)["sent_at"] == old.isoformat()
     # the same copy, one day younger, is acted on
     (fresh,) = await env.sent(1, at=T0 - timedelta(days=29))
-    events = await feedback.on_dsn(
-        env.store, env.queue, SECRET, env.cfg, dsn_report(fresh.address), verp(fresh), T0
-    )
+    events = await env.feedback.on_dsn(dsn_report(fresh.address), verp(fresh), T0)
     assert [e.kind for e in events] == ["hard_bounce", "suppressed"]
 
 
@@ -159,9 +157,7 @@ async def test_pruning_removes_old_ledger_rows_and_events_and_a_pruned_token_att
     assert await env.store.lookup_sent(old.queue_id, old.index) is None
     assert await env.store.lookup_sent(young.queue_id, young.index) == young
     assert len(await env.events("delivered")) == 1
-    events = await feedback.on_dsn(
-        env.store, env.queue, SECRET, env.cfg, dsn_report(old.address), verp(old), T0
-    )
+    events = await env.feedback.on_dsn(dsn_report(old.address), verp(old), T0)
     assert [(e.kind, json.loads(e.evidence)["why"]) for e in events] == [("unattributed", "unknown message")]
     assert await env.store.count() == 0
 
@@ -226,35 +222,31 @@ def test_report_max_age_and_keep_events_are_validated(tmp_path: Path) -> None:
 async def test_evidence_is_clipped_per_field_and_in_total(env: Env) -> None:
     long_rcpt = "x" * 20_000 + "@example.net"
     raw = dsn_report(long_rcpt, diagnostic="smtp; 550 5.1.1 " + "mailbox unavailable " * 3000)
-    (event,) = await feedback.on_dsn(
-        env.store, env.queue, SECRET, env.cfg, raw, None, T0, source_ip="192.0.2.9"
-    )
+    (event,) = await env.feedback.on_dsn(raw, None, T0, source_ip="192.0.2.9")
     assert event.kind == "unattributed"
-    assert len(event.evidence) <= feedback.EVIDENCE_MAX
+    assert len(event.evidence) <= evidence_rules.EVIDENCE_MAX
     evidence = json.loads(event.evidence)
-    assert all(len(a) <= feedback.EVIDENCE_FIELD_MAX + 3 for a in evidence["claimed"])
+    assert all(len(a) <= evidence_rules.EVIDENCE_FIELD_MAX + 3 for a in evidence["claimed"])
     (stored,) = await env.events("unattributed")
-    assert len(stored.evidence) <= feedback.EVIDENCE_MAX
+    assert len(stored.evidence) <= evidence_rules.EVIDENCE_MAX
     # many long fields, some of them escaped to six times their length by JSON, still fit
-    text = feedback._json({f"f{i}": "\u2603" * 5000 for i in range(20)} | {"list": ["y" * 9000] * 50})
-    assert len(text) <= feedback.EVIDENCE_MAX and json.loads(text)
+    text = evidence_rules.evidence_json(
+        {f"f{i}": "\u2603" * 5000 for i in range(20)} | {"list": ["y" * 9000] * 50}
+    )
+    assert len(text) <= evidence_rules.EVIDENCE_MAX and json.loads(text)
 
 
 async def test_unattributed_reports_from_one_source_are_one_event_per_hour(env: Env) -> None:
     forged = dsn_report("victim@example.net")
     for n in range(50):
         at = T0 + n * timedelta(seconds=10)
-        await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, forged, None, at, source_ip="192.0.2.7")
-    await feedback.on_dsn(env.store, env.queue, SECRET, env.cfg, forged, None, T0, source_ip="192.0.2.8")
+        await env.feedback.on_dsn(forged, None, at, source_ip="192.0.2.7")
+    await env.feedback.on_dsn(forged, None, T0, source_ip="192.0.2.8")
     next_hour = T0 + timedelta(hours=1)
-    await feedback.on_dsn(
-        env.store, env.queue, SECRET, env.cfg, forged, None, next_hour, source_ip="192.0.2.7"
-    )
+    await env.feedback.on_dsn(forged, None, next_hour, source_ip="192.0.2.7")
     # no address from the listener: grouped by the report's From domain
     for _ in range(3):
-        await feedback.on_arf(
-            env.store, env.queue, SECRET, env.cfg, arf_report("v@example.net", relayd_id=None), T0
-        )
+        await env.feedback.on_arf(arf_report("v@example.net", relayd_id=None), T0)
     events = await env.events("unattributed")
     counts = sorted((json.loads(e.evidence)["source"], e.reason, e.at, e.count) for e in events)
     assert counts == [

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from relayd.core.tokens import make_token, new_queue_id
-from relayd.feedback import handlers as feedback
 from relayd.feedback import reputation
 from relayd.queue.store import QueueStore
 from relayd.store import Event, SentRecord, SqliteStore, SuspendReason
@@ -42,7 +41,7 @@ async def send_many(env: Env, n: int, account: str = "acme") -> list[str]:
 async def complain(env: Env, qid: str, index: int, address: str, minutes: int) -> list[Event]:
     token = make_token(SECRET, "trace", qid, index, address)
     raw = arf_report(address, relayd_id=token)
-    return await feedback.on_arf(env.store, env.queue, SECRET, env.cfg, raw, T0 + timedelta(minutes=minutes))
+    return await env.feedback.on_arf(raw, T0 + timedelta(minutes=minutes))
 
 
 async def test_complaints_past_the_rate_suspend_with_figures(env: Env) -> None:
@@ -95,15 +94,8 @@ async def test_hard_bounce_rate_suspends(env: Env) -> None:
     env.cfg = make_config(minimum_sent=10, hard_bounce_suspend=0.05)
     _qid, *rcpts = await send_many(env, 20)
     for i in range(2):  # 1/20 = 5 % is allowed, 2/20 = 10 % is not
-        await feedback.on_delivery_failure(
-            env.store,
-            env.queue,
-            env.cfg,
-            queue_id=new_queue_id(),
-            index=0,
-            account="acme",
-            list_name="news",
-            address=rcpts[i],
+        await env.feedback.on_delivery_failure(
+            SentRecord(new_queue_id(), 0, "acme", "news", rcpts[i], T0 + timedelta(minutes=i)),
             code=550,
             enhanced="5.1.1",
             text="User unknown",

@@ -158,7 +158,7 @@ async def test_entry_round_trips(store: Store) -> None:
         source="http:one-click",
     )
     await store.add([e])
-    assert await store.list(address=e.address, now=T0) == [e]
+    assert await store.list_entries(address=e.address, now=T0) == [e]
     assert (await store.check([e.address], "acme", "news", now=T0))[e.address] == e
 
 
@@ -181,8 +181,8 @@ async def test_expired_entries_never_block(store: Store) -> None:
     later = T0 + timedelta(days=1, seconds=1)
     assert await store.check(["future@example.test"], "a", None, now=later) == {}
     # Expired entries are still listed on request, and purged on request.
-    assert len(await store.list(include_expired=True)) == 3
-    assert [e.address for e in await store.list(now=T0)] == ["future@example.test"]
+    assert len(await store.list_entries(include_expired=True)) == 3
+    assert [e.address for e in await store.list_entries(now=T0)] == ["future@example.test"]
     assert await store.purge_expired(now=T0) == 2
     assert await store.count() == 1
 
@@ -202,12 +202,12 @@ async def test_add_upserts_on_same_key(store: Store) -> None:
     )
     await store.add([entry("u@example.test", Scope.ACCOUNT, "other", reason=Reason.COMPLAINT)])
     assert await store.count() == 2
-    [acme] = await store.list(address="u@example.test", account="acme", now=T0)
+    [acme] = await store.list_entries(address="u@example.test", account="acme", now=T0)
     assert acme.reason is Reason.MANUAL
     assert acme.expires_at == T0 + timedelta(days=1)
     # An upsert can also lift an expiry.
     await store.add([entry("u@example.test", Scope.ACCOUNT, "acme", reason=Reason.MANUAL)])
-    [acme] = await store.list(address="u@example.test", account="acme", now=T0)
+    [acme] = await store.list_entries(address="u@example.test", account="acme", now=T0)
     assert acme.expires_at is None
     assert await store.add([]) == 0
 
@@ -240,20 +240,20 @@ async def test_list_filters_limit_and_count(store: Store) -> None:
     )
     assert await store.count() == 10
     assert await store.count(scope=Scope.GLOBAL) == 5
-    assert len(await store.list(now=T0, limit=4)) == 4
-    page2 = await store.list(now=T0, limit=4, offset=8)
+    assert len(await store.list_entries(now=T0, limit=4)) == 4
+    page2 = await store.list_entries(now=T0, limit=4, offset=8)
     assert len(page2) == 2
-    assert {e.address for e in await store.list(account="acme", now=T0)} == {
+    assert {e.address for e in await store.list_entries(account="acme", now=T0)} == {
         "a0@example.test",
         "a1@example.test",
         "a2@example.test",
         "l@example.test",
     }
-    assert [e.address for e in await store.list(list_name="news", account="other", now=T0)] == [
+    assert [e.address for e in await store.list_entries(list_name="news", account="other", now=T0)] == [
         "o@example.test"
     ]
-    assert len(await store.list(reason=Reason.UNSUBSCRIBE, now=T0)) == 2
-    assert len(await store.list(scope=Scope.ACCOUNT, now=T0)) == 3
+    assert len(await store.list_entries(reason=Reason.UNSUBSCRIBE, now=T0)) == 2
+    assert len(await store.list_entries(scope=Scope.ACCOUNT, now=T0)) == 3
 
 
 async def test_scan_yields_everything_in_batches(store: Store) -> None:
@@ -479,7 +479,7 @@ async def test_sqlite_unopenable_path_raises_store_error(tmp_path: Path) -> None
 
 async def test_sqlite_migrate_upgrades_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file at the current version gets a later migration applied on open, once, and keeps its data."""
-    import relayd.store.sqlite as sqlite_backend
+    import relayd.store.sqlite.connection as sqlite_backend
     from relayd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration
 
     path = tmp_path / "old.db"
@@ -584,7 +584,7 @@ async def test_sqlite_migration_3_folds_existing_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database written by schema 2 gets the same counts after upgrading as one written by schema 3."""
-    import relayd.store.sqlite as sqlite_module
+    import relayd.store.sqlite.connection as sqlite_module
     from relayd.store import migrations
 
     path = tmp_path / "old.db"
@@ -726,7 +726,7 @@ async def test_postgresql_migrate_upgrades_existing_schema(
     pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database at the current version gets a later migration applied on open, once, and keeps its data."""
-    import relayd.store.postgresql as pg_backend
+    import relayd.store.postgresql.connection as pg_backend
     from relayd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration
 
     async with PostgresStore(pg_dsn, schema=_pg_schema(tmp_path)) as s:
@@ -762,7 +762,7 @@ async def test_postgresql_migrate_upgrades_existing_schema(
 async def test_postgresql_migration_without_ddl_is_refused(
     pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import relayd.store.postgresql as pg_backend
+    import relayd.store.postgresql.connection as pg_backend
     from relayd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration
 
     v_next = Migration(LATEST_VERSION + 1, "sqlite_only", sqlite=("SELECT 1",))
@@ -775,14 +775,14 @@ async def test_postgresql_migration_without_ddl_is_refused(
 
 
 async def test_postgresql_key_order_is_byte_order(tmp_path: Path) -> None:
-    """list() and scan() order keys as SQLite does (COLLATE "C"), whatever the database's locale."""
+    """list_entries() and scan() order keys as SQLite does (COLLATE "C"), whatever the database's locale."""
     addresses = ["b@x.test", "B@x.test", "a@x.test", "_@x.test", "é@x.test", "z@x.test"]
     for backend in BACKENDS:
         s = _make_store(backend, tmp_path / backend)
         await s.open()
         try:
             await s.add([entry(a) for a in addresses])
-            assert [e.address for e in await s.list(now=T0)] == sorted(addresses), backend
+            assert [e.address for e in await s.list_entries(now=T0)] == sorted(addresses), backend
             batches = [b async for b in s.scan(batch_size=2)]
             assert [e.address for b in batches for e in b] == sorted(addresses), backend
         finally:
@@ -790,7 +790,7 @@ async def test_postgresql_key_order_is_byte_order(tmp_path: Path) -> None:
 
 
 async def test_mta_sts_policy_cache_round_trip_replace_and_prune(store: Store) -> None:
-    from relayd.store.base import MtaStsRecord
+    from relayd.store.models import MtaStsRecord
 
     assert await store.get_mta_sts("example.com") is None
     patterns = ("mx1.example.com", "*.example.net")
@@ -813,7 +813,7 @@ async def test_mta_sts_policy_cache_round_trip_replace_and_prune(store: Store) -
 async def test_tls_report_counts_add_up_and_one_claim_wins(store: Store) -> None:
     from datetime import date
 
-    from relayd.store.base import TlsSessionCount
+    from relayd.store.models import TlsSessionCount
 
     day, next_day = date(2026, 12, 6), date(2026, 12, 7)
     policy = '{"policy-string": ["version: STSv1"], "mx-host": ["*.example.com"]}'

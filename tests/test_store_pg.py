@@ -32,8 +32,8 @@ from relayd.store import (
     SuppressionEntry,
     SuspendReason,
 )
-from relayd.store.base import ConsentRecord
 from relayd.store.migrations import LATEST_VERSION
+from relayd.store.models import ConsentRecord
 from relayd.store.postgresql import PostgresStore
 from relayd.store.transfer import export_store, import_store
 
@@ -453,19 +453,19 @@ async def test_move_from_sqlite_to_postgresql(
 async def test_lock_wait_is_bounded_by_command_timeout(pg_dsn: str, request: pytest.FixtureRequest) -> None:
     """A node stuck holding a lock costs the others a StoreError (451) after command_timeout, not a hang,
     and leaves their connections usable."""
-    from relayd.store import postgresql as pg
+    from relayd.store.postgresql import driver as pg
 
     store = PostgresStore(pg_dsn, schema=_schema(request), command_timeout=0.5)
     await store.open()
     holder = await asyncpg.connect(pg_dsn)
     try:
-        events_key = pg._lock_key(store._schema_name)
-        sends_key = pg._lock_key(store._schema_name, "acme", "news", "x@x.test")
+        events_key = pg.lock_key(store._schema_name)
+        sends_key = pg.lock_key(store._schema_name, "acme", "news", "x@x.test")
         await holder.execute(
             "SELECT pg_advisory_lock($1, $2), pg_advisory_lock($3, $4)",
-            pg._LOCK_EVENTS,
+            pg.LOCK_EVENTS,
             events_key,
-            pg._LOCK_SENDS,
+            pg.LOCK_SENDS,
             sends_key,
         )
         loop = asyncio.get_running_loop()

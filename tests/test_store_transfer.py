@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from relayd.store import Event, Reason, Scope, SentRecord, SqliteStore, SuppressionEntry, SuspendReason
-from relayd.store.base import ConsentRecord
+from relayd.store.models import ConsentRecord
 from relayd.store.transfer import export_store, import_store
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -53,8 +53,8 @@ async def test_export_then_import_keeps_everything(tmp_path: Path) -> None:
         assert [n for n, _ in result.errors] == [4]
         assert result.counts == out.counts
         assert await dst.count() == 25_002
-        got = await dst.list(address="u@example.test", include_expired=True)
-        assert got == await src.list(address="u@example.test", include_expired=True)
+        got = await dst.list_entries(address="u@example.test", include_expired=True)
+        assert got == await src.list_entries(address="u@example.test", include_expired=True)
         state = await dst.get_account_state("acme")
         assert state is not None and state.suspended and state.reason is SuspendReason.COMPLAINT_RATE
         assert await dst.lookup_sent("qqqqqqqqqqqqqqqq", 0) == SentRecord(

@@ -59,7 +59,7 @@ async def test_import_keeps_good_rows_and_reports_bad_ones_by_line(store: Store,
     assert "address" in result.errors[0][1]
     assert "scope" in result.errors[1][1]
     assert "expires_at" not in result.errors[4][1] and "created_at" in result.errors[4][1]
-    entries = {e.address: e for e in await store.list(include_expired=True)}
+    entries = {e.address: e for e in await store.list_entries(include_expired=True)}
     assert set(entries) == {"alice@example.test", "b@example.test", "d@example.test", "i@example.test"}
     alice = entries["alice@example.test"]
     assert alice.created_at == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -97,7 +97,7 @@ async def test_bom_and_source_column(store: Store, tmp_path: Path) -> None:
     )
     result = await import_csv(store, path, source="migration-2025")
     assert result == ImportResult(2, [])
-    sources = {e.address: e.source for e in await store.list()}
+    sources = {e.address: e.source for e in await store.list_entries()}
     assert sources == {"a@example.test": "vendor-feed", "b@example.test": "migration-2025"}
 
 
@@ -142,7 +142,8 @@ async def test_export_round_trip(store: Store, tmp_path: Path) -> None:
     try:
         result = await import_csv(other, write(tmp_path, text, name="export.csv"))
         assert result == ImportResult(3, [])
-        assert await other.list(include_expired=True) == await store.list(include_expired=True)
+        exported = await store.list_entries(include_expired=True)
+        assert await other.list_entries(include_expired=True) == exported
     finally:
         await other.close()
 

@@ -504,7 +504,7 @@ def test_api_is_off_unless_enabled_and_its_keys_are_validated(tmp_path: Path) ->
     assert out.returncode == 2
 
 
-# --- the key store on both backends (the contract of relayd.store.base.ApiKeyStore) -----------------------
+# --- the key store on both backends (the contract of relayd.store.protocols.ApiKeyStore) -------------------
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -30,14 +30,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd.app.daemon import load_signer
+from relayd.app.reload import load_signer
 from relayd.config import load
 from relayd.queue.routing import make_resolver
 from relayd.queue.shards import shard_path
 from relayd.queue.store import QueueStore
 from relayd.queue.transport.tlsrpt import ReportSender, parse_rua, report_json
 from relayd.store import open_store
-from relayd.store.base import TlsSessionCount
+from relayd.store.models import TlsSessionCount
 from tests.dnszone import PolicyServer, Zone
 from tests.harness import Relayd, Sink, message, wait_until
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trustme
 
-from relayd.app.daemon import load_signer
+from relayd.app.reload import load_signer
 from relayd.config import load
 from relayd.core import metrics
 from relayd.queue.routing import make_resolver
@@ -28,7 +28,7 @@ from relayd.queue.shards import shard_path
 from relayd.queue.store import QueueStore
 from relayd.queue.transport.tlsrpt import ReportSender
 from relayd.store import open_store
-from relayd.store.base import TlsSessionCount
+from relayd.store.models import TlsSessionCount
 from tests.dnszone import Zone
 from tests.harness import Relayd
 

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relayd.edge.webhooks import SIGNATURE_HEADER, verify
 from relayd.policy.rules.messageclass import strip_class_field
 from relayd.policy.rules.suppression import transactional_passes
-from relayd.store.base import Reason, Scope, SuppressionEntry
+from relayd.store.models import Reason, Scope, SuppressionEntry
 from tests.dkimverify import records_from_zone_lines, verify_dkimpy
 from tests.harness import (
     PASSWORD_HASH,

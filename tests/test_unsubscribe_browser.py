@@ -101,7 +101,7 @@ async def test_unsubscribe_in_chromium(tmp_path: Path, stores: tuple[SqliteStore
                 # the stylesheet applied under the CSP (a hash mismatch would leave a grey default button)
                 background = await button.evaluate("b => getComputedStyle(b).backgroundColor")
                 assert background == "rgb(29, 78, 216)"
-                assert await store.list(include_expired=True) == []  # the GET changed nothing
+                assert await store.list_entries(include_expired=True) == []  # the GET changed nothing
                 shot = tmp_path / "unsubscribe-page.png"
                 await page.screenshot(path=shot)
                 _keep(shot)
@@ -125,7 +125,7 @@ async def test_unsubscribe_in_chromium(tmp_path: Path, stores: tuple[SqliteStore
     finally:
         await runner.cleanup()
 
-    [entry] = await store.list(include_expired=True)
+    [entry] = await store.list_entries(include_expired=True)
     assert (entry.address, entry.scope, entry.account, entry.list) == (ADDRESS, Scope.LIST, "acme", "news")
     assert (entry.reason, entry.source) == (Reason.UNSUBSCRIBE, "web")
     assert entry.created_at <= datetime.now(UTC)

@@ -29,7 +29,7 @@ from relayd.edge.web.pages import mask_address
 from relayd.policy.render import unsubscribe_url
 from relayd.queue.store import MessageRow, NewMessage, QueueStore
 from relayd.store import Reason, Scope, SentRecord, SqliteStore, SuppressionEntry
-from relayd.store.base import Event
+from relayd.store.models import Event
 
 SECRET = b"test-secret-0123456789abcdef0123"
 JANE = "jane.doe@example.test"
@@ -82,7 +82,7 @@ class Snapshot:
 
 async def snapshot(store: SqliteStore, queue: QueueStore) -> Snapshot:
     return Snapshot(
-        await store.list(include_expired=True, limit=10_000),
+        await store.list_entries(include_expired=True, limit=10_000),
         await store.events(EPOCH, limit=10_000),
         await queue.list_messages(limit=10_000),
     )
@@ -164,7 +164,7 @@ async def test_one_click_post_suppresses_the_list_and_drops_queued_mail(env: Env
     assert "You are unsubscribed" in text
     assert "j***@example.test" in text and JANE not in text
     assert "Location" not in headers and "Set-Cookie" not in headers  # RFC 8058 §3.1, §3.2
-    [entry] = await store.list(include_expired=True)
+    [entry] = await store.list_entries(include_expired=True)
     assert (entry.address, entry.scope, entry.account, entry.list) == (JANE, Scope.LIST, "acme", "news")
     assert (entry.reason, entry.source, entry.expires_at) == (Reason.UNSUBSCRIBE, "one-click", None)
     assert before <= entry.created_at <= datetime.now(UTC)
@@ -198,7 +198,7 @@ async def test_one_click_as_multipart_form_data(env: Env) -> None:
         part.set_content_disposition("form-data", name="List-Unsubscribe")
     status, text, _ = await post(env, env.url(qid, 0, JANE), mp)
     assert status == 200 and "You are unsubscribed" in text
-    [entry] = await env.store.list()
+    [entry] = await env.store.list_entries()
     assert (entry.scope, entry.list, entry.source) == (Scope.LIST, "news", "one-click")
     assert await states(env.queue, qid) == {JANE: "dropped"}
 
@@ -209,7 +209,7 @@ async def test_one_click_body_with_a_sloppy_content_type_is_accepted(env: Env) -
         env, env.url(qid, 0, JANE), b"List-Unsubscribe=One-Click", headers={"Content-Type": "text/plain"}
     )
     assert status == 200
-    assert len(await env.store.list()) == 1
+    assert len(await env.store.list_entries()) == 1
 
 
 async def test_unnamed_list_unsubscribes_from_the_account(env: Env) -> None:
@@ -219,7 +219,7 @@ async def test_unnamed_list_unsubscribes_from_the_account(env: Env) -> None:
     other_account = await send(env.store, env.queue, "globex", None, JANE)
     status, text, _ = await post(env, env.url(qid, 0, JANE), ONE_CLICK)
     assert status == 200 and "all mail of <strong>acme</strong>" in text
-    [entry] = await env.store.list()
+    [entry] = await env.store.list_entries()
     assert (entry.scope, entry.account, entry.list) == (Scope.ACCOUNT, "acme", None)
     assert await states(env.queue, qid) == {JANE: "dropped"}
     assert await states(env.queue, other_list) == {JANE: "dropped"}  # the whole account
@@ -251,7 +251,7 @@ async def test_button_post_unsubscribes_and_a_second_post_changes_nothing(env: E
     url = env.url(qid, 0, JANE)
     status, text, _ = await post(env, url, {"confirm": "yes"})
     assert status == 200 and "You are unsubscribed" in text
-    [entry] = await env.store.list()
+    [entry] = await env.store.list_entries()
     assert (entry.scope, entry.account, entry.list, entry.source) == (Scope.LIST, "acme", "news", "web")
     assert json.loads((await env.store.events(EPOCH))[0].evidence)["source"] == "web"
     after_first = await snapshot(env.store, env.queue)
@@ -270,7 +270,7 @@ async def test_concurrent_posts_leave_one_entry(env: Env) -> None:
     url = env.url(qid, 0, JANE)
     results = await asyncio.gather(*(post(env, url, ONE_CLICK) for _ in range(5)))
     assert [r[0] for r in results] == [200] * 5
-    assert len(await env.store.list()) == 1
+    assert len(await env.store.list_entries()) == 1
 
 
 MALFORMED_MULTIPART = [
@@ -489,7 +489,7 @@ async def test_unsubscribe_function_for_mailto_without_a_queue(store: SqliteStor
     token = make_token(SECRET, "unsub", qid, 0, JANE)
     now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert await unsubscribe(store, None, SECRET, _tamper(token), source="mailto", now=now) is None
-    assert await store.list() == [] and await store.events(EPOCH) == []
+    assert await store.list_entries() == [] and await store.events(EPOCH) == []
 
     result = await unsubscribe(
         store, None, SECRET, token.upper(), source="mailto", now=now, evidence={"mail_from": BOB}
@@ -497,7 +497,7 @@ async def test_unsubscribe_function_for_mailto_without_a_queue(store: SqliteStor
     assert result is not None
     assert (result.account, result.list, result.address, result.scope) == ("acme", "news", JANE, Scope.LIST)
     assert (result.already, result.dropped, result.queue_id) == (False, 0, qid)
-    assert await store.list(now=now) == [
+    assert await store.list_entries(now=now) == [
         SuppressionEntry(JANE, Scope.LIST, "acme", "news", Reason.UNSUBSCRIBE, "mailto", now)
     ]
     [event] = await store.events(EPOCH)
@@ -506,7 +506,7 @@ async def test_unsubscribe_function_for_mailto_without_a_queue(store: SqliteStor
 
     again = await unsubscribe(store, queue, SECRET, token, source=UnsubscribeSource.WEB, now=now)
     assert again is not None and again.already and again.dropped == 1
-    assert [e.source for e in await store.list(now=now)] == ["mailto"]  # first request kept
+    assert [e.source for e in await store.list_entries(now=now)] == ["mailto"]  # first request kept
     assert len(await store.events(EPOCH)) == 1
     with pytest.raises(ValueError):
         await unsubscribe(store, queue, SECRET, token, source="carrier-pigeon", now=now)

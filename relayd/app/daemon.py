@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import gc
-import json
 import logging
 import os
 import signal
@@ -23,20 +21,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from relayd import config as config_mod
 from relayd.app import retention
+from relayd.app.reload import Reloadable, load_signer, prepare, restart_sections
 from relayd.app.systemd import sd_notify
 from relayd.config import Config, parse_hostport
 from relayd.core import metrics
-from relayd.core.errors import ConfigError, DeliveryError
-from relayd.core.models import DueRecipient
+from relayd.core.errors import ConfigError
 from relayd.core.secret import load_or_create
 from relayd.edge.smtp.inbound import InboundHandler, start_inbound
-from relayd.edge.smtp.inbound import tls_context as inbound_tls_context
 from relayd.edge.smtp.protocol import ConnectionLimits, DataBudget
-from relayd.edge.smtp.submission import SubmissionHandler, start_submission, start_submission_tls, tls_context
-from relayd.feedback import handlers as feedback
-from relayd.mail.dkim import DkimKeyError, Signer, load_key
+from relayd.edge.smtp.submission import SubmissionHandler, start_submission, start_submission_tls
+from relayd.feedback.service import Feedback
+from relayd.mail.dkim import DkimKeyError, Signer
 from relayd.policy.dequeue import DequeueCheck
 from relayd.policy.pipeline import Pipeline
 from relayd.policy.render import Renderer
@@ -48,7 +44,7 @@ from relayd.queue.shards import shard_path
 from relayd.queue.store import QueueStore
 from relayd.queue.transport.tlsrpt import ReportSender
 from relayd.reports.parseworker import ParseWorker
-from relayd.store import Event, Store, StoreError, open_store
+from relayd.store import Store, StoreError, open_store
 
 if TYPE_CHECKING:
     # imported where they are used, by the processes that listen: a delivery process never loads aiohttp
@@ -62,63 +58,6 @@ Role = Literal["all", "submission", "delivery"]
 
 _GRACE = 10.0
 _STEP_TIMEOUT = 3.0
-#: keys of a restart-only section that a reload applies anyway: the listeners read their TLS context
-#: for each new connection, and :meth:`Daemon.reload` rebuilds it from these
-_RELOADED_KEYS: dict[str, frozenset[str]] = {
-    "submission": frozenset({"tls_cert", "tls_key"}),
-    "inbound": frozenset({"tls_cert", "tls_key"}),
-}
-
-
-class DeliveryRecorder:
-    """What happens after each delivery attempt: a metric, an event (webhooks and rates read those), and for
-    a final failure (5xx, or expiry) the same effects as a bounce report (relayd.feedback.handlers)."""
-
-    def __init__(self, store: Store, queue: QueueStore, cfg: Config) -> None:
-        self._store = store
-        self._queue = queue
-        self.cfg = cfg
-
-    async def __call__(
-        self, item: DueRecipient, outcome: str, reply: str, seconds: float, error: DeliveryError | None
-    ) -> None:
-        domain = item.address.rpartition("@")[2]
-        if outcome != "ip_suspended":  # about our source address, not a delivery outcome
-            metrics.DELIVERIES.labels(outcome, metrics.domain_label(domain)).inc()
-        if outcome in ("delivered", "bounced"):
-            metrics.DELIVERY_SECONDS.observe(seconds)
-        if outcome == "dropped":
-            return  # the dequeue check recorded the event with its reason
-        await self._store.record_event(
-            Event(
-                at=dt.datetime.now(dt.UTC),
-                kind=outcome,
-                account=item.account,
-                list=item.list_name,
-                address=item.address,
-                reason=None,
-                queue_id=item.queue_id,
-                evidence=json.dumps(
-                    {"reply": reply[:500], "index": item.index, "class": item.msg_class.value}
-                ),
-            )
-        )
-        if outcome in ("bounced", "expired") and error is not None:
-            await feedback.on_delivery_failure(
-                self._store,
-                self._queue,
-                self.cfg,
-                queue_id=item.queue_id,
-                index=item.index,
-                account=item.account,
-                list_name=item.list_name,
-                address=item.address,
-                code=error.code or (550 if outcome == "bounced" else 451),
-                enhanced=error.status,
-                text=error.text or str(error),
-                command=error.command,
-                now=dt.datetime.now(dt.UTC),
-            )
 
 
 async def refresh_gauges(queue: QueueStore, store: Store, stop: asyncio.Event, scheduler: Scheduler) -> None:
@@ -147,11 +86,6 @@ async def refresh_gauges(queue: QueueStore, store: Store, stop: asyncio.Event, s
             await asyncio.wait_for(stop.wait(), timeout=5.0)
 
 
-def load_signer(cfg: Config) -> Signer:
-    """Every [[dkim]] key, loaded and checked before we accept any mail (a bad key fails the start)."""
-    return Signer([load_key(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim])
-
-
 class Daemon:
     """One relayd process: its stores, its listeners, its workers, and the reload that swaps config."""
 
@@ -174,6 +108,8 @@ class Daemon:
         self.channel = channel
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: what follows the config, in the order a reload reaches it (:meth:`reload`)
+        self.reloadables: list[Reloadable] = []
         self.scheduler: Scheduler | None = None
         self.receiver: Receiver | None = None
         self.announcer: Announcer | None = None
@@ -194,6 +130,7 @@ class Daemon:
         self.queue = QueueStore(shard, outcomes_only=self.role == "delivery")
         await self.queue.open()
         self.renderer = Renderer(cfg, self.secret, signer)  # each recipient's copy, made at delivery
+        self.reloadables.append(self.renderer)
         if self.role != "submission":
             await self._start_delivery()
         if self.role != "delivery":
@@ -208,17 +145,18 @@ class Daemon:
 
     async def _start_delivery(self) -> None:
         cfg = self.cfg
-        self.recorder = DeliveryRecorder(self.store, self.queue, cfg)
+        self.feedback = Feedback(self.store, self.queue, self.secret, cfg)
         self.scheduler = Scheduler(
             cfg,
             self.queue,
             self.secret,
             gate=DequeueCheck(self.store, self.gate),
-            observer=self.recorder,
+            observer=self.feedback.record_delivery,
             renderer=self.renderer,
             tls_store=self.store,  # MTA-STS policies and TLS report counts are shared by every node
         )
         self.scheduler.start()
+        self.reloadables += [self.scheduler, self.feedback]
         if self.role == "delivery":  # the shard's submission process announces what it commits
             assert self.channel is not None, "a delivery process needs its shard's channel"
             self.receiver = Receiver(self.channel, self.scheduler, self.renderer)
@@ -229,6 +167,7 @@ class Daemon:
 
     async def _start_listeners(self, signer: Signer) -> None:
         from relayd.edge.web import create_app, start_web
+        from relayd.edge.web.app import LiveConfig
         from relayd.edge.webhooks import WebhookDispatcher
 
         cfg = self.cfg
@@ -236,7 +175,8 @@ class Daemon:
         self.webhooks = WebhookDispatcher(cfg, self.store) if self.worker == 0 else None
         if self.webhooks is not None:
             await self.webhooks.start()
-        self.pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate, self.renderer)
+            self.reloadables.append(self.webhooks)
+        pipeline = Pipeline(cfg, self.store, self.secret, signer, self.gate, self.renderer)
         handoff: Handoff
         if self.scheduler is not None:
             handoff = LocalHandoff(self.scheduler, self.renderer)
@@ -244,7 +184,7 @@ class Daemon:
             assert self.channel is not None, "a submission process needs its shard's channel"
             self.announcer = Announcer(self.channel)
             handoff = self.announcer
-        self.handler = SubmissionHandler(cfg, self.queue, handoff, self.pipeline)
+        self.handler = SubmissionHandler(cfg, self.queue, handoff, pipeline)
         # with several workers each holds its share of the connection limits and of the DATA budget (the
         # kernel spreads connections); a worker's budget still takes the largest message on its own
         biggest = max(cfg.submission.max_message_size, cfg.inbound.max_message_size)
@@ -270,6 +210,7 @@ class Daemon:
                 log.info("submission (implicit TLS) listening on %s", sock.getsockname()[:2])
         self.servers += tls_servers
         self.inbound = InboundHandler(cfg, self.store, self.queue, self.secret, self.report_parser)
+        self.reloadables += [self.handler, self.inbound]
         self.inbound_limits = ConnectionLimits(
             max(1, -(-cfg.inbound.max_connections // self.workers)), cfg.inbound.max_connections_per_ip, data
         )
@@ -283,26 +224,21 @@ class Daemon:
         self.web = await start_web(
             create_app(cfg, self.store, self.secret, self.queue), host, port, reuse_port=self.workers > 1
         )
+        self.reloadables.append(LiveConfig(self.web.app))
         log.info("http listening on %s:%d", host, port)
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file; swap accounts, policy, DKIM keys and routes at once.
 
-        All or nothing: a file that does not validate, or a DKIM key that does not load, is logged with
-        every problem and the running config stays. Open SMTP sessions are not dropped; their next command
-        sees the new config. Listen addresses, store and queue paths need a restart (logged)."""
+        All or nothing: a file that does not validate, a DKIM key or a TLS certificate that does not load,
+        is logged with every problem and the running config stays (relayd.app.reload). Open SMTP sessions
+        are not dropped; their next command sees the new config. Listen addresses, store and queue paths
+        need a restart (logged)."""
         if self.config_path is None:
             return False
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = config_mod.load(self.config_path)
-            config_mod.refuse_example_passwords(new)  # as at start: not on a listener beyond loopback
-            signer = load_signer(new)
-            # TLS: re-read the certificate and key now (a renewed certificate is served from the
-            # next connection on); a pair that does not load refuses the whole reload (ssl.SSLError is an
-            # OSError) and the running context stays
-            tls = tls_context(new)
-            inbound_tls = inbound_tls_context(new)  # the inbound listener's STARTTLS, likewise
+            new = prepare(self.config_path)
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("reload refused: %s", line)
@@ -312,48 +248,19 @@ class Daemon:
             log.error("reload refused: %s", exc)
             sd_notify("READY=1")
             return False
-        for key in ("submission", "inbound", "http", "store", "queue"):
-            old_section, new_section = getattr(self.cfg, key), getattr(new, key)
-            # the listeners' certificates were re-read above: a renewal is no reason to restart
-            exclude = _RELOADED_KEYS.get(key, frozenset())
-            if old_section.model_dump(exclude=exclude) != new_section.model_dump(exclude=exclude):
-                log.warning("reload: [%s] changed; it takes effect at the next restart", key)
-        self.renderer.reload(new, signer)
-        if self.scheduler is not None:
-            self.scheduler.reload(new)
-            self.recorder.cfg = new
-        if self.role != "delivery":
-            pipeline = Pipeline(new, self.store, self.secret, signer, self.gate, self.renderer)
-            self.handler.reload(new, pipeline)
-            # TLS: new STARTTLS and implicit-TLS handshakes use the re-read certificate (both kinds of
-            # listener read this context for each new connection)
-            self.handler.tls_context = tls
-            if self.webhooks is not None:
-                self._tasks.append(asyncio.create_task(self._restart_webhooks(new)))
-            self.inbound.cfg = new
-            self.inbound.tls_context = inbound_tls
-            from relayd.edge.web.app import update_config as update_web_config
-
-            update_web_config(self.web.app, new)
-            self.pipeline = pipeline
-        self.cfg = new
+        for key in restart_sections(self.cfg, new.cfg):
+            log.warning("reload: [%s] changed; it takes effect at the next restart", key)
+        for part in self.reloadables:
+            part.reload(new)
+        self.cfg = new.cfg
         log.info(
-            "reloaded %s: %d account(s), %d DKIM key(s)", self.config_path, len(new.accounts), len(new.dkim)
+            "reloaded %s: %d account(s), %d DKIM key(s)",
+            self.config_path,
+            len(new.cfg.accounts),
+            len(new.cfg.dkim),
         )
         sd_notify("READY=1")
         return True
-
-    async def _restart_webhooks(self, cfg: Config) -> None:
-        """New endpoints or secrets after a reload; the old dispatcher saves its progress first."""
-        from relayd.edge.webhooks import WebhookDispatcher
-
-        old, self.webhooks = self.webhooks, WebhookDispatcher(cfg, self.store)
-        if old is not None:
-            await old.stop()
-        try:
-            await self.webhooks.start()
-        except (ConfigError, StoreError) as exc:
-            log.error("webhooks not restarted after reload: %s", exc)
 
     async def close_partial(self) -> None:
         """After a failed start-up (a port in use, say): close what it had opened, so that the process

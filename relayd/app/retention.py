@@ -28,16 +28,14 @@ from typing import Protocol
 from relayd.config import Config
 from relayd.policy.rules.caps import MONTH
 from relayd.policy.rules.consent import OPTIN_WINDOW
-from relayd.store.base import (
+from relayd.store.models import StoreError, as_utc, utcnow
+from relayd.store.protocols import (
     ConsentStore,
     DmarcStore,
     EventStore,
     InboxStore,
     SendCounterStore,
     SentLedger,
-    StoreError,
-    as_utc,
-    utcnow,
 )
 
 log = logging.getLogger(__name__)

@@ -7,24 +7,21 @@ never keys. ``revoke ACCOUNT ID...`` (or ``--all``) stops keys at once on every 
 reads the key's row for each request. Each create and revoke is an event (``api_key_created``,
 ``api_key_revoked``) with who did it.
 
-Wiring: ``relayd.cli.main`` calls :func:`register` with the ``account`` sub-parsers; :func:`run` is the
+Wiring: relayd.cli.account calls :func:`register` with the ``account`` sub-parsers; :func:`run` is the
 command.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from relayd import config as config_mod
+from relayd.cli.common import command, group, load_config, operator_name, run_on_store
 from relayd.edge import apikeys
-from relayd.store.base import ApiKey, Event, Store, utcnow
+from relayd.store.models import ApiKey, Event, utcnow
+from relayd.store.protocols import Store
 
 __all__ = ["key_json", "register", "run"]
 
@@ -40,62 +37,49 @@ def key_json(key: ApiKey) -> dict[str, Any]:
     }
 
 
-def _who() -> str:
-    """The operator, as far as we can tell (``sudo`` keeps the real user in SUDO_USER)."""
-    user = os.environ.get("SUDO_USER")
-    if user:
-        return user
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def register(actions: Any, with_config: Any) -> None:
-    """Add ``api-key create|list|revoke`` under ``relayd account`` (``actions`` is what the account
-    parser's ``add_subparsers()`` returned; ``with_config`` adds ``--config``)."""
-    parser: argparse.ArgumentParser = actions.add_parser(
+def register(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``api-key create|list|revoke`` under ``relayd account`` (``actions``: the account parser's
+    sub-parsers)."""
+    keys = group(
+        actions,
         "api-key",
+        dest="key_action",
         help="keys of the tenant HTTP API (/api/v1): create (shown once), list, revoke",
     )
-    sub = parser.add_subparsers(dest="key_action", required=True)
-    sp = with_config(
-        sub.add_parser(
-            "create",
-            help="make a key for ACCOUNT and print it once (relayd stores only its SHA-256)",
-            epilog="example: relayd account api-key create acme --name billing-app --config relayd.toml",
-        )
+    sp = command(
+        keys,
+        "create",
+        run,
+        help="make a key for ACCOUNT and print it once (relayd stores only its SHA-256)",
+        epilog="example: relayd account api-key create acme --name billing-app --config relayd.toml",
     )
     sp.add_argument("account")
     sp.add_argument("--name", default="", help="what the key is for, shown by list")
     sp.add_argument("--json", action="store_true", help="print {id, account, name, created_at, key}")
-    sp.set_defaults(fn=run)
-    sp = with_config(
-        sub.add_parser(
-            "list",
-            help="the keys of ACCOUNT: id, name, created, revoked (never the keys)",
-            epilog="example: relayd account api-key list acme --json --config relayd.toml",
-        )
+    sp = command(
+        keys,
+        "list",
+        run,
+        help="the keys of ACCOUNT: id, name, created, revoked (never the keys)",
+        epilog="example: relayd account api-key list acme --json --config relayd.toml",
     )
     sp.add_argument("account")
     sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=run)
-    sp = with_config(
-        sub.add_parser(
-            "revoke",
-            help="revoke keys of ACCOUNT by id (or --all): refused with 401 from the next request on",
-            epilog="example: relayd account api-key revoke acme 3f9a1c2b7d4e --config relayd.toml",
-        )
+    sp = command(
+        keys,
+        "revoke",
+        run,
+        help="revoke keys of ACCOUNT by id (or --all): refused with 401 from the next request on",
+        epilog="example: relayd account api-key revoke acme 3f9a1c2b7d4e --config relayd.toml",
     )
     sp.add_argument("account")
     sp.add_argument("key_ids", nargs="*", metavar="ID")
     sp.add_argument("--all", action="store_true", help="every valid key of ACCOUNT")
-    sp.set_defaults(fn=run)
 
 
 async def _run(args: argparse.Namespace, store: Store) -> int:
     now = utcnow()
-    who = json.dumps({"who": "cli", "user": _who()})
+    who = json.dumps({"who": "cli", "user": operator_name()})
     if args.key_action == "create":
         new = await apikeys.create(store, args.account, args.name, now)
         await store.record_event(
@@ -143,18 +127,8 @@ async def _run(args: argparse.Namespace, store: Store) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The command (exit 0 ok, 1 an unknown key id, 2 an unknown account or no id given)."""
-    cfg = config_mod.load(Path(args.config))
+    cfg = load_config(args)
     if args.account not in cfg.accounts:
         print(f"relayd account api-key: no account {args.account!r} in {args.config}", file=sys.stderr)
         return 2
-
-    async def main() -> int:
-        from relayd.store import open_store
-
-        store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
-        try:
-            return await _run(args, store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
+    return run_on_store(cfg, lambda store: _run(args, store))

@@ -6,12 +6,17 @@ one readable line per file. Exit 0 when every file was read, 1 when one could no
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from relayd.reports.arf.model import ArfReport
-from relayd.reports.arf.parse import parse
+from relayd.cli.common import files_command, read_files
+
+if TYPE_CHECKING:
+    from relayd.reports.arf.model import ArfReport
+
+__all__ = ["FIELDS", "register", "report_dict", "run"]
 
 FIELDS = (
     "is_arf",
@@ -26,6 +31,16 @@ FIELDS = (
 )
 
 
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``arf parse`` to ``relayd``'s sub-parsers."""
+    files_command(
+        sub,
+        ("arf", "parse"),
+        ("complaint reports", "parse ARF complaint reports (files only; no config needed)"),
+        run,
+    )
+
+
 def report_dict(path: str, report: ArfReport) -> dict[str, Any]:
     """The contract's JSON shape for one file."""
     data: dict[str, Any] = {"file": path}
@@ -36,17 +51,13 @@ def report_dict(path: str, report: ArfReport) -> dict[str, Any]:
 
 def run(files: list[str], as_json: bool, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Parse each file and print the result; return the exit code."""
+    # imported here, not at start-up: the other commands do without the parsers
+    from relayd.reports.arf.parse import parse
+
     out = out or sys.stdout
     err = err or sys.stderr
-    status = 0
-    for path in files:
-        try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-        except OSError as exc:
-            err.write(f"{path}: cannot read: {exc.strerror or exc}\n")
-            status = 1
-            continue
+
+    def show(path: str, raw: bytes) -> None:
         report = parse(raw)
         if as_json:
             out.write(json.dumps(report_dict(path, report), ensure_ascii=False) + "\n")
@@ -58,5 +69,5 @@ def run(files: list[str], as_json: bool, out: TextIO | None = None, err: TextIO 
                 f"from={report.original_mail_from or '-'} ip={report.source_ip or '-'} "
                 f"relayd_id={report.relayd_id or '-'}\n"
             )
-    out.flush()
-    return status
+
+    return read_files(files, out, err, show)

@@ -21,7 +21,7 @@ Like ``relayd suppress import``: a bad row never spoils the file; it is reported
 (physical lines, header = line 1) and skipped, good rows are kept (exit 1 when any row was rejected). Rows are
 written in batches (one transaction each) and upserted, so running the same file again is harmless.
 
-Wiring: ``relayd.cli.main`` calls :func:`register` with its sub-parsers; :func:`run` is the command.
+Wiring: relayd.cli.main calls :func:`register` with its sub-parsers; :func:`run` is the command.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from relayd import config as config_mod
+from relayd.cli.common import command, group, load_config, report_import, run_on_store, write_export
 from relayd.core.address import AddressError, normalize
 from relayd.mail.listid import list_name
-from relayd.store.base import ConsentRecord, ConsentStore, Store, as_utc, utcnow
 from relayd.store.csvio import RowError, read_batch, safe_rows
+from relayd.store.models import ConsentRecord, as_utc, utcnow
+from relayd.store.protocols import ConsentStore, Store
 
 __all__ = [
     "COLUMNS",
@@ -189,7 +191,7 @@ async def import_consents(
 
     ``accounts``, when given, are the configured accounts: a row for another is rejected. A bad header
     imports nothing (an error on line 1). ``OSError`` and ``UnicodeDecodeError`` concern the whole file and
-    propagate; so does :class:`~relayd.store.base.StoreError`, after the batches before it were kept.
+    propagate; so does :class:`~relayd.store.models.StoreError`, after the batches before it were kept.
     """
     default_source = source or f"csv:{Path(path).name}"
     imported = 0
@@ -243,87 +245,68 @@ async def export_consents(
 # --- command line --------------------------------------------------------------------------------------
 
 
-def register(sub: Any) -> argparse.ArgumentParser:
-    """Add ``consent import|export|show`` to ``relayd``'s sub-parsers (``sub`` is what
-    ``ArgumentParser.add_subparsers()`` returned); each sets ``fn=run``."""
-    parser: argparse.ArgumentParser = sub.add_parser(
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``consent import|export|show`` to ``relayd``'s sub-parsers; each sets ``fn=run``."""
+    actions = group(
+        sub,
         "consent",
         help="consent records (double opt-in proof): import, export, show",
         epilog="example: relayd consent show jane@example.test --json --config relayd.toml",
     )
-    actions = parser.add_subparsers(dest="action", required=True)
-
-    def add(name: str, helptext: str) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = actions.add_parser(name, help=helptext)
-        sp.add_argument("--config", required=True, type=Path, help="the TOML config file")
-        sp.set_defaults(fn=run)
-        return sp
-
-    sp = add("import", f"import a CSV ({','.join(COLUMNS)}); bad rows are reported and skipped")
+    sp = command(
+        actions, "import", run, help=f"import a CSV ({','.join(COLUMNS)}); bad rows are reported and skipped"
+    )
     sp.add_argument("file", type=Path)
-    sp = add("export", "export consent records as CSV (to FILE or stdout)")
+    sp = command(actions, "export", run, help="export consent records as CSV (to FILE or stdout)")
     sp.add_argument("file", nargs="?", type=Path)
     sp.add_argument("--account")
     sp.add_argument("--list")
-    sp = add("show", "the consent records of one address: when, from which IP, how")
+    sp = command(actions, "show", run, help="the consent records of one address: when, from which IP, how")
     sp.add_argument("address")
     sp.add_argument("--account")
     sp.add_argument("--list")
     sp.add_argument("--json", action="store_true", help="one JSON object per record and line")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """``relayd consent ...``: 0 ok, 1 rows rejected or a runtime failure, 2 usage or config error.
 
     Raises :class:`~relayd.core.errors.ConfigError` for a bad config (``relayd.cli.main.main`` prints it)."""
-    cfg = config_mod.load(args.config)
-    return int(asyncio.run(_main(args, cfg)))
+    cfg = load_config(args)
+    return run_on_store(cfg, lambda store: _main(args, cfg, store))
 
 
-async def _main(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from relayd.store import open_store
-
-    store: Store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
-    try:
-        if args.action == "import":
-            try:
-                result = await import_consents(store, args.file, accounts=set(cfg.accounts))
-            except (OSError, UnicodeDecodeError) as exc:
-                print(f"relayd consent import: {args.file}: cannot read: {exc}", file=sys.stderr)
-                return 1
-            for line, problem in result.errors:
-                print(f"{args.file}:{line}: {problem}", file=sys.stderr)
-            print(f"{result.imported} row(s) imported, {len(result.errors)} rejected")
-            return 0 if not result.errors else 1
-        if args.action == "export":
-            if args.file:
-                with open(args.file, "w", newline="", encoding="utf-8") as out:
-                    n = await export_consents(store, out, account=args.account, list_name=args.list)
-                print(f"{n} row(s) exported to {args.file}", file=sys.stderr)
-            else:
-                await export_consents(store, sys.stdout, account=args.account, list_name=args.list)
-            return 0
-        if args.action == "show":
-            try:
-                address = normalize(args.address)
-            except AddressError as exc:
-                print(f"relayd consent show: {exc}", file=sys.stderr)
-                return 2
-            found = 0
-            async for batch in store.consents(account=args.account, list_name=args.list, address=address):
-                for r in batch:
-                    found += 1
-                    if args.json:
-                        print(json.dumps(r.as_json(), sort_keys=True))
-                    else:
-                        print(
-                            f"{r.account:<12} {r.list:<12} {r.address}  confirmed {_time(r.confirmed_at)}"
-                            f" from {r.ip or '-'} ({r.source}) {r.user_agent or ''}".rstrip()
-                        )
-            if not found:
-                print(f"no consent on file for {address}", file=sys.stderr)
-            return 0
-        return 2
-    finally:
-        await store.close()
+async def _main(args: argparse.Namespace, cfg: config_mod.Config, store: Store) -> int:
+    if args.action == "import":
+        try:
+            result = await import_consents(store, args.file, accounts=set(cfg.accounts))
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"relayd consent import: {args.file}: cannot read: {exc}", file=sys.stderr)
+            return 1
+        return report_import(args.file, result.imported, result.errors)
+    if args.action == "export":
+        await write_export(
+            args.file, lambda out: export_consents(store, out, account=args.account, list_name=args.list)
+        )
+        return 0
+    if args.action == "show":
+        try:
+            address = normalize(args.address)
+        except AddressError as exc:
+            print(f"relayd consent show: {exc}", file=sys.stderr)
+            return 2
+        found = 0
+        async for batch in store.consents(account=args.account, list_name=args.list, address=address):
+            for r in batch:
+                found += 1
+                if args.json:
+                    print(json.dumps(r.as_json(), sort_keys=True))
+                else:
+                    print(
+                        f"{r.account:<12} {r.list:<12} {r.address}  confirmed {_time(r.confirmed_at)}"
+                        f" from {r.ip or '-'} ({r.source}) {r.user_agent or ''}".rstrip()
+                    )
+        if not found:
+            print(f"no consent on file for {address}", file=sys.stderr)
+        return 0
+    return 2

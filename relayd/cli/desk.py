@@ -10,7 +10,7 @@ Everything an item shows was written by whoever mailed us, so text printed to a 
 characters (escape sequences could rewrite the screen or the window title) replaced by ``?``; ``--raw``
 alone prints the bytes untouched, for a file or a mail reader.
 
-Wiring: ``relayd.cli.main`` calls :func:`register` with its sub-parsers.
+Wiring: relayd.cli.main calls :func:`register` with its sub-parsers.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from pathlib import Path
-from typing import Any
 
 from relayd import config as config_mod
+from relayd.cli.common import command, group, load_config, opened_store, run_on_store
 from relayd.core.errors import ConfigError
 from relayd.desk import dmarcstats
 from relayd.desk.inbox import Kind
-from relayd.store.base import InboxItem, Store
+from relayd.store.models import InboxItem
+from relayd.store.protocols import Store
 
 __all__ = ["item_json", "register", "run_dmarc", "run_inbox", "safe_text"]
 
@@ -45,43 +45,49 @@ def safe_text(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
-def register(sub: Any) -> None:
-    """Add ``inbox`` and ``dmarc`` to ``relayd``'s sub-parsers (``sub`` is what
-    ``ArgumentParser.add_subparsers()`` returned)."""
-
-    def add(group: Any, name: str, helptext: str, example: str) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = group.add_parser(name, help=helptext, epilog=f"example: {example}")
-        sp.add_argument("--config", required=True, type=Path, help="the TOML config file")
-        return sp
-
-    inbox = sub.add_parser("inbox", help="the postmaster inbox: mail to abuse@/postmaster@ kept for a person")
-    actions = inbox.add_subparsers(dest="action", required=True)
-    sp = add(actions, "list", "kept items, newest first", "relayd inbox list --since 7d --config relayd.toml")
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``inbox`` and ``dmarc`` to ``relayd``'s sub-parsers."""
+    actions = group(sub, "inbox", help="the postmaster inbox: mail to abuse@/postmaster@ kept for a person")
+    sp = command(
+        actions,
+        "list",
+        run_inbox,
+        help="kept items, newest first",
+        epilog="example: relayd inbox list --since 7d --config relayd.toml",
+    )
     sp.add_argument("--since", help="only items received within this long (e.g. 7d)")
     sp.add_argument("--kind", choices=[k.value for k in Kind])
     sp.add_argument("--state", choices=["open", "done"])
     sp.add_argument("--json", action="store_true", help="one JSON object per item and line")
-    sp.set_defaults(fn=run_inbox)
-    sp = add(actions, "show", "an item's header fields and text", "relayd inbox show 12 --config relayd.toml")
+    sp = command(
+        actions,
+        "show",
+        run_inbox,
+        help="an item's header fields and text",
+        epilog="example: relayd inbox show 12 --config relayd.toml",
+    )
     sp.add_argument("id", type=int)
     sp.add_argument("--raw", action="store_true", help="the kept message bytes as they came")
-    sp.set_defaults(fn=run_inbox)
-    sp = add(actions, "done", "mark an item done", "relayd inbox done 12 --config relayd.toml")
+    sp = command(
+        actions,
+        "done",
+        run_inbox,
+        help="mark an item done",
+        epilog="example: relayd inbox done 12 --config relayd.toml",
+    )
     sp.add_argument("id", type=int)
-    sp.set_defaults(fn=run_inbox)
 
-    dmarc = sub.add_parser("dmarc", help="DMARC aggregate reports received at dmarc@<inbound domain>")
-    actions = dmarc.add_subparsers(dest="action", required=True)
-    sp = add(
+    actions = group(sub, "dmarc", help="DMARC aggregate reports received at dmarc@<inbound domain>")
+    sp = command(
         actions,
         "summary",
-        "pass rates of a sending domain by reporter and by source",
-        "relayd dmarc summary --domain acme.example --since 7d --config relayd.toml",
+        run_dmarc,
+        help="pass rates of a sending domain by reporter and by source",
+        epilog="example: relayd dmarc summary --domain acme.example --since 7d --config relayd.toml",
     )
     sp.add_argument("--domain", required=True)
     sp.add_argument("--since", default="7d", help="reports of the days within this long (default 7d)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
-    sp.set_defaults(fn=run_dmarc)
 
 
 def _since(text: str | None) -> datetime | None:
@@ -113,51 +119,41 @@ def item_json(item: InboxItem) -> dict[str, object]:
     }
 
 
-async def _open(cfg: config_mod.Config) -> Store:
-    from relayd.store import open_store
-
-    return await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
-
-
 def run_inbox(args: argparse.Namespace) -> int:
     """``relayd inbox ...``: 0 ok, 1 no such item or a runtime failure, 2 usage or config error."""
-    cfg = config_mod.load(args.config)
+    cfg = load_config(args)
     since = _since(getattr(args, "since", None))
-    return asyncio.run(_inbox(args, cfg, since))
+    return run_on_store(cfg, lambda store: _inbox(args, store, since))
 
 
-async def _inbox(args: argparse.Namespace, cfg: config_mod.Config, since: datetime | None) -> int:
-    store = await _open(cfg)
-    try:
-        if args.action == "list":
-            items = await store.inbox_items(since=since, kind=args.kind, state=args.state)
-            for item in items:
-                if args.json:
-                    print(json.dumps(item_json(item), sort_keys=True))
-                else:
-                    print(safe_text(_line(item)))
-            if not items and not args.json:
-                print("no inbox items", file=sys.stderr)
-            return 0
-        if args.action == "done":
-            if not await store.mark_inbox_done(args.id, datetime.now(UTC)):
-                print(f"relayd inbox done: no inbox item {args.id}", file=sys.stderr)
-                return 1
-            print(f"inbox item {args.id} done")
-            return 0
-        found = await store.get_inbox_item(args.id)
-        if found is None or found.raw is None:
-            print(f"relayd inbox show: no inbox item {args.id}", file=sys.stderr)
-            return 1
-        if args.raw:
-            sys.stdout.flush()
-            sys.stdout.buffer.write(found.raw)
-            sys.stdout.buffer.flush()
-            return 0
-        print(safe_text(_show(found, found.raw)))
+async def _inbox(args: argparse.Namespace, store: Store, since: datetime | None) -> int:
+    if args.action == "list":
+        items = await store.inbox_items(since=since, kind=args.kind, state=args.state)
+        for item in items:
+            if args.json:
+                print(json.dumps(item_json(item), sort_keys=True))
+            else:
+                print(safe_text(_line(item)))
+        if not items and not args.json:
+            print("no inbox items", file=sys.stderr)
         return 0
-    finally:
-        await store.close()
+    if args.action == "done":
+        if not await store.mark_inbox_done(args.id, datetime.now(UTC)):
+            print(f"relayd inbox done: no inbox item {args.id}", file=sys.stderr)
+            return 1
+        print(f"inbox item {args.id} done")
+        return 0
+    found = await store.get_inbox_item(args.id)
+    if found is None or found.raw is None:
+        print(f"relayd inbox show: no inbox item {args.id}", file=sys.stderr)
+        return 1
+    if args.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(found.raw)
+        sys.stdout.buffer.flush()
+        return 0
+    print(safe_text(_show(found, found.raw)))
+    return 0
 
 
 def _line(item: InboxItem) -> str:
@@ -223,7 +219,7 @@ def _text(msg: EmailMessage) -> str:
 
 def run_dmarc(args: argparse.Namespace) -> int:
     """``relayd dmarc summary``: 0 ok (also with no reports), 1 runtime failure, 2 usage or config error."""
-    cfg = config_mod.load(args.config)
+    cfg = load_config(args)
     since = _since(args.since)
     assert since is not None
     return asyncio.run(_dmarc(args, cfg, since))
@@ -235,11 +231,8 @@ async def _dmarc(args: argparse.Namespace, cfg: config_mod.Config, since: dateti
         print(
             f"relayd dmarc summary: warning: {domain} is not a sending domain of this config", file=sys.stderr
         )
-    store = await _open(cfg)
-    try:
+    async with opened_store(cfg) as store:
         counts = await store.dmarc_counts(domain, since.date())
-    finally:
-        await store.close()
     summary = dmarcstats.summarize(domain, since.date(), counts, dmarcstats.own_addresses(cfg))
     total = sum(p.total for p in summary.by_source)
     passed = sum(p.dmarc_pass for p in summary.by_source)

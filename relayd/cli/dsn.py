@@ -7,12 +7,27 @@ others are still reported).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from relayd.reports.dsn.classifier import classify
-from relayd.reports.dsn.model import DsnReport
+from relayd.cli.common import files_command, read_files
+
+if TYPE_CHECKING:
+    from relayd.reports.dsn.model import DsnReport
+
+__all__ = ["register", "report_dict", "run"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``dsn classify`` to ``relayd``'s sub-parsers."""
+    files_command(
+        sub,
+        ("dsn", "classify"),
+        ("bounce reports", "classify bounce messages (files only; no config needed)"),
+        run,
+    )
 
 
 def report_dict(path: str, report: DsnReport) -> dict[str, Any]:
@@ -36,23 +51,19 @@ def report_dict(path: str, report: DsnReport) -> dict[str, Any]:
 
 def run(files: list[str], as_json: bool, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Classify each file and print the result; return the exit code."""
+    # imported here, not at start-up: the other commands do without the parsers
+    from relayd.reports.dsn.classifier import classify
+
     out = out or sys.stdout
     err = err or sys.stderr
-    status = 0
     if not as_json:
         out.write(f"{'FILE':<40} {'RECIPIENT':<40} {'ACTION':<9} {'STATUS':<8} {'REASON':<16} HARD\n")
-    for path in files:
-        try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-        except OSError as exc:
-            err.write(f"{path}: cannot read: {exc.strerror or exc}\n")
-            status = 1
-            continue
+
+    def show(path: str, raw: bytes) -> None:
         report = classify(raw)
         if as_json:
             out.write(json.dumps(report_dict(path, report), ensure_ascii=False) + "\n")
-            continue
+            return
         if not report.recipients:
             out.write(f"{path:<40} {'(not a bounce)' if not report.is_dsn else '(no recipient)'}\n")
         for r in report.recipients:
@@ -60,5 +71,5 @@ def run(files: list[str], as_json: bool, out: TextIO | None = None, err: TextIO 
             out.write(
                 f"{path:<40} {r.address:<40} {r.action:<9} {r.status or '-':<8} {r.reason:<16} {hard}\n"
             )
-    out.flush()
-    return status
+
+    return read_files(files, out, err, show)

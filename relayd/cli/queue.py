@@ -26,19 +26,16 @@ whole queue by accident).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
-import getpass
 import json
-import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from relayd import config as config_mod
+from relayd.cli.common import command, group, load_config, opened_store, operator_name, run_on_queue
 from relayd.queue.shards import QueueShards
 from relayd.queue.store import AGE_BUCKETS, Action, Affected, QueueEntry, Selection, State, View
 
@@ -83,20 +80,6 @@ def _duration(text: str) -> float:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-def _with_queue(args: argparse.Namespace, fn: Callable[[QueueShards, Any], Coroutine[Any, Any, int]]) -> int:
-    cfg = config_mod.load(args.config)
-
-    async def main() -> int:
-        queue = QueueShards(cfg.queue.path)
-        await queue.open()
-        try:
-            return await fn(queue, cfg)
-        finally:
-            await queue.close()
-
-    return asyncio.run(main())
 
 
 # --- show, list, summary ---------------------------------------------------------------------------------
@@ -306,13 +289,6 @@ async def _render(cfg: Any, item: Any, data: bytes) -> bytes:
 _DONE = {Action.HOLD: "held", Action.RELEASE: "released", Action.RETRY: "due now", Action.DROP: "dropped"}
 
 
-def _user() -> str:
-    try:
-        return os.environ.get("SUDO_USER") or getpass.getuser()
-    except (OSError, KeyError):
-        return "unknown"
-
-
 async def _act(args: argparse.Namespace, queue: QueueShards, cfg: Any) -> int:
     action = Action(args.action)
     domain = getattr(args, "domain", None)
@@ -348,8 +324,7 @@ async def _act(args: argparse.Namespace, queue: QueueShards, cfg: Any) -> int:
 
 async def _record(cfg: Any, action: Action, changed: list[Affected], selection: Selection) -> None:
     """One event per account touched (its webhooks see it), or one without an account if none was."""
-    from relayd.store import open_store
-    from relayd.store.base import Event
+    from relayd.store import Event
 
     by_account: dict[str | None, list[Affected]] = defaultdict(list)
     for a in changed:
@@ -369,7 +344,7 @@ async def _record(cfg: Any, action: Action, changed: list[Affected], selection: 
         addresses = {a.address for a in rows}
         evidence = {
             "who": "cli",
-            "user": _user(),
+            "user": operator_name(),
             "action": str(action),
             "recipients": len(rows),
             "messages": len(ids),
@@ -387,11 +362,8 @@ async def _record(cfg: Any, action: Action, changed: list[Affected], selection: 
                 evidence=json.dumps(evidence),
             )
         )
-    store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
-    try:
+    async with opened_store(cfg) as store:
         await store.record_events(events)
-    finally:
-        await store.close()
 
 
 # --- wiring ------------------------------------------------------------------------------------------------
@@ -409,13 +381,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"relayd queue {args.action}: name what to {args.action}: {what}", file=sys.stderr)
         return 2
     fn = {"show": _show, "list": _list, "summary": _summary, "cat": _cat}.get(args.action, _act)
-    return _with_queue(args, lambda queue, cfg: fn(args, queue, cfg))
+    cfg = load_config(args)
+    return run_on_queue(cfg, lambda queue: fn(args, queue, cfg))
 
 
-def register(q: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
-    """Add ``list``, ``summary``, ``cat``, ``hold``, ``release``, ``retry`` and ``drop`` to ``relayd
-    queue``'s sub-parsers ``q``; ``with_config`` adds ``--config``."""
-    sp = with_config(q.add_parser("list", help="one row per unfinished recipient (postqueue -p, mailq)"))
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``queue`` and its ``list``, ``summary``, ``cat``, ``hold``, ``release``, ``retry``, ``drop`` and
+    ``show`` to ``relayd``'s sub-parsers."""
+    q = group(sub, "queue", help="inspect and act on the queue")
+    sp = command(q, "list", run, help="one row per unfinished recipient (postqueue -p, mailq)")
     sp.add_argument("--json", action="store_true", help="one JSON object per recipient and line")
     sp.add_argument(
         "--state",
@@ -428,17 +402,14 @@ def register(q: Any, with_config: Callable[[argparse.ArgumentParser], argparse.A
     sp.add_argument("--account")
     sp.add_argument("--older-than", type=_duration, help="messages older than this, e.g. 2h")
     sp.add_argument("--limit", type=int, default=1000)
-    sp.set_defaults(fn=run)
 
-    sp = with_config(q.add_parser("summary", help="recipients by destination domain and age, like qshape"))
+    sp = command(q, "summary", run, help="recipients by destination domain and age, like qshape")
     sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=run)
 
-    sp = with_config(q.add_parser("cat", help="print a queued message as it will go out (postcat -q)"))
+    sp = command(q, "cat", run, help="print a queued message as it will go out (postcat -q)")
     sp.add_argument("queue_id")
     sp.add_argument("--headers", action="store_true", help="only the header block")
     sp.add_argument("--recipient", help="whose copy (default: the first recipient still queued)")
-    sp.set_defaults(fn=run)
 
     for name, helptext in (
         ("hold", "hold recipients until released, also across restarts (postsuper -h)"),
@@ -446,16 +417,14 @@ def register(q: Any, with_config: Callable[[argparse.ArgumentParser], argparse.A
         ("retry", "make deferred recipients due now: all, or those selected (postqueue -f / -s)"),
         ("drop", "drop unfinished recipients (postsuper -d)"),
     ):
-        sp = with_config(q.add_parser(name, help=helptext))
+        sp = command(q, name, run, help=helptext)
         sp.add_argument("queue_id", nargs="*")
         sp.add_argument("--domain", help="recipient domain")
         if name in ("hold", "release"):
             sp.add_argument("--account")
         if name == "drop":
             sp.add_argument("--recipient", help="recipient address")
-        sp.set_defaults(fn=run)
 
-    sp = with_config(q.add_parser("show", help="show messages and their recipients"))
+    sp = command(q, "show", run, help="show messages and their recipients")
     sp.add_argument("queue_id", nargs="*")
     sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=run)

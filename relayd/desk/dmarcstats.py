@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime
 
 from relayd.config import Config
 from relayd.reports.dmarc import DmarcReport
-from relayd.store.base import DmarcCount
+from relayd.store.models import DmarcCount
 
 __all__ = [
     "PassRates",

@@ -31,7 +31,7 @@ from email.utils import format_datetime, make_msgid
 from relayd.core.tokens import new_queue_id
 from relayd.desk.inbox import headers_of
 from relayd.queue.store import NewMessage, QueueStore
-from relayd.store.base import InboxItem
+from relayd.store.models import InboxItem
 
 log = logging.getLogger(__name__)
 

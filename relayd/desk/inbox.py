@@ -1,7 +1,7 @@
 """Which inbound messages a person must see, and keeping them: the postmaster's inbox.
 
 RFC 2142 wants abuse@ and postmaster@ to reach a person. relayd reads machine reports itself; what it
-cannot act on is kept here for the postmaster, as one :class:`~relayd.store.base.InboxItem` each:
+cannot act on is kept here for the postmaster, as one :class:`~relayd.store.models.InboxItem` each:
 
 ==========================  =======================================================================
 ``complaint-text``          mail to abuse@/postmaster@ that is no report: a person wrote it
@@ -36,7 +36,8 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from enum import StrEnum
 
-from relayd.store.base import InboxItem, InboxStore, as_utc
+from relayd.store.models import InboxItem, as_utc
+from relayd.store.protocols import InboxStore
 
 log = logging.getLogger(__name__)
 

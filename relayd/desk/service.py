@@ -29,7 +29,8 @@ from relayd.desk.inbox import Kind
 from relayd.queue.store import QueueStore
 from relayd.reports.dmarc import DmarcReading, read_mail
 from relayd.reports.parseworker import ParseAbandoned, ParseWorker
-from relayd.store.base import DmarcStore, Event, InboxStore
+from relayd.store.models import Event
+from relayd.store.protocols import DmarcStore, InboxStore
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import string
 from dataclasses import dataclass
 from datetime import datetime
 
-from relayd.store.base import ApiKey, ApiKeyStore, utcnow
+from relayd.store.models import ApiKey, utcnow
+from relayd.store.protocols import ApiKeyStore
 
 __all__ = ["PREFIX", "NewKey", "authenticate", "create", "hash_key", "parse"]
 

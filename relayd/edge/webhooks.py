@@ -1,7 +1,7 @@
 """Event webhooks: each account's events POSTed as signed JSON to its endpoints, at least once, in order.
 
 Why the events table is the outbox: every event is committed there already, with an integer id that grows
-in commit order (:class:`relayd.store.base.WebhookCursorStore`). So one dispatcher task per endpoint
+in commit order (:class:`relayd.store.protocols.WebhookCursorStore`). So one dispatcher task per endpoint
 (account, url) tails the account's events past a durable cursor, sends those of the kinds it subscribes to,
 one POST per event, in id order, and moves the cursor only after a 2xx. Nothing extra is written when an
 event is recorded; a restart resumes from the cursor; an outage only delays.
@@ -57,7 +57,9 @@ import aiohttp
 
 from relayd.config import Config, WebhookEvent
 from relayd.core.errors import ConfigError
-from relayd.store.base import Event, Store, StoreError
+from relayd.policy.reloaded import Reloaded
+from relayd.store.models import Event, StoreError
+from relayd.store.protocols import Store
 
 __all__ = [
     "EVENT_ID_HEADER",
@@ -78,10 +80,10 @@ EVENT_NAME_HEADER: Final = "X-Relayd-Event"
 
 #: Store event kind -> webhook event name. The one place that decides what a receiver sees; a kind not
 #: listed here (``feedback``, ``autoreply``, ``complaint_duplicate``, ``unattributed`` ...) is never sent.
-#: ``delayed`` and ``bounce`` are what ``relayd.feedback.handlers`` records for a remote "delayed" DSN and
+#: ``delayed`` and ``bounce`` are what ``relayd.feedback.bounces`` records for a remote "delayed" DSN and
 #: for a
 #: bounce that suppresses nobody (a sender-side reason such as ``blocked``); ``deferred`` and ``bounced``
-#: are our own delivery attempts (``relayd.app.daemon.DeliveryRecorder``).
+#: are our own delivery attempts (``relayd.feedback.delivery``).
 EVENT_NAMES: Final[Mapping[str, WebhookEvent]] = {
     "delivered": "delivered",
     "deferred": "deferred",
@@ -241,7 +243,7 @@ class WebhookDispatcher:
 
     ``poll_interval`` is how often an idle endpoint looks for new events (the latency of a webhook);
     ``retry_initial``/``retry_max`` the backoff; ``timeout`` the total time of one POST; ``batch_size``
-    how many events are read per query. A config reload needs a new dispatcher (stop this one, start one).
+    how many events are read per query. A config reload restarts it (:meth:`reload`).
     """
 
     def __init__(
@@ -266,6 +268,8 @@ class WebhookDispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
+        #: the restart after the last reload, until it is done (:meth:`reload`)
+        self._restarting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Read the secrets, load or create each endpoint's cursor, start the tasks.
@@ -303,8 +307,33 @@ class WebhookDispatcher:
 
         A POST in flight is abandoned; its event is sent again after the next start (at least once).
         Tasks get ``_STOP_GRACE`` seconds to reach a safe point (never inside a store write) before they
-        are cancelled.
+        are cancelled. A restart after a reload that has not finished is cancelled first.
         """
+        restarting, self._restarting = self._restarting, None
+        if restarting is not None:
+            restarting.cancel()  # and the restarts it waits for: each one awaits the one before
+            await asyncio.gather(restarting, return_exceptions=True)
+        await self._stop_endpoints()
+
+    def reload(self, new: Reloaded) -> None:
+        """New endpoints or secrets (SIGHUP): stop, saving how far each endpoint got, and start again with
+        ``new``'s webhooks, in a task (a reload does not wait for the POSTs in flight). Reloads in a row
+        restart in turn. A secret that cannot be read leaves the webhooks stopped, logged."""
+        self._restarting = asyncio.create_task(
+            self._restart(new.cfg, self._restarting), name="webhooks restart"
+        )
+
+    async def _restart(self, cfg: Config, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await previous
+        await self._stop_endpoints()
+        self._cfg = cfg
+        try:
+            await self.start()
+        except (ConfigError, StoreError) as exc:
+            log.error("webhooks not restarted after reload: %s", exc)
+
+    async def _stop_endpoints(self) -> None:
         self._stopping.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=_STOP_GRACE)

@@ -1,6 +1,6 @@
 """Confirming a subscription (double opt-in): token -> sent ledger -> consent record with proof.
 
-The confirmation mail (:mod:`relayd.policy.rules.consent`) carries ``{public_url}/c/<token>``; ``GET`` shows a
+The confirmation mail (:mod:`relayd.mail.confirmation`) carries ``{public_url}/c/<token>``; ``GET`` shows a
 page with one button and changes nothing (mail scanners and link previews fetch every URL, and a consent a
 robot gave is no consent); ``POST`` from that button records the consent (:mod:`relayd.edge.web.app`). Nothing
 HTTP-specific is in here.
@@ -16,7 +16,7 @@ What is recorded, and on failure:
 
 1. the consent record ``(account, list, address, confirmed_at, ip, user_agent, source="double-opt-in",
    evidence)`` with evidence ``{"queue_id", "index", "mailed_at"}`` (which confirmation mail, sent when),
-   committed durably. If this fails, :class:`~relayd.store.base.StoreError` propagates: the page answers
+   committed durably. If this fails, :class:`~relayd.store.models.StoreError` propagates: the page answers
    503 and nothing changed.
 2. a ``consented`` event (for ``relayd events``; not a webhook event). A failure is logged, not raised: the
    consent itself is on file.
@@ -36,8 +36,9 @@ from datetime import datetime
 
 from relayd.core.errors import StorageError
 from relayd.core.tokens import verify_token
-from relayd.policy.rules.consent import PURPOSE
-from relayd.store.base import ConsentRecord, Event, SentRecord, Store
+from relayd.mail.confirmation import PURPOSE
+from relayd.store.models import ConsentRecord, Event, SentRecord
+from relayd.store.protocols import Store
 
 __all__ = ["SOURCE", "ConfirmResult", "confirm", "resolve"]
 

@@ -46,11 +46,11 @@ from typing import Protocol
 
 from relayd.config import Config, ThresholdsConfig
 from relayd.core import metrics
-from relayd.store.base import Event, Store, SuspendReason, as_utc
+from relayd.store import AccountStateStore, Event, EventStore, SentLedger, SuspendReason, as_utc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_WINDOW", "QueueControl", "Rates", "evaluate", "rates"]
+__all__ = ["DEFAULT_WINDOW", "QueueControl", "Rates", "ReputationStore", "evaluate", "rates"]
 
 DEFAULT_WINDOW = 30 * 86400.0
 
@@ -63,7 +63,19 @@ class QueueControl(Protocol):
 
     async def hold_account(self, account: str) -> int: ...
 
-    async def drop_matching(self, account: str, list_name: str | None, address: str, reason: str) -> int: ...
+    async def drop_matching(
+        self,
+        account: str,
+        list_name: str | None,
+        address: str,
+        reason: str,
+        *,
+        keep_transactional: bool = False,
+    ) -> int: ...
+
+
+class ReputationStore(AccountStateStore, EventStore, SentLedger, Protocol):
+    """What judging an account reads and writes: its state, its events and what it sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +108,7 @@ class Rates:
         return out
 
 
-async def window_start(store: Store, account: str, now: datetime, window: float) -> datetime:
+async def window_start(store: ReputationStore, account: str, now: datetime, window: float) -> datetime:
     """``now - window``, or the last reinstatement when that is later (see the module docstring)."""
     start = as_utc(now) - timedelta(seconds=window)
     state = await store.get_account_state(account)
@@ -105,7 +117,9 @@ async def window_start(store: Store, account: str, now: datetime, window: float)
     return start
 
 
-async def rates(store: Store, account: str, now: datetime, *, window: float = DEFAULT_WINDOW) -> Rates:
+async def rates(
+    store: ReputationStore, account: str, now: datetime, *, window: float = DEFAULT_WINDOW
+) -> Rates:
     """The account's current figures (for ``relayd account show`` and :func:`evaluate`)."""
     now = as_utc(now)
     since = await window_start(store, account, now, window)
@@ -133,7 +147,9 @@ def _verdict(r: Rates, t: ThresholdsConfig) -> tuple[SuspendReason, str, float] 
     return None
 
 
-async def evaluate(store: Store, queue: QueueControl, cfg: Config, account: str, now: datetime) -> Rates:
+async def evaluate(
+    store: ReputationStore, queue: QueueControl, cfg: Config, account: str, now: datetime
+) -> Rates:
     """Judge ``account`` after a complaint, hard bounce or trap hit; warn or suspend when a threshold is
     crossed (see the module docstring for what each does). Returns the figures it judged."""
     t = cfg.policy.thresholds

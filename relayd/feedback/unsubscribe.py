@@ -14,7 +14,7 @@ hard-to-forge component that the server verifies.
 Order of writes, and what happens on failure:
 
 1. the suppression entry (list scope; account scope when the message named no list), committed durably
-   (``synchronous=FULL`` in the SQLite store). If this fails, :class:`~relayd.store.base.StoreError`
+   (``synchronous=FULL`` in the SQLite store). If this fails, :class:`~relayd.store.StoreError`
    propagates and nothing changed: the web answers 503, a mailbox provider retries.
 2. the ``unsubscribed`` event (evidence: source, user agent, IP). A failure here is logged, not raised: the
    unsubscribe itself is done, and telling the recipient to try again would be false.
@@ -37,17 +37,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
 from relayd.core import metrics
 from relayd.core.errors import StorageError
 from relayd.core.tokens import verify_token
-from relayd.queue.store import QueueStore
-from relayd.store.base import Event, Reason, Scope, SentRecord, Store, SuppressionEntry
+from relayd.feedback.reputation import QueueControl
+from relayd.store import (
+    Event,
+    EventStore,
+    Reason,
+    Scope,
+    SentLedger,
+    SentRecord,
+    SuppressionEntry,
+    SuppressionStore,
+)
 
 __all__ = [
     "PURPOSE",
     "UnsubscribeResult",
     "UnsubscribeSource",
+    "UnsubscribeStore",
     "is_unsubscribed",
     "resolve",
     "scope_of",
@@ -63,6 +74,10 @@ PURPOSE = "unsub"
 # str.isdigit() accepts non-ASCII digits and hmac.compare_digest raises TypeError on non-ASCII str: a
 # crafted URL must be "invalid", never a 500.
 _TOKEN = re.compile(r"[a-z2-7]{16}-[0-9]{1,6}-[a-z2-7]{16}", re.ASCII | re.IGNORECASE)
+
+
+class UnsubscribeStore(SuppressionStore, EventStore, SentLedger, Protocol):
+    """What an unsubscribe reads and writes: the ledger, the suppression list and the event log."""
 
 
 class UnsubscribeSource(StrEnum):
@@ -93,7 +108,7 @@ def scope_of(record: SentRecord) -> Scope:
     return Scope.LIST if record.list else Scope.ACCOUNT
 
 
-async def resolve(store: Store, secret: bytes, token: str) -> SentRecord | None:
+async def resolve(store: UnsubscribeStore, secret: bytes, token: str) -> SentRecord | None:
     """The ledger record a valid unsubscribe token stands for, or None (bad shape, unknown (queue id,
     index), MAC not valid for the recorded address). Reads only. Raises StoreError if the ledger fails."""
     token = token.strip()
@@ -108,9 +123,11 @@ async def resolve(store: Store, secret: bytes, token: str) -> SentRecord | None:
     return record
 
 
-async def _entry_at_key(store: Store, record: SentRecord, now: datetime) -> SuppressionEntry | None:
+async def _entry_at_key(
+    store: UnsubscribeStore, record: SentRecord, now: datetime
+) -> SuppressionEntry | None:
     """The active entry stored under this record's (address, scope, account, list), if any."""
-    entries = await store.list(
+    entries = await store.list_entries(
         address=record.address,
         scope=scope_of(record),
         account=record.account,
@@ -121,15 +138,15 @@ async def _entry_at_key(store: Store, record: SentRecord, now: datetime) -> Supp
     return entries[0] if entries else None
 
 
-async def is_unsubscribed(store: Store, record: SentRecord, now: datetime) -> bool:
+async def is_unsubscribed(store: UnsubscribeStore, record: SentRecord, now: datetime) -> bool:
     """True when an active unsubscribe entry already covers this record's (address, scope, account, list)."""
     entry = await _entry_at_key(store, record, now)
     return entry is not None and entry.reason is Reason.UNSUBSCRIBE
 
 
 async def unsubscribe(
-    store: Store,
-    queue: QueueStore | None,
+    store: UnsubscribeStore,
+    queue: QueueControl | None,
     secret: bytes,
     token: str,
     *,

@@ -137,7 +137,7 @@ def rewrite_part(
 
     ``charset`` is the declared parameter (``None``: US-ASCII, RFC 2045 §5.2) and ``cte`` the lower-cased
     Content-Transfer-Encoding ("7bit" when absent).  ``placeholder`` is the text that becomes the URL
-    slot (a confirmation mail uses ``{{confirm_url}}``, see :mod:`relayd.policy.rules.consent`).  Raises
+    slot (a confirmation mail uses ``{{confirm_url}}``, see :mod:`relayd.mail.confirmation`).  Raises
     :class:`MimeError` when the body can't be decoded (unknown transfer encoding, invalid base64, unknown
     charset with 8-bit text) or when the footer can't be added without re-encoding text that isn't valid in
     its declared charset.

@@ -107,7 +107,7 @@ FORBIDDEN_FIELDS = frozenset(
         b"x-relayd-optin",
         b"x-relayd-class",
     }
-)  # X-Relayd-Optin and X-Relayd-Class are instructions to relayd (relayd.policy.rules.consent,
+)  # X-Relayd-Optin and X-Relayd-Class are instructions to relayd (relayd.mail.confirmation,
 #    relayd.policy.rules.messageclass), never delivered
 
 # RFC 1847: changing a signed part breaks its signature; an encrypted one has no text to footer.

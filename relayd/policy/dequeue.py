@@ -29,7 +29,8 @@ from relayd.core.models import DueRecipient
 from relayd.core.msgclass import MessageClass
 from relayd.policy.rules.suppression import blocking_transactional
 from relayd.policy.rules.suspension import AccountGate
-from relayd.store.base import Event, Store, StoreError, SuppressionEntry
+from relayd.store.models import Event, StoreError, SuppressionEntry
+from relayd.store.protocols import Store
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,8 @@ from relayd.policy.rules.messageclass import MessageClassRule, class_values, mes
 from relayd.policy.rules.missingfields import add_missing_fields
 from relayd.policy.rules.suppression import ListSuppressionRule, SuppressionRule, TransactionalSuppressionRule
 from relayd.policy.rules.suspension import SUSPENDED_REPLY, AccountGate
-from relayd.store.base import Event, SentRecord, Store
+from relayd.store.models import Event, SentRecord
+from relayd.store.protocols import Store
 
 __all__ = ["AllDropped", "MimeError", "Pipeline", "Processed", "Refused"]
 

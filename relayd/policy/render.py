@@ -30,6 +30,8 @@ from relayd.core.models import DueRecipient
 from relayd.core.msgclass import MessageClass
 from relayd.core.tokens import make_token
 from relayd.core.usecache import UseCache
+from relayd.mail.author import author_domain
+from relayd.mail.confirmation import confirm_url, optin_list, prepare_confirmation
 from relayd.mail.dkim import Signer
 from relayd.mail.listid import campaign_id, list_name
 from relayd.mail.rewrite import (
@@ -40,8 +42,7 @@ from relayd.mail.rewrite import (
     format_feedback_id,
     prepare,
 )
-from relayd.policy.rules.consent import confirm_url, optin_list, prepare_confirmation
-from relayd.policy.rules.fromheader import author_domain
+from relayd.policy.reloaded import Reloaded
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,9 @@ class Renderer:
         #: other recipients, most recent first, within a smaller budget
         self._from_disk: UseCache[Prepared] = UseCache(_FROM_DISK_BYTES)
 
-    def reload(self, cfg: Config, signer: Signer) -> None:
+    def reload(self, new: Reloaded) -> None:
         """New accounts, imprints or keys: messages already prepared are prepared again when next sent."""
-        self.cfg, self.signer = cfg, signer
+        self.cfg, self.signer = new.cfg, new.signer
         self._cache.clear()
         self._from_disk.clear()
 

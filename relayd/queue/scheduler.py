@@ -10,7 +10,7 @@ account may hold a reserve of the active window even when another account's back
 waiting for the same destination are served round-robin by account (relayd.queue.shaping). Dedicated IPs:
 an account's ``pool`` gives the source addresses (and EHLO names) its mail leaves from, round-robin.
 
-Outcomes (one transition each, written through the queue's group commit):
+Outcomes (one transition each, written through the queue's group commit by relayd.queue.outcomes):
   250            -> delivered
   5xx, null MX   -> failed (permanent; recorded per recipient)
   5xx block      -> deferred: a block list reply is about our source address, not the recipient; that
@@ -29,15 +29,17 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from enum import Enum
-from typing import Any, Protocol
+from typing import Protocol
 
 from relayd.config import Config
 from relayd.core import metrics
 from relayd.core.errors import ConfigError, DeliveryError, PermanentFailure, StorageError, TemporaryFailure
-from relayd.core.models import DueRecipient
+from relayd.core.models import DeliveryOutcome, DueRecipient
 from relayd.core.tokens import verp_address
 from relayd.core.usecache import UseCache
+from relayd.policy.dequeue import Decision, DequeueVerdict
+from relayd.policy.reloaded import Reloaded
+from relayd.queue.outcomes import Observer, Outcomes
 from relayd.queue.routing import Route, Router, make_resolver
 from relayd.queue.shaping import (
     DEFAULT_SOURCES,
@@ -49,7 +51,7 @@ from relayd.queue.shaping import (
     Source,
     classify,
 )
-from relayd.queue.store import NewMessage, QueueStore, State, StoredData
+from relayd.queue.store import NewMessage, QueueStore, StoredData
 from relayd.queue.transport.client import Channel, Transport
 from relayd.queue.transport.dane import Dane, Tlsa, TlsaStatus
 from relayd.queue.transport.mtasts import MtaSts, Plan
@@ -62,17 +64,10 @@ log = logging.getLogger(__name__)
 _CACHE_BYTES = 64 * 1024 * 1024
 
 
-#: called after every attempt with (recipient, outcome, reply, seconds, error); outcome is one of
-#: delivered, deferred, bounced, expired, dropped -- and ``ip_suspended`` (before that attempt's
-#: ``deferred``) when its block reply suspended a source address for the destination; the reply then names
-#: the address, the destination and for how long. Its failures are logged, never fatal to delivery.
-Observer = Callable[[DueRecipient, str, str, float, DeliveryError | None], Awaitable[None]]
-
-
 class Gate(Protocol):
-    """The policy's last word before an attempt (relayd.policy.dequeue); the queue knows no policy."""
+    """The policy's last word before an attempt (relayd.policy.dequeue.DequeueCheck)."""
 
-    async def check(self, item: DueRecipient) -> _Verdict: ...
+    async def check(self, item: DueRecipient) -> DequeueVerdict: ...
 
 
 class CopyMaker(Protocol):
@@ -80,14 +75,6 @@ class CopyMaker(Protocol):
     token, DKIM signature); the queue only knows that some messages need one."""
 
     async def render(self, item: DueRecipient, data: bytes) -> bytes: ...
-
-
-class _Verdict(Protocol):
-    @property
-    def decision(self) -> Enum: ...
-
-    @property
-    def reason(self) -> str: ...
 
 
 _PURGE_EVERY = 60.0
@@ -137,7 +124,7 @@ class Scheduler:
         self._tls = TlsPolicies.from_config(cfg.delivery.tls, cfg.tls_policy)
         self._clock = clock
         self._gate = gate
-        self._observer = observer
+        self._outcomes = Outcomes(store, clock, observer)
         self._renderer = renderer
         self._verp_domain = cfg.inbound.domains[0]
         self._inflight: set[tuple[str, int]] = set()
@@ -152,7 +139,6 @@ class Scheduler:
         self._wake = asyncio.Event()
         #: one set per queue read in progress (a scan, :meth:`arrived`): the attempts that end meanwhile
         self._ended_during_read: list[set[tuple[str, int]]] = []
-        self._unrecorded: dict[tuple[str, int], Callable[[], Awaitable[Any]]] = {}
         #: messages being committed by a submission, which hands them over itself (:meth:`expect`)
         self._expected: set[str] = set()
         #: may due rows be waiting that no attempt holds? (a full window, a restart, a full last scan);
@@ -163,10 +149,10 @@ class Scheduler:
 
     # --- entry points -------------------------------------------------------------------------------------
 
-    def reload(self, cfg: Config) -> None:
+    def reload(self, new: Reloaded) -> None:
         """New routes, retry schedule, pools and shaping (SIGHUP); attempts in flight finish on the old
         route. Lanes keep their adaptive state (a provider that asked us to slow down still wants that)."""
-        self._cfg = cfg
+        cfg = self._cfg = new.cfg
         self._router = Router(cfg.delivery)
         self._tls = TlsPolicies.from_config(cfg.delivery.tls, cfg.tls_policy)
         self._sts = self._make_sts(cfg)
@@ -293,7 +279,7 @@ class Scheduler:
         last_purge = 0.0
         while True:
             try:
-                await self._write_unrecorded()
+                await self._outcomes.write_unrecorded()
                 await self._scan()
                 now = self._clock()
                 if now - last_purge > _PURGE_EVERY:
@@ -322,13 +308,14 @@ class Scheduler:
         # fewer rows than asked for: nothing else is due now
         self._backlog = room <= 0 or len(rows) >= room
         expected = self._expected
+        unrecorded = self._outcomes.unrecorded
         for item in rows:  # interleaved by account: a full window still lets each account's reserve in
             key = (item.queue_id, item.index)
             if (
                 item.queue_id not in expected
                 and key not in self._inflight
                 and key not in ended
-                and key not in self._unrecorded
+                and key not in unrecorded
                 and self._admits(item.account)
             ):
                 self._dispatch(item)
@@ -362,29 +349,6 @@ class Scheduler:
             return await self._store.recipient_data(item.queue_id, item.index)
         return data
 
-    async def _record(self, item: DueRecipient, write: Callable[[], Awaitable[Any]]) -> None:
-        """Write an attempt's outcome. When the queue can't take it now (disk full), the outcome is kept
-        in memory and written as soon as it can be; until then the recipient is not attempted again,
-        which would deliver it once more on every scan (seen in the endurance run on a full disk)."""
-        try:
-            await write()
-        except StorageError as exc:
-            log.error(
-                "%s: recipient %d: outcome not written yet (%s); kept until it can be",
-                item.queue_id,
-                item.index,
-                exc,
-            )
-            self._unrecorded[(item.queue_id, item.index)] = write
-
-    async def _write_unrecorded(self) -> None:
-        for key, write in list(self._unrecorded.items()):
-            try:
-                await write()
-            except StorageError:
-                return  # still full: try again at the next scan
-            del self._unrecorded[key]
-
     async def _attempt(self, item: DueRecipient) -> None:
         key = (item.queue_id, item.index)
         try:
@@ -411,19 +375,14 @@ class Scheduler:
             return
         if self._gate is not None:
             verdict = await self._gate.check(item)
-            if verdict.decision.value == "hold":
+            if verdict.decision is Decision.HOLD:
                 n = await self._store.hold_account(item.account)
                 log.info(
                     "%s: account=%s suspended: %d queued recipient(s) held", item.queue_id, item.account, n
                 )
                 return
-            if verdict.decision.value == "drop":
-                reason = verdict.reason
-                await self._record(
-                    item, lambda: self._store.drop_recipient(item.queue_id, item.index, reason)
-                )
-                await self._observe(item, "dropped", verdict.reason, 0.0)
-                _log_attempt(item, "dropped", verdict.reason, 0.0, item.attempts)
+            if verdict.decision is Decision.DROP:
+                await self._outcomes.dropped(item, verdict.reason)
                 return
         attempts = item.attempts + 1
         started = time.monotonic()
@@ -432,27 +391,19 @@ class Scheduler:
             if reply is None:
                 return  # postponed by shaping: no attempt was made
         except PermanentFailure as exc:
-            failed = str(exc)
-            await self._record(
-                item, lambda: self._store.finish(item.queue_id, item.index, State.FAILED, failed, attempts)
-            )
-            _log_attempt(item, "bounced", str(exc), time.monotonic() - started, attempts, exc)
-            await self._observe(item, "bounced", str(exc), time.monotonic() - started, exc)
+            await self._outcomes.bounced(item, exc, attempts, started)
             return
         except TemporaryFailure as exc:
-            outcome = await self._temporary(item, attempts, str(exc), exc)
-            await self._observe(item, outcome, str(exc), time.monotonic() - started, exc)
+            outcome = await self._outcomes.temporary(item, attempts, str(exc), self._cfg.queue, exc)
+            await self._outcomes.observe(item, outcome, str(exc), time.monotonic() - started, exc)
             return
         except Exception as exc:  # a bug of ours must not lose the message: defer it and say so loudly
             log.exception("%s: delivery to <%s> crashed; deferring", item.queue_id, item.address)
-            await self._temporary(item, attempts, f"internal error: {type(exc).__name__}")
+            await self._outcomes.temporary(
+                item, attempts, f"internal error: {type(exc).__name__}", self._cfg.queue
+            )
             return
-        await self._record(
-            item, lambda: self._store.finish(item.queue_id, item.index, State.DELIVERED, reply, attempts)
-        )
-        elapsed = time.monotonic() - started
-        _log_attempt(item, "delivered", reply, elapsed, attempts)
-        await self._observe(item, "delivered", reply, elapsed)
+        await self._outcomes.delivered(item, reply, attempts, started)
 
     async def _copy(self, item: DueRecipient, stored: StoredData) -> bytes:
         """The bytes to send to ``item``: its own copy made from the message (relayd.policy.render), or
@@ -481,7 +432,7 @@ class Scheduler:
         if isinstance(got, Postponed):
             metrics.SHAPING_POSTPONED.labels(destination, got.reason).inc()
             until = self._clock() + got.delay
-            await self._record(item, lambda: self._store.postpone(item.queue_id, item.index, until))
+            await self._outcomes.record(item, lambda: self._store.postpone(item.queue_id, item.index, until))
             log.debug(
                 "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
                 item.queue_id,
@@ -595,44 +546,13 @@ class Scheduler:
         if self._shaper.release(got, Signal.BLOCKED):
             source = got.lane.source.address or "default source"
             metrics.IP_SUSPENSIONS.labels(destination, source).inc()
-            await self._observe(
+            await self._outcomes.observe(
                 item,
-                "ip_suspended",
+                DeliveryOutcome.IP_SUSPENDED,
                 f"{source} suspended for {destination} for {got.lane.rule.suspend:.0f}s: {exc}",
                 0.0,
                 exc,
             )
-
-    async def _observe(
-        self, item: DueRecipient, outcome: str, reply: str, seconds: float, error: DeliveryError | None = None
-    ) -> None:
-        if self._observer is None:
-            return
-        try:
-            await self._observer(item, outcome, reply, seconds, error)
-        except Exception:
-            log.exception("%s: recording the %s outcome failed", item.queue_id, outcome)
-
-    async def _temporary(
-        self, item: DueRecipient, attempts: int, reply: str, error: DeliveryError | None = None
-    ) -> str:
-        """Defer, or expire once past ``max_age``; returns which."""
-        now = self._clock()
-        deadline = item.created_at + self._cfg.queue.max_age
-        if now >= deadline:
-            await self._record(
-                item, lambda: self._store.finish(item.queue_id, item.index, State.EXPIRED, reply, attempts)
-            )
-            _log_attempt(item, "expired", reply, None, attempts, error)
-            return "expired"
-        schedule = self._cfg.queue.retry_schedule
-        delay = schedule[min(attempts - 1, len(schedule) - 1)]
-        next_attempt = min(now + delay, deadline)
-        await self._record(
-            item, lambda: self._store.defer(item.queue_id, item.index, next_attempt, reply, attempts)
-        )
-        _log_attempt(item, "deferred", reply, None, attempts, error, retry_in=next_attempt - now)
-        return "deferred"
 
 
 def _make_dane(cfg: Config) -> Dane | None:
@@ -640,48 +560,3 @@ def _make_dane(cfg: Config) -> Dane | None:
     if cfg.delivery.mode != "mx" or not cfg.delivery.nameservers:
         return None
     return Dane(make_resolver(cfg.delivery))
-
-
-def _log_attempt(
-    item: DueRecipient,
-    outcome: str,
-    reply: str,
-    seconds: float | None,
-    attempts: int,
-    error: DeliveryError | None = None,
-    *,
-    retry_in: float | None = None,
-) -> None:
-    """One line per delivery attempt: Postfix-like text, and the same facts as fields for JSON logs."""
-    if error is not None:
-        code, status = (str(error.code) if error.code else None), error.status
-    elif reply[:3].isdigit():
-        code, status = reply[:3], (reply.split(" ", 2)[1] if " " in reply else None)
-    else:
-        code, status = None, None
-    fields = {
-        "event": "delivery",
-        "queue_id": item.queue_id,
-        "account": item.account,
-        "list": item.list_name,
-        "rcpt_domain": item.address.rpartition("@")[2],
-        "outcome": outcome,
-        "reply_code": code,
-        "status": status,
-        "attempts": attempts,
-        "latency": round(seconds, 4) if seconds is not None else None,
-        "retry_in": round(retry_in) if retry_in is not None else None,
-    }
-    timing = f" delay={seconds:.3f}s" if seconds is not None else ""
-    later = f" retry_in={retry_in:.0f}s" if retry_in is not None else ""
-    log.info(
-        "%s: to=<%s> account=%s status=%s%s%s reply=%s",
-        item.queue_id,
-        item.address,
-        item.account,
-        outcome,
-        timing,
-        later,
-        reply,
-        extra={"fields": fields},
-    )

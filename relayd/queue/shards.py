@@ -6,9 +6,20 @@ next to them and act on every shard (SQLite lets several processes write one fil
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from relayd.queue.store import Action, Affected, MessageRow, QueueEntry, QueueStore, Selection, View
+from relayd.core.errors import StorageError
+from relayd.queue.store import (
+    Action,
+    Affected,
+    MessageRow,
+    QueueEntry,
+    QueueStore,
+    Selection,
+    View,
+    message_row,
+)
 
 
 def shard_path(queue_dir: Path, index: int) -> Path:
@@ -19,6 +30,28 @@ def shard_path(queue_dir: Path, index: int) -> Path:
 def all_shards(queue_dir: Path) -> list[Path]:
     """Every queue shard on disk (for the CLI: ``queue list`` shows them all)."""
     return sorted(p for p in queue_dir.glob("queue*.db") if p.name == "queue.db" or p.stem[6:].isdigit())
+
+
+def read_message(queue_dir: Path, queue_id: str) -> MessageRow | None:
+    """Message ``queue_id`` and its recipients from whichever shard holds it, each shard opened read-only
+    for this lookup: for a process that never writes the queue (the tenant API), so nothing is created,
+    migrated or locked, and WAL readers never wait for the daemon's writers. Blocking: run it in a thread.
+
+    A shard that cannot be opened is skipped; one that fails while being read raises StorageError."""
+    for path in all_shards(queue_dir):
+        try:
+            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5.0)
+        except sqlite3.Error:
+            continue
+        try:
+            row = message_row(db, queue_id)
+            if row is not None:
+                return row
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read queue shard {path.name}: {exc}") from exc
+        finally:
+            db.close()
+    return None
 
 
 class QueueShards:
@@ -47,34 +80,11 @@ class QueueShards:
                 return row
         return None
 
-    async def retry_now(self, queue_id: str | None = None) -> int:
-        return sum([await s.retry_now(queue_id) for s in self.shards])
-
-    async def drop(self, queue_id: str) -> int:
-        return sum([await s.drop(queue_id) for s in self.shards])
-
     async def hold_account(self, account: str) -> int:
         return sum([await s.hold_account(account) for s in self.shards])
 
     async def release_account(self, account: str) -> int:
         return sum([await s.release_account(account) for s in self.shards])
-
-    async def drop_matching(
-        self,
-        account: str,
-        list_name: str | None,
-        address: str,
-        reason: str,
-        *,
-        keep_transactional: bool = False,
-    ) -> int:
-        keep = keep_transactional
-        return sum(
-            [
-                await s.drop_matching(account, list_name, address, reason, keep_transactional=keep)
-                for s in self.shards
-            ]
-        )
 
     async def operate(self, action: Action, selection: Selection) -> list[Affected]:
         """An operator's action on every shard (each shard in its own transaction).

@@ -1,6 +1,7 @@
 """Policy state store: suppression, send counters, account state and events behind one interface.
 
-Callers type against the Protocols in :mod:`relayd.store.base` (re-exported here) and get a backend from
+Callers type against the Protocols in :mod:`relayd.store.protocols`, with the values of
+:mod:`relayd.store.models` (both re-exported here), and get a backend from
 :func:`open_store`, which reads the ``[store]`` config values::
 
     store = await open_store(cfg.store.backend, cfg.store.path, cfg.store.dsn)
@@ -19,26 +20,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import (
+from .models import (
     SCOPE_PRECEDENCE,
     AccountState,
-    AccountStateStore,
     Event,
-    EventStore,
     Reason,
     SchemaTooNewError,
     Scope,
-    SendCounterStore,
-    SentLedger,
     SentRecord,
-    Store,
     StoreError,
     SuppressionEntry,
-    SuppressionStore,
     SuspendReason,
     as_utc,
     utcnow,
 )
+from .protocols import AccountStateStore, EventStore, SendCounterStore, SentLedger, Store, SuppressionStore
 from .sqlite import SqliteStore
 
 if TYPE_CHECKING:

@@ -43,7 +43,8 @@ from typing import Any, TextIO, TypeVar
 
 from relayd.core.address import AddressError, normalize
 
-from .base import Reason, Scope, SuppressionEntry, SuppressionStore, as_utc, utcnow
+from .models import Reason, Scope, SuppressionEntry, as_utc, utcnow
+from .protocols import SuppressionStore
 
 __all__ = [
     "HEADER",

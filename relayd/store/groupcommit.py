@@ -4,6 +4,13 @@ on the event loop's thread (:mod:`relayd.store.sqlitewriter`).
 Rows added while a batch is being written go together into the next write, and each caller returns once
 its rows are committed, or gets that batch's error: many sessions share one transaction, and nobody is told
 "done" before it is.
+
+Why two group commits: the drivers want different things. sqlite3 runs each job as a plain function on one
+connection, inside a transaction the writer opens after waiting for SQLite's file lock, and each job gets a
+``SAVEPOINT`` so one failing job is rolled back alone (:class:`relayd.store.sqlitewriter.SqliteWriter`; the
+queue uses it too). asyncpg writes a batch with one awaited statement of arrays: here the items of many
+callers are concatenated into one ``write`` call, there is no file lock to wait for and no per-item
+savepoint, and a failed batch fails every caller in it. One class serving both would need both modes.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ processes waited for: that is why the delivery processes already wrote on their 
 What must not block the loop is waiting for SQLite's write lock while another process holds it (the
 shard's other process, the other shards, the CLI): :func:`relayd.store.sqlitelock.write_lock` waits for it in
 short asynchronous steps, and jobs given meanwhile join the batch.
+
+The PostgreSQL store group-commits with :class:`relayd.store.groupcommit.GroupCommit` instead: its driver
+takes a batch as one awaited statement, with no file lock to wait for (that module says why not one class).
 """
 
 from __future__ import annotations

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
-from relayd.store.base import (
+from relayd.store.models import (
     ApiKey,
     ConsentRecord,
     Event,
     Reason,
     Scope,
     SentRecord,
-    Store,
     SuppressionEntry,
     SuspendReason,
 )
+from relayd.store.protocols import Store
 
 _BATCH = 10_000
 
@@ -58,19 +58,7 @@ async def export_store(store: Store, out: TextIO) -> TransferCounts:
 
     async for batch in store.scan(batch_size=_BATCH):
         for e in batch:
-            emit(
-                "suppression",
-                {
-                    "address": e.address,
-                    "scope": str(e.scope),
-                    "account": e.account,
-                    "list": e.list,
-                    "reason": str(e.reason),
-                    "source": e.source,
-                    "created_at": _iso(e.created_at),
-                    "expires_at": _iso(e.expires_at),
-                },
-            )
+            emit("suppression", e.as_json())
     for st in await store.list_account_states():
         emit(
             "account_state",

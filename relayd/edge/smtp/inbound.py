@@ -24,8 +24,8 @@ What it accepts, and why so little:
   ``421 4.7.0`` and is disconnected. Forged reports cost a store lookup each, so a flood of them must not
   get unlimited lookups; a real MTA simply retries a 421 later, so nothing genuine is lost.
 
-On DATA the message is handed to :mod:`relayd.feedback.handlers` once per distinct role among its recipients;
-the
+On DATA the message is handed to :class:`relayd.feedback.service.Feedback` once per distinct role among its
+recipients; the
 ``250`` is sent once the effects are committed. A store or queue failure answers ``451 4.3.0`` so the remote
 MTA retries (every effect is idempotent); our own bug answers ``451`` too, never ``5xx`` (a 5xx would make
 the remote MTA bounce the bounce to ``<>``, i.e. nowhere, and lose the report).
@@ -42,25 +42,27 @@ from datetime import UTC, datetime
 
 from aiosmtpd.smtp import Envelope
 
-from relayd.config import Config, parse_hostport
+from relayd.config import Config
 from relayd.core.errors import StorageError
 from relayd.core.tokens import VERP_LOCAL, parse_token
 from relayd.desk.service import Desk
 from relayd.edge.ratelimit import RateLimiter, source_key
 from relayd.edge.smtp.protocol import (
-    BACKLOG,
     ConnectionLimits,
     RelayEnvelope,
     RelaySession,
     StrictSMTP,
+    listen,
     listener_tls_context,
 )
-from relayd.feedback.handlers import on_arf, on_dsn, on_unclassified, on_unsubscribe_mail
+from relayd.feedback.service import Feedback
+from relayd.policy.reloaded import Reloaded
 from relayd.queue.store import QueueStore
 from relayd.reports.arf import ArfReport
 from relayd.reports.dsn import DsnReport
 from relayd.reports.parseworker import ParseAbandoned, ParsedReport, ParserBusy, ParseWorker, parse_report
-from relayd.store.base import Event, Store
+from relayd.store.models import Event
+from relayd.store.protocols import Store
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,12 @@ class InboundHandler:
         #: the STARTTLS context (None: STARTTLS not offered); each new connection reads it, so a reload
         #: that swaps it serves a renewed certificate from the next connection on
         self.tls_context: ssl.SSLContext | None = None
+
+    def reload(self, new: Reloaded) -> None:
+        """A new config (SIGHUP): the next command of every session reads it, the next connection gets the
+        re-read certificate. The domains and the rate limiter stay as they were built (a restart changes
+        them, as it does the listen addresses)."""
+        self.cfg, self.tls_context = new.cfg, new.inbound_tls
 
     async def handle_MAIL(
         self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
@@ -250,11 +258,11 @@ class InboundHandler:
         Then the desk (:mod:`relayd.desk`) keeps what a person must read: mail to abuse@/postmaster@ that
         is no report, and reports attributed to nobody or not parsed; ``mail_from`` (the envelope sender)
         tells a machine's mail from a person's. Mail to dmarc@ goes to the desk alone."""
-        store, queue, secret, cfg = self.store, self.queue, self.secret, self.cfg
+        feedback = Feedback(self.store, self.queue, self.secret, self.cfg)
         source = f"ip:{source_ip}" if source_ip else "unknown"
         if role.kind == "unsubscribe":
             assert role.token is not None
-            await on_unsubscribe_mail(store, queue, secret, cfg, raw, role.token, now, source_ip=source_ip)
+            await feedback.on_unsubscribe_mail(raw, role.token, now, source_ip=source_ip)
             return
         if role.kind == "dmarc":
             await self.desk.on_dmarc(raw, now, source=source, mail_from=mail_from)
@@ -262,7 +270,7 @@ class InboundHandler:
         try:
             parsed = await (reading or Reading(raw)).get(self.parse)
         except ParseAbandoned as exc:
-            await on_unclassified(store, raw, role.kind, exc.why, now, source_ip=source_ip)
+            await feedback.on_unclassified(raw, role.kind, exc.why, now, source_ip=source_ip)
             await self.desk.unreadable(role.kind, raw, exc.why, now, source=source, mail_from=mail_from)
             return
         report, bounce = parsed.arf, parsed.dsn
@@ -288,28 +296,16 @@ class InboundHandler:
         source_ip: str | None,
     ) -> list[Event]:
         """What relayd itself does with a parsed report (feedback's effects); returns the events."""
-        store, queue, secret, cfg = self.store, self.queue, self.secret, self.cfg
+        feedback = Feedback(self.store, self.queue, self.secret, self.cfg)
         if role.kind == "bounce":
             if report.is_arf and report.format in ("rfc5965", "hotmail-jmrp"):
-                return await on_arf(
-                    store,
-                    queue,
-                    secret,
-                    cfg,
-                    raw,
-                    now,
-                    verp_token=role.token,
-                    report=report,
-                    source_ip=source_ip,
+                return await feedback.on_arf(
+                    raw, now, verp_token=role.token, report=report, source_ip=source_ip
                 )
-            return await on_dsn(
-                store, queue, secret, cfg, raw, role.token, now, report=bounce, source_ip=source_ip
-            )
+            return await feedback.on_dsn(raw, role.token, now, report=bounce, source_ip=source_ip)
         if role.kind == "postmaster" and not report.is_arf:
-            return await on_dsn(store, queue, secret, cfg, raw, None, now, report=bounce, source_ip=source_ip)
-        return await on_arf(
-            store, queue, secret, cfg, raw, now, report=report, bounce=bounce, source_ip=source_ip
-        )
+            return await feedback.on_dsn(raw, None, now, report=bounce, source_ip=source_ip)
+        return await feedback.on_arf(raw, now, report=report, bounce=bounce, source_ip=source_ip)
 
     async def parse(self, raw: bytes) -> ParsedReport:
         """The one reading of ``raw``: in the parser child, or (no child) in a thread of this process."""
@@ -348,21 +344,12 @@ async def start_inbound(
     Timeouts are the submission listener's (``[submission] command_timeout`` / ``data_timeout``): the
     inbound section has no keys of its own for them yet. Raises OSError when an address cannot be bound.
     """
-    loop = asyncio.get_running_loop()
     handler.tls_context = tls_context(cfg)
-    servers = []
-    for spec in cfg.inbound.listen:
-        host, port = parse_hostport(spec)
-        servers.append(
-            await loop.create_server(
-                lambda: inbound_protocol(handler.cfg, handler, limits),
-                host,
-                port,
-                reuse_port=reuse_port,
-                backlog=BACKLOG,
-            )
-        )
-    return servers
+    return await listen(
+        cfg.inbound.listen,
+        lambda _host: lambda: inbound_protocol(handler.cfg, handler, limits),
+        reuse_port=reuse_port,
+    )
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:

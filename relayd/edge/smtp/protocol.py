@@ -60,12 +60,14 @@ import logging
 import re
 import ssl
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relayd.config import parse_hostport
 from relayd.core import metrics
 from relayd.edge.ratelimit import source_key
 
@@ -95,6 +97,32 @@ def listener_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+async def listen(
+    specs: Sequence[str],
+    factory_for: Callable[[str], Callable[[], asyncio.BaseProtocol]],
+    *,
+    reuse_port: bool,
+) -> list[asyncio.Server]:
+    """Bind every ``host:port`` of ``specs`` with the protocol factory ``factory_for(host)`` gives, the
+    listen backlog :data:`BACKLOG`; return the servers (closing them stops accepting). Raises OSError when
+    an address cannot be bound."""
+    loop = asyncio.get_running_loop()
+    servers = []
+    for spec in specs:
+        host, port = parse_hostport(spec)
+        servers.append(
+            await loop.create_server(
+                factory_for(host),
+                host=host,
+                port=port,
+                reuse_address=True,
+                reuse_port=reuse_port,
+                backlog=BACKLOG,
+            )
+        )
+    return servers
 
 
 #: After a 421 we read and discard the client's input this long (seconds) before closing; see hang_up().

@@ -8,7 +8,7 @@ Sender are held to the same :meth:`~relayd.config.AccountConfig.sends_as` at DAT
 later say.
 
 The ``250`` after DATA is sent only when the queue's commit holding the message has returned; a storage
-error answers ``451 4.3.0`` and the client keeps the message.
+error answers ``451 4.3.0`` and the client keeps the message (:mod:`relayd.edge.smtp.accept`).
 
 Password guessing is slowed and then stopped by :class:`~relayd.edge.ratelimit.AuthGuard`: each
 failure waits longer before its ``535``, ``[submission] auth_max_failures`` failures from one client within
@@ -32,45 +32,37 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto as sslproto
 import datetime as dt
-import email.utils
 import functools
 import logging
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
-from relayd.config import Config, is_loopback_host, parse_hostport
-from relayd.core import metrics
+from relayd.config import Config, is_loopback_host
 from relayd.core.address import AddressError, normalize
 from relayd.core.errors import StorageError
 from relayd.core.passwords import Credential, PasswordChecker, PlainPassword, parse_hash
-from relayd.core.tokens import new_queue_id
 from relayd.edge.ratelimit import TOO_MANY_FAILURES, AuthGuard, AuthVerdict
+from relayd.edge.smtp.accept import POLICY_UNAVAILABLE, DataHooks
 from relayd.edge.smtp.protocol import (
-    BACKLOG,
     ConnectionLimits,
     RelayEnvelope,
     RelaySession,
     StrictSMTP,
+    listen,
     listener_tls_context,
 )
-from relayd.feedback import reputation
 from relayd.policy.model import Action
-from relayd.policy.pipeline import AllDropped, MimeError, Pipeline, Refused
+from relayd.policy.pipeline import Pipeline
+from relayd.policy.reloaded import Reloaded
 from relayd.queue.handoff import Handoff
-from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
+from relayd.queue.store import QueueStore
 
 log = logging.getLogger(__name__)
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
-POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
-MIME_TOO_DEEP = "554 5.6.0 Message refused: MIME structure nested too deeply"
-INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"  # RFC 3463 §3.4; Postfix says the same
-#: appended to the ``accepted`` line of a message whose client hung up before it could get our 250
-CLIENT_GONE_NOTE = " (client gone before the 250: it will send this message again)"
 #: transport extra-info keys aiosmtpd keeps in ``session.ssl`` after STARTTLS (asyncio.sslproto's ``_extra``)
 _TLS_EXTRA = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
 #: seconds a client on an implicit-TLS port has to finish its handshake (asyncio's default is 60); a real
@@ -142,8 +134,9 @@ class SubmissionSMTP(StrictSMTP):
         return await handler.authenticate(self, self.session, self.envelope, *parked)
 
 
-class SubmissionHandler:
-    """aiosmtpd hooks for the submission listener (one instance shared by all connections)."""
+class SubmissionHandler(DataHooks):
+    """aiosmtpd hooks for the submission listener (one instance shared by all connections); DATA is
+    :class:`~relayd.edge.smtp.accept.DataHooks`."""
 
     def __init__(
         self, cfg: Config, queue: QueueStore, handoff: Handoff, pipeline: Pipeline | None = None
@@ -165,7 +158,7 @@ class SubmissionHandler:
             window=sub.auth_failure_window,
             delay=sub.auth_failure_delay,
         )
-        #: STARTTLS context for new connections; set by start_submission, replaced by Daemon.reload
+        #: STARTTLS context for new connections; set by start_submission, replaced by :meth:`reload`
         self.tls_context: ssl.SSLContext | None = None
 
     @staticmethod
@@ -180,10 +173,17 @@ class SubmissionHandler:
                 out[name] = PlainPassword(acct.password_file.read_text(encoding="utf-8").strip().encode())
         return out
 
-    def reload(self, cfg: Config, pipeline: Pipeline | None) -> None:
-        """Swap config and policy (SIGHUP); sessions in progress use them from their next command on."""
+    def reload(self, new: Reloaded) -> None:
+        """Swap config and policy (SIGHUP); sessions in progress use them from their next command on, and
+        new STARTTLS and implicit-TLS handshakes the re-read certificate (both kinds of listener read
+        :attr:`tls_context` for each new connection). The new policy shares the old one's store, secret,
+        account gate and renderer."""
+        cfg = new.cfg
         credentials = self._read_passwords(cfg)
-        self.cfg, self.pipeline = cfg, pipeline
+        old = self.pipeline
+        if old is not None:
+            self.pipeline = Pipeline(cfg, old.store, old.secret, new.signer, old.gate, old.renderer)
+        self.cfg, self.tls_context = cfg, new.submission_tls
         self.passwords.configure(credentials)  # a changed password forgets the logins remembered with it
         sub = cfg.submission
         self.login_guard.configure(
@@ -321,244 +321,9 @@ class SubmissionHandler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
-        """Finish the message whose final dot has arrived, even if its client is gone meanwhile.
-
-        aiosmtpd cancels the session's task when the client closes (or half-closes) the connection. Cut
-        short there, a message would be half done: caps and ledger written without it, or committed to
-        the queue (the commit goes on without its caller) with no ``accepted`` line and no hand-off. So
-        the work runs shielded to its end, as in Postfix, whose smtpd does not look at the socket again
-        before its reply; then the session ends as aiosmtpd meant. The client never saw our ``250`` and
-        will send the message again (RFC 5321 §4.1.1.4 leaves that duplicate to the sender): the
-        ``accepted`` line says so."""
-        fate = _DataReply()
-        work = asyncio.ensure_future(self._handle_data(server, session, envelope, fate))
-        while True:
-            try:
-                reply = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                if work.done():  # the work itself was cancelled: the loop is shutting down
-                    raise
-                fate.lost = True
-                continue
-            except Exception:
-                if not fate.lost:
-                    raise  # answered 451 by handle_exception
-                log.exception("DATA from %s failed after the client hung up", server.peer_ip)
-                raise asyncio.CancelledError from None
-            if fate.lost:
-                raise asyncio.CancelledError  # no reply to send: end the session as aiosmtpd meant to
-            return reply
-
-    async def _handle_data(
-        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
-    ) -> str:
-        started = time.perf_counter()
-        reply = await self._data(server, session, envelope, fate)
-        outcome, reason = _outcome(reply)
-        if outcome != "accepted":
-            log.info(
-                "DATA from %s account=%s %s: %s",
-                server.peer_ip,
-                session.account,
-                outcome,
-                reply,
-                extra={
-                    "fields": {
-                        "event": "submission",
-                        "account": session.account,
-                        "outcome": outcome,
-                        "reason": reason,
-                        "reply_code": reply[:3],
-                        "client": server.peer_ip,
-                    }
-                },
-            )
-        metrics.SUBMISSIONS.labels(outcome, reason).inc()
-        metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
-        return reply
-
-    async def _data(
-        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
-    ) -> str:
-        assert session.account is not None and envelope.mail_from is not None
-        content = envelope.content
-        assert isinstance(content, bytes)
-        queue_id = new_queue_id()
-        received = self._received(server, session, queue_id)
-        recipients = [r for r in envelope.rcpt_tos if r not in envelope.dropped]
-        if self._short_of_space(len(content) * max(1, len(recipients))):
-            # before the policy writes anything (caps, ledger): a full disk answers 452, not 451
-            log.error(
-                "%s: account=%s not queued: queue filesystem below min_free_space", queue_id, session.account
-            )
-            return INSUFFICIENT_STORAGE
-        if not recipients and self.pipeline is None:
-            log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
-            return f"250 2.0.0 Ok: queued as {queue_id}"
-        if self.pipeline is None:
-            msg = NewMessage(
-                queue_id=queue_id,
-                account=session.account,
-                mail_from=envelope.mail_from,
-                recipients=tuple(recipients),
-                data=received + content,
-            )
-        else:
-            try:
-                done = await self.pipeline.process(
-                    queue_id=queue_id,
-                    account=session.account,
-                    mail_from=envelope.mail_from,
-                    recipients=recipients,
-                    raw=content,
-                    now=dt.datetime.now(dt.UTC),
-                    traps=tuple(dict.fromkeys(r for r in envelope.rcpt_tos if r in envelope.dropped)),
-                )
-            except Refused as exc:
-                log.info("%s: account=%s refused by %s: %s", queue_id, session.account, exc.verdict.rule, exc)
-                return exc.reply
-            except MimeError as exc:
-                log.info("%s: account=%s refused: broken MIME: %s", queue_id, session.account, exc)
-                return f"554 5.6.0 Message refused: malformed MIME ({_one_line(str(exc))})"
-            except RecursionError:
-                # the stdlib MIME parser recurses once per multipart level: ~1000 levels exhaust the stack.
-                # The message is the problem, not us: a permanent refusal, not the 451 of our own bugs.
-                log.info("%s: account=%s refused: MIME nested too deeply", queue_id, session.account)
-                return MIME_TOO_DEEP
-            except AllDropped as exc:
-                return exc.reply
-            except StorageError as exc:
-                log.error("%s: account=%s policy store failed: %s", queue_id, session.account, exc)
-                return POLICY_UNAVAILABLE
-            if not done.recipients:
-                # only spam traps: answer as for any message (the same checks ran), deliver nothing
-                log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
-                await self._judge_traps(queue_id, session.account, done.trap_hits)
-                return f"250 2.0.0 Ok: queued as {queue_id}"
-            msg = NewMessage(
-                queue_id=queue_id,
-                account=session.account,
-                mail_from=envelope.mail_from,
-                recipients=done.recipients,
-                data=received + done.content,  # with the Date and Message-ID it lacked
-                list_name=done.list_name,
-                render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
-                msg_class=done.msg_class,
-            )
-        self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
-        try:
-            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # 452, not a full disk
-        except BaseException as exc:
-            self.handoff.forget(queue_id)
-            if not isinstance(exc, StorageError):
-                raise
-            log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
-            if isinstance(exc, InsufficientStorage):  # 452: the client keeps its message
-                return INSUFFICIENT_STORAGE
-            return "451 4.3.0 Temporary storage failure, try again later"
-        self.handoff.submitted(msg, time.time())
-        log.info(
-            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d class=%s%s",
-            queue_id,
-            session.account,
-            envelope.mail_from,
-            len(msg.recipients),
-            len(msg.data),
-            msg.msg_class.value,
-            CLIENT_GONE_NOTE if fate.lost else "",
-            extra={
-                "fields": {
-                    "event": "submission",
-                    "queue_id": queue_id,
-                    "account": session.account,
-                    "list": msg.list_name,
-                    "class": msg.msg_class.value,
-                    "outcome": "accepted",
-                    "nrcpt": len(msg.recipients),
-                    "size": len(msg.data),
-                    "client": server.peer_ip,
-                    "reply_sent": not fate.lost,
-                }
-            },
-        )
-        metrics.ACCOUNT_SENT.labels(session.account, msg.msg_class.value).inc(len(msg.recipients))
-        if msg.render:  # after the commit: a suspension holds this message too
-            await self._judge_traps(queue_id, session.account, done.trap_hits)
-        return f"250 2.0.0 Ok: queued as {queue_id}"
-
-    async def _judge_traps(self, queue_id: str, account: str, hits: int) -> None:
-        """After spam-trap hits that count, judge the account (any hit may suspend it, DESIGN.md). The
-        hits are on record already, so a failure here is logged: the next event judges again."""
-        if not hits or self.pipeline is None:
-            return
-        try:
-            await reputation.evaluate(
-                self.pipeline.store, self.queue, self.cfg, account, dt.datetime.now(dt.UTC)
-            )
-        except StorageError as exc:
-            log.error("%s: account=%s reputation check after a trap hit failed: %s", queue_id, account, exc)
-
-    def _short_of_space(self, size: int) -> bool:
-        """Postfix's queue_minfree, checked before any work is done for the message."""
-        min_free = self.cfg.queue.min_free_space
-        if min_free <= 0:
-            return False
-        try:
-            return free_bytes(self.queue.path.parent) < min_free + size
-        except OSError:
-            return False  # can't tell: let the write itself decide (it answers 451/452 on failure)
-
     async def handle_exception(self, error: Exception) -> str:
         log.exception("submission session failed")
         return "451 4.3.0 Internal error, try again later"
-
-    def _received(self, server: StrictSMTP, session: RelaySession, queue_id: str) -> bytes:
-        """The one trace header we add (RFC 5321 §4.4), folded to stay well under 78 columns."""
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl is not None:
-            proto += "S"
-        if session.authenticated:
-            proto += "A"
-        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
-        return (
-            f"Received: from {helo} ([{server.peer_ip}])\r\n"
-            f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
-            f"\t{email.utils.formatdate(localtime=False)}\r\n"
-        ).encode("ascii", "replace")
-
-
-class _DataReply:
-    """Whether the reply to a DATA can still reach its client: not once aiosmtpd has cancelled the
-    session because the client closed the connection (:meth:`SubmissionHandler.handle_DATA`)."""
-
-    __slots__ = ("lost",)
-
-    def __init__(self) -> None:
-        self.lost = False
-
-
-def _outcome(reply: str) -> tuple[str, str]:
-    """(accepted|refused|deferred, reason) of a DATA reply, for the submissions counter."""
-    if reply.startswith("250"):
-        return "accepted", "ok"
-    if reply.startswith("554 5.6.0"):
-        return "refused", "mime"
-    if "dropped by policy" in reply:
-        return "refused", "policy"
-    if reply.startswith(
-        ("550 5.6.0", "550 5.7.1 From:", "550 5.7.1 Sender:", "550 5.7.1 X-Relayd-Class:", "554 5.7.1")
-    ):
-        # a content rule (relayd.policy.rules.fromheader, relayd.policy.rules.messageclass,
-        # relayd.policy.rules.confirmlink)
-        return "refused", "content"
-    if reply.startswith("4"):
-        return "deferred", "policy_store" if "policy" in reply else "storage"
-    return "refused", "other"
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -572,20 +337,14 @@ async def start_submission(
     cfg: Config, handler: SubmissionHandler, limits: ConnectionLimits, *, reuse_port: bool = False
 ) -> list[asyncio.Server]:
     """Bind every ``[submission] listen`` address; return the servers (closing them stops accepting)."""
-    loop = asyncio.get_running_loop()
     sub = cfg.submission
     handler.tls_context = tls_context(cfg)
-    servers = []
-    for spec in sub.listen:
-        host, port = parse_hostport(spec)
+
+    def factory_for(host: str) -> Callable[[], SubmissionSMTP]:
         plaintext_ok = sub.plaintext_auth == "loopback" and is_loopback_host(host)
-        factory = _protocol_factory(cfg, handler, limits, implicit_tls=False, plaintext_ok=plaintext_ok)
-        servers.append(
-            await loop.create_server(
-                factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port, backlog=BACKLOG
-            )
-        )
-    return servers
+        return _protocol_factory(cfg, handler, limits, implicit_tls=False, plaintext_ok=plaintext_ok)
+
+    return await listen(sub.listen, factory_for, reuse_port=reuse_port)
 
 
 async def start_submission_tls(
@@ -597,7 +356,6 @@ async def start_submission_tls(
     sub = cfg.submission
     if not sub.listen_tls:
         return []
-    loop = asyncio.get_running_loop()
     session = _protocol_factory(cfg, handler, limits, implicit_tls=True, plaintext_ok=False)
     # connections still in their handshake are limited like sessions, but counted apart from them
     handshakes = ConnectionLimits(limits.total, limits.per_ip)
@@ -605,15 +363,7 @@ async def start_submission_tls(
     def factory() -> _ImplicitTls:
         return _ImplicitTls(session, handler, handshakes)
 
-    servers = []
-    for spec in sub.listen_tls:
-        host, port = parse_hostport(spec)
-        servers.append(
-            await loop.create_server(
-                factory, host=host, port=port, reuse_address=True, reuse_port=reuse_port, backlog=BACKLOG
-            )
-        )
-    return servers
+    return await listen(sub.listen_tls, lambda _host: factory, reuse_port=reuse_port)
 
 
 class _ImplicitTls(asyncio.Protocol):

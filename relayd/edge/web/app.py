@@ -70,10 +70,12 @@ from relayd.feedback.unsubscribe import (
     resolve,
     unsubscribe,
 )
+from relayd.policy.reloaded import Reloaded
 from relayd.queue.store import QueueStore
-from relayd.store.base import Store, utcnow
+from relayd.store.models import utcnow
+from relayd.store.protocols import Store
 
-__all__ = ["MAX_BODY", "create_app", "start_web", "update_config"]
+__all__ = ["MAX_BODY", "LiveConfig", "create_app", "start_web"]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("relayd.web.access")
@@ -104,7 +106,7 @@ _UNLIMITED_PATHS = frozenset({"/healthz"})
 
 @dataclass(slots=True)
 class _Deps:
-    cfg: Config  # the confirm pages read lists' ``redirect``; replaced by update_config() on reload
+    cfg: Config  # the confirm pages read lists' ``redirect``; replaced by LiveConfig.reload()
     store: Store
     secret: bytes
     queue: QueueStore | None
@@ -376,10 +378,18 @@ def _metrics_allowed(request: web.Request) -> bool:
     return any(ip in net for net in request.app[_DEPS].cfg.http.metrics_allow)
 
 
-def update_config(app: web.Application, cfg: Config) -> None:
-    """Serve ``cfg`` from now on (SIGHUP reload): a list's ``redirect`` changes without a restart."""
-    app[_DEPS].cfg = cfg
-    tenant_api.update_config(app, cfg)
+class LiveConfig:
+    """The web app's part in a config reload: what ``app`` serves from its next request on."""
+
+    __slots__ = ("_app",)
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def reload(self, new: Reloaded) -> None:
+        """Serve ``new``'s config from now on (SIGHUP): a list's ``redirect`` changes without a restart."""
+        self._app[_DEPS].cfg = new.cfg
+        tenant_api.update_config(self._app, new.cfg)
 
 
 def create_app(cfg: Config, store: Store, secret: bytes, queue: QueueStore | None) -> web.Application:

@@ -76,7 +76,7 @@ CONTENT_SECURITY_POLICY = (
 
 
 class Subject(Protocol):
-    """Whom a page is about: a :class:`~relayd.store.base.SentRecord` or an ``UnsubscribeResult``."""
+    """Whom a page is about: a :class:`~relayd.store.models.SentRecord` or an ``UnsubscribeResult``."""
 
     @property
     def account(self) -> str: ...

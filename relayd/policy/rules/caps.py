@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from relayd.config import CapsConfig
 from relayd.policy.model import Action, MessageRequest, Verdict
-from relayd.store.base import SendCounterStore
+from relayd.store.protocols import SendCounterStore
 
 DAY, WEEK, MONTH = 86_400, 7 * 86_400, 30 * 86_400
 

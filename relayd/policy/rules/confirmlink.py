@@ -42,10 +42,10 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 
+from relayd.mail.confirmation import CONFIRM_PLACEHOLDER
 from relayd.mail.footer import decode_text
 from relayd.mail.rewrite import canonical_crlf, text_parts, transfer_encoding
 from relayd.policy.model import Action, ContentRequest, Verdict
-from relayd.policy.rules.consent import CONFIRM_PLACEHOLDER
 
 __all__ = ["MAX_HTML", "ConfirmLinkRule", "misplaced_confirm_link"]
 

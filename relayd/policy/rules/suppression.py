@@ -18,7 +18,8 @@ from collections.abc import Collection
 from datetime import datetime
 
 from relayd.policy.model import Action, MessageRequest, RcptRequest, Verdict
-from relayd.store.base import Reason, Scope, SuppressionEntry, SuppressionStore
+from relayd.store.models import Reason, Scope, SuppressionEntry
+from relayd.store.protocols import SuppressionStore
 
 
 def suppressed_verdict(address: str, entry: SuppressionEntry) -> Verdict:
@@ -55,7 +56,7 @@ async def blocking_transactional(
         return entry
     if entry.scope is not Scope.ACCOUNT or list_name is None:
         return None
-    below = await store.list(
+    below = await store.list_entries(
         address=entry.address, scope=Scope.LIST, account=account, list_name=list_name, now=now, limit=1
     )
     return next((e for e in below if e.is_active(now) and not transactional_passes(e)), None)

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 
-from relayd.store.base import AccountStateStore, StoreError
+from relayd.store.models import StoreError
+from relayd.store.protocols import AccountStateStore
 
 log = logging.getLogger(__name__)
 

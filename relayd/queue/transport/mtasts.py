@@ -43,7 +43,8 @@ from relayd.core.errors import StorageError
 from relayd.queue.transport.dane import Tlsa
 from relayd.queue.transport.tlspolicy import TlsLevel, unmet
 from relayd.queue.transport.tlsrpt import PolicyRef, SessionCounter
-from relayd.store.base import MtaStsCache, MtaStsRecord
+from relayd.store.models import MtaStsRecord
+from relayd.store.protocols import MtaStsCache
 
 log = logging.getLogger(__name__)
 

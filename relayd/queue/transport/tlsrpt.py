@@ -48,7 +48,8 @@ from relayd.core.errors import StorageError
 from relayd.core.tokens import new_queue_id
 from relayd.mail.dkim import Signer
 from relayd.queue.store import NewMessage, QueueStore
-from relayd.store.base import MtaStsCache, TlsReportStore, TlsSessionCount
+from relayd.store.models import TlsSessionCount
+from relayd.store.protocols import MtaStsCache, TlsReportStore
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,13 @@ they share is enough for one generic reader:
   MAIL FROM in a transcript) and addresses in summary header lines ("To: ...") are not
   failed recipients;
 * when the notice names nobody, the returned message's To: is the recipient.
-
-Amazon SES JSON notifications (delivered by SNS as mail) are read here too.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
+from collections.abc import Set
 from dataclasses import dataclass
 
 from relayd.reports.dsn.limits import NOTICE_LIMIT
@@ -87,7 +85,7 @@ def _after_sender_word(text: str, end: int) -> bool:
     return _SENDER_WORD.search(text, max(0, end - _SENDER_WORD_WINDOW), end) is not None
 
 
-def scan_notice(notice: str, exclude: set[str]) -> list[TextHit]:
+def scan_notice(notice: str, exclude: Set[str]) -> list[TextHit]:
     """Failed recipients named in a free-text notice, each with its context block.
 
     An address's block runs from the line of its first mention to the line before the
@@ -165,68 +163,3 @@ def focus(context: str) -> str:
         while end < len(lines) and lines[end].strip():
             end += 1
     return "\n".join(line.strip() for line in lines[start:end] if line.strip())
-
-
-@dataclass(frozen=True, slots=True)
-class JsonBounce:
-    """One bounced recipient of an Amazon SES notification."""
-
-    address: str
-    status: str | None
-    diagnostic: str | None
-    action: str | None
-    permanent: bool
-    remote_mta: str | None
-
-
-def ses_notification(body: str) -> tuple[str | None, list[JsonBounce]]:
-    """(notificationType, bounced recipients) of an SES JSON notification, else (None, []).
-
-    SES delivers Bounce, Complaint and Delivery notifications via SNS as a JSON body,
-    sometimes wrapped in an SNS envelope whose "Message" is itself JSON. Only "Bounce"
-    carries failed recipients; Complaint and Delivery are not DSNs.
-    """
-    start = body.find("{")
-    if start < 0 or (
-        '"notificationType"' not in body and '"eventType"' not in body and '"Message"' not in body
-    ):
-        return None, []
-    # Sendmail breaks over-long lines with "!\n " (RFC 5322 line limit); undo that first.
-    text = body[start:].replace("!\n ", "")
-    try:
-        data, _ = json.JSONDecoder().raw_decode(text)
-    except (ValueError, RecursionError):
-        return None, []
-    if isinstance(data, dict) and isinstance(data.get("Message"), str):
-        try:
-            data = json.loads(data["Message"])
-        except (ValueError, RecursionError):
-            return None, []
-    if not isinstance(data, dict):
-        return None, []
-    kind = data.get("notificationType") or data.get("eventType")
-    if not isinstance(kind, str):
-        return None, []
-    bounce = data.get("bounce")
-    if kind != "Bounce" or not isinstance(bounce, dict):
-        return kind, []
-    permanent = str(bounce.get("bounceType", "")).lower() == "permanent"
-    remote = bounce.get("remoteMtaIp")
-    out = []
-    for item in bounce.get("bouncedRecipients") or []:
-        if not isinstance(item, dict):
-            continue
-        found = addresses_in(str(item.get("emailAddress", "")))
-        if not found:
-            continue
-        out.append(
-            JsonBounce(
-                address=found[0],
-                status=str(item["status"]) if item.get("status") else None,
-                diagnostic=str(item["diagnosticCode"]) if item.get("diagnosticCode") else None,
-                action=str(item["action"]) if item.get("action") else None,
-                permanent=permanent,
-                remote_mta=str(remote) if remote else None,
-            )
-        )
-    return kind, out

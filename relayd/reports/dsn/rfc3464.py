@@ -111,7 +111,7 @@ def extract_address(value: str | None) -> str | None:
     return match.group(0).strip(".").lower()
 
 
-def _typed(value: str | None) -> tuple[str | None, str | None]:
+def split_type(value: str | None) -> tuple[str | None, str | None]:
     """``smtp; 550 ...`` -> ("smtp", "550 ..."); an untyped value keeps type None."""
     if not value:
         return None, None
@@ -170,7 +170,7 @@ def parse(text: str) -> tuple[dict[str, str], list[StatusRecord]]:
             last_name = name
         for pname, pvalue in pending:
             per_message.setdefault(pname, pvalue)
-    reporting = _typed(per_message.get("reporting-mta"))[1]
+    reporting = split_type(per_message.get("reporting-mta"))[1]
     out = []
     for record in records[:MAX_RECIPIENTS]:
         final = extract_address(record.get("final-recipient")) or extract_address(
@@ -180,7 +180,7 @@ def parse(text: str) -> tuple[dict[str, str], list[StatusRecord]]:
         if not (final or original):
             continue
         action_raw = (record.get("action") or "").strip().lower().split(" ")[0].strip("();,")
-        diag_type, diagnostic = _typed(record.get("diagnostic-code"))
+        diag_type, diagnostic = split_type(record.get("diagnostic-code"))
         out.append(
             StatusRecord(
                 final_recipient=final,
@@ -189,7 +189,7 @@ def parse(text: str) -> tuple[dict[str, str], list[StatusRecord]]:
                 status=normalise_status(record.get("status")),
                 diagnostic_type=diag_type,
                 diagnostic=diagnostic,
-                remote_mta=_typed(record.get("remote-mta"))[1],
+                remote_mta=split_type(record.get("remote-mta"))[1],
                 reporting_mta=reporting,
             )
         )

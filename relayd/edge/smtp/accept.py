@@ -1,0 +1,288 @@
+"""DATA on the submission listener: the message through policy into the queue, then the reply.
+
+The ``250`` is sent only when the queue's commit holding the message has returned; a storage error answers
+``451 4.3.0`` and the client keeps the message. Each reply is made together with its
+:class:`SubmissionOutcome`, which names what became of the message for the log line and the
+``relayd_submissions_total`` counter; nothing reads the reply text back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import logging
+import time
+from enum import Enum
+
+from relayd.config import Config
+from relayd.core import metrics
+from relayd.core.errors import StorageError
+from relayd.core.tokens import new_queue_id
+from relayd.edge.smtp.protocol import RelayEnvelope, RelaySession, StrictSMTP
+from relayd.feedback import reputation
+from relayd.policy.pipeline import AllDropped, MimeError, Pipeline, Refused
+from relayd.queue.handoff import Handoff
+from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
+
+log = logging.getLogger(__name__)
+
+POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
+MIME_TOO_DEEP = "554 5.6.0 Message refused: MIME structure nested too deeply"
+INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"  # RFC 3463 §3.4; Postfix says the same
+#: appended to the ``accepted`` line of a message whose client hung up before it could get our 250
+CLIENT_GONE_NOTE = " (client gone before the 250: it will send this message again)"
+
+
+class SubmissionOutcome(Enum):
+    """What became of a DATA, named where its reply is made; the value is its ``(outcome, reason)`` labels
+    of ``relayd_submissions_total``."""
+
+    #: committed to the queue (or every recipient a spam trap: answered as if it were)
+    ACCEPTED = ("accepted", "ok")
+    #: malformed MIME, or MIME nested too deeply for the parser
+    REFUSED_MIME = ("refused", "mime")
+    #: a content rule (relayd.policy.rules.fromheader, relayd.policy.rules.messageclass,
+    #: relayd.policy.rules.confirmlink)
+    REFUSED_CONTENT = ("refused", "content")
+    #: every recipient dropped by the message rules
+    REFUSED_DROPPED = ("refused", "policy")
+    #: the policy's store failed: 451, the client tries again
+    DEFERRED_POLICY_STORE = ("deferred", "policy_store")
+    #: the queue could not take the message (a failed commit, or short of space): 451 or 452
+    DEFERRED_STORAGE = ("deferred", "storage")
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """``(outcome, reason)``: accepted|refused|deferred, and why."""
+        outcome, reason = self.value
+        return str(outcome), str(reason)
+
+
+class DataHooks:
+    """The DATA hook of :class:`~relayd.edge.smtp.submission.SubmissionHandler`, which holds (and on
+    SIGHUP replaces) the config and the policy read here."""
+
+    cfg: Config
+    queue: QueueStore
+    #: who starts delivery of a committed message (relayd.queue.handoff)
+    handoff: Handoff
+    pipeline: Pipeline | None
+
+    async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
+        """Finish the message whose final dot has arrived, even if its client is gone meanwhile.
+
+        aiosmtpd cancels the session's task when the client closes (or half-closes) the connection. Cut
+        short there, a message would be half done: caps and ledger written without it, or committed to
+        the queue (the commit goes on without its caller) with no ``accepted`` line and no hand-off. So
+        the work runs shielded to its end, as in Postfix, whose smtpd does not look at the socket again
+        before its reply; then the session ends as aiosmtpd meant. The client never saw our ``250`` and
+        will send the message again (RFC 5321 §4.1.1.4 leaves that duplicate to the sender): the
+        ``accepted`` line says so."""
+        fate = _DataReply()
+        work = asyncio.ensure_future(self._handle_data(server, session, envelope, fate))
+        while True:
+            try:
+                reply = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                if work.done():  # the work itself was cancelled: the loop is shutting down
+                    raise
+                fate.lost = True
+                continue
+            except Exception:
+                if not fate.lost:
+                    raise  # answered 451 by handle_exception
+                log.exception("DATA from %s failed after the client hung up", server.peer_ip)
+                raise asyncio.CancelledError from None
+            if fate.lost:
+                raise asyncio.CancelledError  # no reply to send: end the session as aiosmtpd meant to
+            return reply
+
+    async def _handle_data(
+        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
+    ) -> str:
+        started = time.perf_counter()
+        reply, result = await self._data(server, session, envelope, fate)
+        outcome, reason = result.labels
+        if result is not SubmissionOutcome.ACCEPTED:
+            log.info(
+                "DATA from %s account=%s %s: %s",
+                server.peer_ip,
+                session.account,
+                outcome,
+                reply,
+                extra={
+                    "fields": {
+                        "event": "submission",
+                        "account": session.account,
+                        "outcome": outcome,
+                        "reason": reason,
+                        "reply_code": reply[:3],
+                        "client": server.peer_ip,
+                    }
+                },
+            )
+        metrics.SUBMISSIONS.labels(outcome, reason).inc()
+        metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
+        return reply
+
+    async def _data(
+        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
+    ) -> tuple[str, SubmissionOutcome]:
+        """The reply to a DATA whose final dot has arrived, and what it means for the message."""
+        assert session.account is not None and envelope.mail_from is not None
+        content = envelope.content
+        assert isinstance(content, bytes)
+        queue_id = new_queue_id()
+        received = self._received(server, session, queue_id)
+        recipients = [r for r in envelope.rcpt_tos if r not in envelope.dropped]
+        if self._short_of_space(len(content) * max(1, len(recipients))):
+            # before the policy writes anything (caps, ledger): a full disk answers 452, not 451
+            log.error(
+                "%s: account=%s not queued: queue filesystem below min_free_space", queue_id, session.account
+            )
+            return INSUFFICIENT_STORAGE, SubmissionOutcome.DEFERRED_STORAGE
+        if not recipients and self.pipeline is None:
+            log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
+            return f"250 2.0.0 Ok: queued as {queue_id}", SubmissionOutcome.ACCEPTED
+        if self.pipeline is None:
+            msg = NewMessage(
+                queue_id=queue_id,
+                account=session.account,
+                mail_from=envelope.mail_from,
+                recipients=tuple(recipients),
+                data=received + content,
+            )
+        else:
+            try:
+                done = await self.pipeline.process(
+                    queue_id=queue_id,
+                    account=session.account,
+                    mail_from=envelope.mail_from,
+                    recipients=recipients,
+                    raw=content,
+                    now=dt.datetime.now(dt.UTC),
+                    traps=tuple(dict.fromkeys(r for r in envelope.rcpt_tos if r in envelope.dropped)),
+                )
+            except Refused as exc:
+                log.info("%s: account=%s refused by %s: %s", queue_id, session.account, exc.verdict.rule, exc)
+                return exc.reply, SubmissionOutcome.REFUSED_CONTENT
+            except MimeError as exc:
+                log.info("%s: account=%s refused: broken MIME: %s", queue_id, session.account, exc)
+                reply = f"554 5.6.0 Message refused: malformed MIME ({_one_line(str(exc))})"
+                return reply, SubmissionOutcome.REFUSED_MIME
+            except RecursionError:
+                # the stdlib MIME parser recurses once per multipart level: ~1000 levels exhaust the stack.
+                # The message is the problem, not us: a permanent refusal, not the 451 of our own bugs.
+                log.info("%s: account=%s refused: MIME nested too deeply", queue_id, session.account)
+                return MIME_TOO_DEEP, SubmissionOutcome.REFUSED_MIME
+            except AllDropped as exc:
+                return exc.reply, SubmissionOutcome.REFUSED_DROPPED
+            except StorageError as exc:
+                log.error("%s: account=%s policy store failed: %s", queue_id, session.account, exc)
+                return POLICY_UNAVAILABLE, SubmissionOutcome.DEFERRED_POLICY_STORE
+            if not done.recipients:
+                # only spam traps: answer as for any message (the same checks ran), deliver nothing
+                log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
+                await self._judge_traps(queue_id, session.account, done.trap_hits)
+                return f"250 2.0.0 Ok: queued as {queue_id}", SubmissionOutcome.ACCEPTED
+            msg = NewMessage(
+                queue_id=queue_id,
+                account=session.account,
+                mail_from=envelope.mail_from,
+                recipients=done.recipients,
+                data=received + done.content,  # with the Date and Message-ID it lacked
+                list_name=done.list_name,
+                render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
+                msg_class=done.msg_class,
+            )
+        self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
+        try:
+            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # 452, not a full disk
+        except BaseException as exc:
+            self.handoff.forget(queue_id)
+            if not isinstance(exc, StorageError):
+                raise
+            log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
+            if isinstance(exc, InsufficientStorage):  # 452: the client keeps its message
+                return INSUFFICIENT_STORAGE, SubmissionOutcome.DEFERRED_STORAGE
+            return "451 4.3.0 Temporary storage failure, try again later", SubmissionOutcome.DEFERRED_STORAGE
+        self.handoff.submitted(msg, time.time())
+        log.info(
+            "%s: accepted account=%s from=<%s> nrcpt=%d size=%d class=%s%s",
+            queue_id,
+            session.account,
+            envelope.mail_from,
+            len(msg.recipients),
+            len(msg.data),
+            msg.msg_class.value,
+            CLIENT_GONE_NOTE if fate.lost else "",
+            extra={
+                "fields": {
+                    "event": "submission",
+                    "queue_id": queue_id,
+                    "account": session.account,
+                    "list": msg.list_name,
+                    "class": msg.msg_class.value,
+                    "outcome": "accepted",
+                    "nrcpt": len(msg.recipients),
+                    "size": len(msg.data),
+                    "client": server.peer_ip,
+                    "reply_sent": not fate.lost,
+                }
+            },
+        )
+        metrics.ACCOUNT_SENT.labels(session.account, msg.msg_class.value).inc(len(msg.recipients))
+        if msg.render:  # after the commit: a suspension holds this message too
+            await self._judge_traps(queue_id, session.account, done.trap_hits)
+        return f"250 2.0.0 Ok: queued as {queue_id}", SubmissionOutcome.ACCEPTED
+
+    async def _judge_traps(self, queue_id: str, account: str, hits: int) -> None:
+        """After spam-trap hits that count, judge the account (any hit may suspend it, DESIGN.md). The
+        hits are on record already, so a failure here is logged: the next event judges again."""
+        if not hits or self.pipeline is None:
+            return
+        try:
+            await reputation.evaluate(
+                self.pipeline.store, self.queue, self.cfg, account, dt.datetime.now(dt.UTC)
+            )
+        except StorageError as exc:
+            log.error("%s: account=%s reputation check after a trap hit failed: %s", queue_id, account, exc)
+
+    def _short_of_space(self, size: int) -> bool:
+        """Postfix's queue_minfree, checked before any work is done for the message."""
+        min_free = self.cfg.queue.min_free_space
+        if min_free <= 0:
+            return False
+        try:
+            return free_bytes(self.queue.path.parent) < min_free + size
+        except OSError:
+            return False  # can't tell: let the write itself decide (it answers 451/452 on failure)
+
+    def _received(self, server: StrictSMTP, session: RelaySession, queue_id: str) -> bytes:
+        """The one trace header we add (RFC 5321 §4.4), folded to stay well under 78 columns."""
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
+        return (
+            f"Received: from {helo} ([{server.peer_ip}])\r\n"
+            f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
+            f"\t{email.utils.formatdate(localtime=False)}\r\n"
+        ).encode("ascii", "replace")
+
+
+class _DataReply:
+    """Whether the reply to a DATA can still reach its client: not once aiosmtpd has cancelled the
+    session because the client closed the connection (:meth:`DataHooks.handle_DATA`)."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        self.lost = False
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text.split())[:limit]
