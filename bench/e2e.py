@@ -13,7 +13,7 @@ CHUNKING away; relayd's client sends BDAT when it can, Postfix's smtp client nev
   bench/submit.py), ``--workers`` queue shards (two processes each: accepting, and delivering at a lower
   CPU priority), its SQLite store loaded beforehand with ``--suppressions``
   global entries (plus account and list entries) through ``SqliteStore.add``;
-- Postfix (private instance in a temp dir under /run, bench/postfix_instance.py) with OpenDKIM as its
+- Postfix (private instance in a temp dir under /run, tests/postfix_instance.py) with OpenDKIM as its
   milter (rsa-2048, relaxed/relaxed), default process limits, no DNS, no local delivery.
 
 Both run at once and the measurements alternate (relayd A, Postfix A, relayd B, Postfix B) so each pair is
@@ -75,11 +75,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import postfix_instance  # noqa: E402
 from bench.keeping_sink import KeepingSink  # noqa: E402
 from bench.loadgen import make_message, run_paced  # noqa: E402
-from bench.mail_dkim import verify_files  # noqa: E402
 from bench.submit import free_port, pipeline_config, wait_port, write_config  # noqa: E402
+from tests import postfix_instance  # noqa: E402
+from tests.mail_dkim import verify_files  # noqa: E402
 
 DOMAIN = "acme.example.test"
 SENDER = "bench@acme.example.test"

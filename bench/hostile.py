@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.adversarial import adversarial_dsn
 from tests.harness import PASSWORD, Relayd, Sink, message
-from tests.test_hostile import auth_plain, closed, connect, ehlo, nested_mime, replies
+from tests.rawsmtp import auth_plain, closed, connect, ehlo, nested_mime, replies
 
 GOOD = "127.0.0.2"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import dkim as dkimpy
 
-from bench.mail_dkim import verify_files
+from tests.mail_dkim import verify_files
 
 Results = dict[str, str]  # selector -> "pass" or a failure description
 Records = Mapping[str, str]  # "<selector>._domainkey.<domain>" -> TXT text

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.postfix_instance import PostfixInstance
 from tests.harness import Relayd, Sink, free_port, message, split_delivered, wait_until
+from tests.postfix_instance import PostfixInstance
 from tests.test_policy_e2e import queue_state
 
 REFUSED = "refused@example.test"

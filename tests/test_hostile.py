@@ -6,7 +6,6 @@ clear reply and relayd keeps serving a legitimate client; memory figures are in 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import http.client
 import resource
@@ -20,61 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import PASSWORD, Relayd, Sink, message, wait_until
+from tests.rawsmtp import auth_plain, closed, connect, ehlo, nested_mime, replies
 
 SOURCES = [f"127.0.0.{i}" for i in range(3, 23)]  # 20 attacking addresses; the good client is 127.0.0.2
 GOOD = "127.0.0.2"
-
-
-def connect(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
-    sock.settimeout(timeout)
-    return sock
-
-
-def replies(sock: socket.socket, count: int = 1, timeout: float = 10.0) -> list[str]:
-    """Up to ``count`` complete replies (the last line of each), fewer if the server closes first."""
-    sock.settimeout(timeout)
-    buf = b""
-    done: list[str] = []
-    deadline = time.monotonic() + timeout
-    while len(done) < count and time.monotonic() < deadline:
-        while b"\r\n" in buf and len(done) < count:
-            line, buf = buf.split(b"\r\n", 1)
-            if line[3:4] != b"-":
-                done.append(line.decode("utf-8", "replace"))
-        if len(done) >= count:
-            break
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        buf += chunk
-    return done
-
-
-def closed(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the server has closed the connection (after any replies still in flight)."""
-    sock.settimeout(timeout)
-    try:
-        while chunk := sock.recv(65536):
-            del chunk
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
-
-
-def auth_plain(user: str, password: str) -> bytes:
-    return b"AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()) + b"\r\n"
-
-
-def ehlo(sock: socket.socket) -> None:
-    assert replies(sock)[0].startswith("220")
-    sock.sendall(b"EHLO hostile.test\r\n")
-    assert replies(sock)[0].startswith("250")
 
 
 def submit_from(relayd: Relayd, source: str, *, user: str = "acme", password: str = PASSWORD) -> str:
@@ -201,21 +149,6 @@ def test_header_bombs_are_refused(peers: tuple[Relayd, Sink]) -> None:
     assert _data_reply(relayd, long_line + message()).startswith("554 5.6.0")
     folded = b"X-Folded: a\r\n" + b" b\r\n" * 100_000  # one field, 300 KB of continuation lines
     assert _data_reply(relayd, folded + message()).startswith("554 5.6.0")
-
-
-def nested_mime(depth: int) -> bytes:
-    body = b"Content-Type: text/plain\r\n\r\nhello\r\n"
-    for i in range(depth):
-        body = b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n%s--b%d--\r\n' % (
-            i,
-            i,
-            body,
-            i,
-        )
-    return (
-        b"From: App <app@acme.example.test>\r\nTo: bob@example.test\r\nSubject: nest\r\nMIME-Version: 1.0\r\n"
-        + (body)
-    )
 
 
 def test_deeply_nested_mime_is_handled_or_refused_permanently(peers: tuple[Relayd, Sink]) -> None:

@@ -7,6 +7,7 @@ cycle check is grimp's graph (what import-linter builds on) walked for strongly 
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ MAX_LINES = 600
 
 def lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LINT_IMPORTS), "--config", str(cwd / "pyproject.toml"), "--no-cache"],
+        [str(LINT_IMPORTS), str(cwd / "pyproject.toml"), "--no-cache"],
         cwd=cwd,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pythonpath)},
         capture_output=True,
@@ -136,3 +137,22 @@ def test_the_top_of_the_package_holds_only_packages() -> None:
     layers = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
     expected = "app cli config core desk edge feedback mail policy queue reports store"
     assert layers == expected.split()
+
+
+def test_tests_never_import_the_benchmarks() -> None:
+    """One direction only: bench/ may use the tests' support modules (harness, raw SMTP, Postfix instance),
+    tests never import bench/, so a benchmark can change without touching what the suite checks."""
+    importers = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(name == "bench" or name.startswith("bench.") for name in names):
+                importers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert importers == []
