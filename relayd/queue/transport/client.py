@@ -210,6 +210,9 @@ class Transport:
         try:
             await client.connect(timeout=self._connect_timeout)
             await client.ehlo()
+        except asyncio.CancelledError:
+            client.close()  # an attempt abandoned at shutdown: closed now, not by the garbage collector
+            raise
         except SmtpReplyError as exc:
             client.close()
             raise _fail(exc.code, exc.message, f"greeting from {host}:{port}{source}") from exc
@@ -226,6 +229,9 @@ class Transport:
             try:
                 context = self._context(level)
                 await client.starttls(context=context, server_hostname=name or host)
+            except asyncio.CancelledError:
+                client.close()
+                raise
             except (SmtpError, OSError, TimeoutError) as exc:
                 client.close()
                 if level.required:
@@ -316,10 +322,12 @@ class Transport:
 
     async def _retire(self, conn: _Conn) -> None:
         """QUIT and close; the lane's count drops only once the server has seen the end."""
-        with contextlib.suppress(SmtpError, OSError, TimeoutError):
-            if conn.client.is_connected:
-                await conn.client.quit(timeout=5)
-        self._drop(conn)
+        try:
+            with contextlib.suppress(SmtpError, OSError, TimeoutError):
+                if conn.client.is_connected:
+                    await conn.client.quit(timeout=5)
+        finally:
+            self._drop(conn)  # also when cancelled while waiting for the QUIT reply
 
     def _forget(self, conn: _Conn) -> None:
         if conn.lane in self._open and conn.used >= 0:
@@ -420,6 +428,11 @@ class Transport:
             options.append(f"SIZE={len(data)}")
         try:
             code, text = await client.send(mail_from, rcpt, data, options)
+        except asyncio.CancelledError:
+            # abandoned mid-transaction (shutdown): the session's state is unknown, and the connection
+            # is in no pool, so nothing else would close it or give its lane's slot back
+            self._drop(conn)
+            raise
         except SmtpReplyError as exc:
             step = getattr(exc, "command", "DATA")
             err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step)
