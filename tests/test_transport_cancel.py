@@ -88,4 +88,3 @@ async def test_a_cancelled_attempt_closes_its_connection(server: _Server) -> Non
     await asyncio.wait_for(server.closed.wait(), 5)
     assert transport.open_connections("") == 0
     await transport.close()
-
