@@ -50,7 +50,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -59,7 +59,7 @@ from relayd.config import Config, WebhookEvent
 from relayd.core.errors import ConfigError
 from relayd.policy.reloaded import Reloaded
 from relayd.store.models import Event, StoreError
-from relayd.store.protocols import Store
+from relayd.store.protocols import EventStore, WebhookCursorStore
 
 __all__ = [
     "EVENT_ID_HEADER",
@@ -77,6 +77,11 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER: Final = "X-Relayd-Signature"
 EVENT_ID_HEADER: Final = "X-Relayd-Event-Id"
 EVENT_NAME_HEADER: Final = "X-Relayd-Event"
+
+
+class WebhookStore(EventStore, WebhookCursorStore, Protocol):
+    """What the dispatcher reads and writes: the event log, and each endpoint's position in it."""
+
 
 #: Store event kind -> webhook event name. The one place that decides what a receiver sees; a kind not
 #: listed here (``feedback``, ``autoreply``, ``complaint_duplicate``, ``unattributed`` ...) is never sent.
@@ -249,7 +254,7 @@ class WebhookDispatcher:
     def __init__(
         self,
         cfg: Config,
-        store: Store,
+        store: WebhookStore,
         *,
         poll_interval: float = 0.5,
         retry_initial: float = 1.0,

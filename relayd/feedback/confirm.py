@@ -33,12 +33,13 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from relayd.core.errors import StorageError
 from relayd.core.tokens import verify_token
 from relayd.mail.confirmation import PURPOSE
 from relayd.store.models import ConsentRecord, Event, SentRecord
-from relayd.store.protocols import Store
+from relayd.store.protocols import ConsentStore, EventStore, SentLedger
 
 __all__ = ["SOURCE", "ConfirmResult", "confirm", "resolve"]
 
@@ -62,7 +63,11 @@ class ConfirmResult:
     already: bool
 
 
-async def resolve(store: Store, secret: bytes, token: str) -> SentRecord | None:
+class ConfirmStore(SentLedger, ConsentStore, EventStore, Protocol):
+    """What a confirmation reads and writes: the ledger entry of the mail, the consent, and its event."""
+
+
+async def resolve(store: SentLedger, secret: bytes, token: str) -> SentRecord | None:
     """The ledger record a valid confirm token stands for, or None (bad shape, unknown (queue id, index),
     MAC not valid for the recorded address, or no list). Reads only; raises StoreError if the ledger fails."""
     token = token.strip()
@@ -78,7 +83,7 @@ async def resolve(store: Store, secret: bytes, token: str) -> SentRecord | None:
 
 
 async def confirm(
-    store: Store,
+    store: ConfirmStore,
     secret: bytes,
     token: str,
     *,

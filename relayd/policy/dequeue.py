@@ -24,13 +24,14 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
+from typing import Protocol
 
 from relayd.core.models import DueRecipient
 from relayd.core.msgclass import MessageClass
 from relayd.policy.rules.suppression import blocking_transactional
 from relayd.policy.rules.suspension import AccountGate
 from relayd.store.models import Event, StoreError, SuppressionEntry
-from relayd.store.protocols import Store
+from relayd.store.protocols import AccountStateStore, EventStore, SuppressionStore
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,12 @@ SEND = DequeueVerdict(Decision.SEND)
 _Waiters = list[tuple[str, "asyncio.Future[SuppressionEntry | None]"]]
 
 
+class DequeueStore(SuppressionStore, AccountStateStore, EventStore, Protocol):
+    """What the last look reads and writes: suppressions, account states, and the drop events."""
+
+
 class DequeueCheck:
-    def __init__(self, store: Store, gate: AccountGate) -> None:
+    def __init__(self, store: DequeueStore, gate: AccountGate) -> None:
         self._store = store
         self._gate = gate
         self._degraded = False
