@@ -97,6 +97,7 @@ def _state(daemon: Daemon) -> dict[str, object]:
         "handler.tls_context": daemon.handler.tls_context,
         "handler.pipeline": pipeline,
         "inbound.cfg": daemon.inbound.cfg,
+        "inbound.feedback.cfg": daemon.inbound.feedback.cfg,
         "inbound.tls_context": daemon.inbound.tls_context,
         "daemon.cfg": daemon.cfg,
     }
@@ -132,7 +133,7 @@ async def test_a_reload_hands_every_part_the_same_new_config(daemon: Daemon, tmp
     assert new.cfg is daemon.cfg
     assert new.cfg.accounts["acme"].imprint == "ACME 2"
     now = _state(daemon)
-    for name in ("renderer.cfg", "feedback.cfg", "handler.cfg", "inbound.cfg"):
+    for name in ("renderer.cfg", "feedback.cfg", "handler.cfg", "inbound.cfg", "inbound.feedback.cfg"):
         assert now[name] is new.cfg, name
     # what was built from files is the one value's, loaded once: the key and certificates read again
     assert now["renderer.signer"] is new.signer

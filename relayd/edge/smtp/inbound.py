@@ -139,6 +139,8 @@ class InboundHandler:
         self.store = store
         self.queue = queue
         self.secret = secret
+        #: what a report does (attribution, suppression, rates): one object, reloaded with this handler
+        self.feedback = Feedback(store, queue, secret, cfg)
         #: the report parser child; None parses in a thread of this process, with no time limit (for tests
         #: of the listener alone: the daemon always passes one)
         self.parser = parser
@@ -162,6 +164,7 @@ class InboundHandler:
         re-read certificate. The domains and the rate limiter stay as they were built (a restart changes
         them, as it does the listen addresses)."""
         self.cfg, self.tls_context = new.cfg, new.inbound_tls
+        self.feedback.reload(new)
 
     async def handle_MAIL(
         self, server: StrictSMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
@@ -258,11 +261,10 @@ class InboundHandler:
         Then the desk (:mod:`relayd.desk`) keeps what a person must read: mail to abuse@/postmaster@ that
         is no report, and reports attributed to nobody or not parsed; ``mail_from`` (the envelope sender)
         tells a machine's mail from a person's. Mail to dmarc@ goes to the desk alone."""
-        feedback = Feedback(self.store, self.queue, self.secret, self.cfg)
         source = f"ip:{source_ip}" if source_ip else "unknown"
         if role.kind == "unsubscribe":
             assert role.token is not None
-            await feedback.on_unsubscribe_mail(raw, role.token, now, source_ip=source_ip)
+            await self.feedback.on_unsubscribe_mail(raw, role.token, now, source_ip=source_ip)
             return
         if role.kind == "dmarc":
             await self.desk.on_dmarc(raw, now, source=source, mail_from=mail_from)
@@ -270,7 +272,7 @@ class InboundHandler:
         try:
             parsed = await (reading or Reading(raw)).get(self.parse)
         except ParseAbandoned as exc:
-            await feedback.on_unclassified(raw, role.kind, exc.why, now, source_ip=source_ip)
+            await self.feedback.on_unclassified(raw, role.kind, exc.why, now, source_ip=source_ip)
             await self.desk.unreadable(role.kind, raw, exc.why, now, source=source, mail_from=mail_from)
             return
         report, bounce = parsed.arf, parsed.dsn
@@ -296,16 +298,15 @@ class InboundHandler:
         source_ip: str | None,
     ) -> list[Event]:
         """What relayd itself does with a parsed report (feedback's effects); returns the events."""
-        feedback = Feedback(self.store, self.queue, self.secret, self.cfg)
         if role.kind == "bounce":
             if report.is_arf and report.format in ("rfc5965", "hotmail-jmrp"):
-                return await feedback.on_arf(
+                return await self.feedback.on_arf(
                     raw, now, verp_token=role.token, report=report, source_ip=source_ip
                 )
-            return await feedback.on_dsn(raw, role.token, now, report=bounce, source_ip=source_ip)
+            return await self.feedback.on_dsn(raw, role.token, now, report=bounce, source_ip=source_ip)
         if role.kind == "postmaster" and not report.is_arf:
-            return await feedback.on_dsn(raw, None, now, report=bounce, source_ip=source_ip)
-        return await feedback.on_arf(raw, now, report=report, bounce=bounce, source_ip=source_ip)
+            return await self.feedback.on_dsn(raw, None, now, report=bounce, source_ip=source_ip)
+        return await self.feedback.on_arf(raw, now, report=report, bounce=bounce, source_ip=source_ip)
 
     async def parse(self, raw: bytes) -> ParsedReport:
         """The one reading of ``raw``: in the parser child, or (no child) in a thread of this process."""
