@@ -12,10 +12,14 @@ found by its name). Each migration runs in one transaction together with its row
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["LATEST_VERSION", "MIGRATIONS", "SCHEMA_TABLE_SQLITE", "Migration", "pending"]
+__all__ = ["LATEST_VERSION", "MIGRATIONS", "SCHEMA_TABLE_SQLITE", "Migration", "load_numbered", "pending"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +29,7 @@ class Migration:
     version: int
     name: str
     sqlite: tuple[str, ...]
-    postgresql: tuple[str, ...] | None = None  # None: not written yet (the PostgreSQL backend is to come)
+    postgresql: tuple[str, ...] | None = None  # None: this version has no PostgreSQL statements
 
 
 #: The bookkeeping table; created outside the numbered migrations so that version 1 is recorded in it.
@@ -35,21 +39,20 @@ SCHEMA_TABLE_SQLITE = (
 )
 
 
-def _load() -> tuple[Migration, ...]:
-    """Every ``vNNNN_*.py`` module of this package, in version order (two engineers adding a migration
-    each never edit the same line; the numbering check below catches a clash)."""
-    import importlib
-    import pkgutil
+def load_numbered(path: Iterable[str], package: str) -> tuple[Any, ...]:
+    """The ``MIGRATION`` of every ``vNNNN_*.py`` module of ``package`` (at ``path``), in version order.
 
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if re.fullmatch(r"v\d{4}_\w+", m.name))
-    found = tuple(importlib.import_module(f"{__name__}.{name}").MIGRATION for name in names)
+    Shared by the policy store and the queue, which number their migrations the same way (two engineers
+    adding a migration each never edit the same line; the numbering check catches a clash)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(path) if re.fullmatch(r"v\d{4}_\w+", m.name))
+    found = tuple(importlib.import_module(f"{package}.{name}").MIGRATION for name in names)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):  # pragma: no cover - guards future edits
-        raise RuntimeError(f"migrations must be numbered 1..n without gaps, got {versions}")
+        raise RuntimeError(f"{package}: migrations must be numbered 1..n without gaps, got {versions}")
     return found
 
 
-MIGRATIONS: tuple[Migration, ...] = _load()
+MIGRATIONS: tuple[Migration, ...] = load_numbered(__path__, __name__)
 LATEST_VERSION: int = MIGRATIONS[-1].version
 
 

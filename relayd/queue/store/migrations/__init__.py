@@ -18,14 +18,11 @@ StorageError); the failed version's transaction is rolled back.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import re
 import sqlite3
 import time
 from dataclasses import dataclass
 
-from relayd.store.migrations import SCHEMA_TABLE_SQLITE
+from relayd.store.migrations import SCHEMA_TABLE_SQLITE, load_numbered
 
 __all__ = ["LATEST_VERSION", "MIGRATIONS", "Migration", "migrate", "recorded_version"]
 
@@ -42,17 +39,7 @@ class Migration:
     column: tuple[str, str, str] | None = None
 
 
-def _load() -> tuple[Migration, ...]:
-    """Every ``vNNNN_*.py`` module of this package, in version order."""
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if re.fullmatch(r"v\d{4}_\w+", m.name))
-    found = tuple(importlib.import_module(f"{__name__}.{name}").MIGRATION for name in names)
-    versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):  # pragma: no cover - guards future edits
-        raise RuntimeError(f"queue migrations must be numbered 1..n without gaps, got {versions}")
-    return found
-
-
-MIGRATIONS: tuple[Migration, ...] = _load()
+MIGRATIONS: tuple[Migration, ...] = load_numbered(__path__, __name__)
 LATEST_VERSION: int = MIGRATIONS[-1].version
 
 #: ``recipients.account`` is filled wherever it is missing at every open, not once: a queued row without an
