@@ -114,6 +114,29 @@ class SinkHandler:
             return len(self.messages)
 
 
+@dataclass
+class TlsRecorder:
+    """aiosmtpd hooks of an MX sink that offers STARTTLS: whether each MAIL FROM came over TLS, and each
+    delivered recipient with whether its DATA did (the transport-security tests read both)."""
+
+    mail_from: list[bool] = field(default_factory=list)
+    delivered: list[tuple[str, bool]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_MAIL(
+        self, server: AioSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        with self.lock:
+            self.mail_from.append(session.ssl is not None)
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
+        with self.lock:
+            self.delivered.append((envelope.rcpt_tos[0], session.ssl is not None))
+        return "250 2.0.0 OK"
+
+
 class _ClosingController(Controller):
     """aiosmtpd's Controller, remembering its sessions so that stopping closes their sockets.
 

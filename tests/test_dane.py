@@ -8,21 +8,18 @@ import hashlib
 import json
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as AioSMTP
-from aiosmtpd.smtp import Envelope, Session
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.dnszone import Zone
-from tests.harness import RELAYD, Relayd, free_port, message, wait_until
+from tests.harness import RELAYD, Relayd, TlsRecorder, free_port, message, wait_until
 
 DOMAIN = "dane.test"
 MX = "mx.dane.test"
@@ -31,29 +28,9 @@ OTHER_CA = trustme.CA()
 
 
 @dataclass
-class Recorder:
-    mail_from: list[bool] = field(default_factory=list)
-    delivered: list[tuple[str, bool]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_MAIL(
-        self, server: AioSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        with self.lock:
-            self.mail_from.append(session.ssl is not None)
-        envelope.mail_from = address
-        return "250 2.1.0 OK"
-
-    async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
-        with self.lock:
-            self.delivered.append((envelope.rcpt_tos[0], session.ssl is not None))
-        return "250 2.0.0 OK"
-
-
-@dataclass
 class World:
     zone: Zone
-    sink: Recorder
+    sink: TlsRecorder
     sink_port: int
     leaf: x509.Certificate
     tmp: Path
@@ -95,7 +72,7 @@ def _world(tmp: Path, name: str, *, starttls: bool = True) -> Iterator[World]:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(chain)
     leaf = x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes())
-    recorder = Recorder()
+    recorder = TlsRecorder()
     port = free_port()
     controller = Controller(
         recorder,

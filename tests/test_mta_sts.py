@@ -9,17 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-import threading
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as AioSMTP
-from aiosmtpd.smtp import Envelope, Session
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,31 +29,11 @@ from relayd.queue.transport.mtasts import (
     parse_txt,
 )
 from tests.dnszone import PolicyServer, Zone
-from tests.harness import Relayd, free_port, message, wait_until
+from tests.harness import Relayd, TlsRecorder, free_port, message, wait_until
 
 DOMAIN = "recipient.test"
 MX = "mx1.recipient.test"
 CA = trustme.CA()
-
-
-@dataclass
-class Recorder:
-    mail_from: list[bool] = field(default_factory=list)  # encrypted when MAIL FROM came?
-    delivered: list[tuple[str, bool]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_MAIL(
-        self, server: AioSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        with self.lock:
-            self.mail_from.append(session.ssl is not None)
-        envelope.mail_from = address
-        return "250 2.1.0 OK"
-
-    async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
-        with self.lock:
-            self.delivered.append((envelope.rcpt_tos[0], session.ssl is not None))
-        return "250 2.0.0 OK"
 
 
 @dataclass
@@ -65,7 +42,7 @@ class World:
 
     zone: Zone
     policy: PolicyServer
-    sink: Recorder
+    sink: TlsRecorder
     sink_port: int
     tmp: Path
 
@@ -94,7 +71,7 @@ def _world(tmp: Path, sink_name: str) -> Iterator[World]:
     CA.issue_cert(sink_name).configure_cert(sink_ctx)
     https_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     CA.issue_cert(f"mta-sts.{DOMAIN}").configure_cert(https_ctx)
-    recorder = Recorder()
+    recorder = TlsRecorder()
     port = free_port()
     controller = Controller(
         recorder, hostname="127.0.0.1", port=port, tls_context=sink_ctx, require_starttls=False
