@@ -5,9 +5,19 @@
     .venv/bin/python bench/e2e.py --relayd-only    # without Postfix (also what happens when it can't run)
     .venv/bin/python bench/e2e.py --scale-only --scale-entries 10000000   # relayd: 10 k vs 10 M entries
 
-Contenders (each relays everything to one counting sink on 127.0.0.1, see bench/keeping_sink.py; the sink
-offers PIPELINING and CHUNKING like the big mailbox providers' MX hosts, ``--no-sink-chunking`` takes
-CHUNKING away; relayd's client sends BDAT when it can, Postfix's smtp client never does):
+Contenders (each relays everything to one sink on 127.0.0.1: Postfix's C ``smtp-sink``, see
+bench/smtp_sink.py). The sink shares the 2 CPUs with the contenders, so it must cost little and the same
+per transaction for both: smtp-sink offers PIPELINING, 8BITMIME and ENHANCEDSTATUSCODES and no CHUNKING,
+so both end every message with DATA and ``<CRLF>.<CRLF>``. During the measured runs it keeps nothing, only
+its ``-c`` counters (read from a file every few ms): a run is done when the sink completed as many
+transactions as the contender must make (:meth:`Contender.transactions_per_message`: relayd one per
+recipient, since each copy is personal; Postfix one per message), and its last arrival is the counter
+file's mtime at that moment. Recipients per transaction are not counted then: that is assumed here, and
+checked afterwards in an unmeasured verification phase (below). ``--chunking-sink`` also repeats the
+saturation runs
+into bench/keeping_sink.py, a Python sink offering CHUNKING, and prints them as a second table: it favours
+relayd, whose client sends BDAT (taken whole by the sink) where Postfix's client sends DATA (which that sink
+scans for the final dot in Python):
 
 - relayd, whole pipeline: DKIM rsa-2048, footer + imprint, a list with caps, discard patterns (the config of
   bench/submit.py), ``--workers`` queue shards (two processes each: accepting, and delivering at a lower
@@ -23,16 +33,18 @@ Load: Postfix's ``smtp-source`` (C), ``--concurrency`` sessions, one message per
 profile A 1 recipient per message, profile B 10. Measured per contender and profile:
 
 - accepted msg/s: messages accepted / smtp-source's wall time;
-- delivered msg/s: messages whose every recipient reached the sink / (last arrival at the sink - start);
-  rcpt/s counts recipient deliveries (relayd delivers one transaction per recipient, since the footer is
-  personal; Postfix one transaction for all 10);
-- 250 latency p50/p99: smtp-source does not time replies, so a probe client (asyncio, this process) opens
-  one extra connection every ``--probe-interval`` ms during the load and times end of DATA -> final reply
+- delivered msg/s: messages (load + probe) / (last arrival at the sink - start), once the sink completed
+  all the transactions expected; copies/s counts recipient copies delivered (relayd delivers one
+  transaction per recipient, since the footer is personal; Postfix one transaction for all 10);
+- 250 latency p50/p99: smtp-source does not time replies, so a probe client (asyncio, in a forked process
+  of its own) opens one extra connection every ``--probe-interval`` ms during the load and times end of DATA
+  -> final reply
   (the "probe" column: how many it timed; ~200 per profile, so p99 is not just the worst one);
 - CPU ms/msg: user+sys of the server's process tree (utime+stime+cutime+cstime from /proc, so processes
   that exited and were reaped count too), delta from start to last delivery, per accepted message; for
   Postfix the tree of its master (smtpd, cleanup, qmgr, smtp, ...) plus OpenDKIM;
-- sink: the same for the sink's process, per accepted message: it runs on the same CPUs, and relayd hands it
+- CPU ms/copy: the same CPU time per recipient copy delivered (profile B: 10 copies per message);
+- sink: CPU of the sink's process, per accepted message: it runs on the same CPUs, and relayd hands it
   one transaction per recipient where Postfix hands it one per message;
 - peak RSS: the largest sum of VmHWM over the tree seen by a 0.2 s sampler (shared pages count once per
   process, which overstates a server of many processes: Postfix runs ~50); PSS: the largest sum of PSS seen
@@ -47,8 +59,12 @@ runs above say how fast each can go; this says how long a client waits when the 
 accepted/s and delivered/s count the probe's messages too (they took server capacity); the probe runs
 exactly while smtp-source does.
 
-The sink keeps the first ``--verify`` messages of profile A of each contender; their DKIM signatures are
-checked with Perl Mail::DKIM, keys read from the key files (no DNS).
+Last, unmeasured: the verification phase. smtp-sink is restarted on the same port with a dump file per
+transaction (the contenders' pooled connections to the old one break; both notice and reconnect), and each
+contender relays ``--verify`` profile-A messages and ``--verify-b`` profile-B messages. The profile-A
+copies are kept (smtp-sink's dump minus its own lines: the message byte for byte as received) and their
+DKIM signatures checked with Perl Mail::DKIM, keys read from the key files (no DNS); the RCPTs in the dumps
+must account for every recipient, in the number of transactions the measured runs assumed.
 """
 
 from __future__ import annotations
@@ -77,6 +93,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.keeping_sink import KeepingSink  # noqa: E402
 from bench.loadgen import make_message, run_paced  # noqa: E402
+from bench.smtp_sink import SmtpSink  # noqa: E402
 from bench.submit import free_port, pipeline_config, wait_port, write_config  # noqa: E402
 from tests import postfix_instance  # noqa: E402
 from tests.mail_dkim import verify_files  # noqa: E402
@@ -84,6 +101,21 @@ from tests.mail_dkim import verify_files  # noqa: E402
 DOMAIN = "acme.example.test"
 SENDER = "bench@acme.example.test"
 RECIPIENT = "rcpt@example.test"  # smtp-source makes <n>rcpt@example.test when sending several per message
+
+Sink = SmtpSink | KeepingSink
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    port: int
+    roots: Callable[[], list[int]]
+    tag: int  # names the messages the sink keeps for DKIM verification
+    per_recipient: bool  # one transaction per recipient (relayd: each copy is personal), or per message
+
+    def transactions_per_message(self, rcpts: int) -> int:
+        """Transactions at the sink for one message to ``rcpts`` recipients: what a run waits for."""
+        return rcpts if self.per_recipient else 1
 
 
 # --- process accounting ------------------------------------------------------------------------------------
@@ -175,21 +207,31 @@ class RssSampler(threading.Thread):
 # --- latency probe -----------------------------------------------------------------------------------------
 
 
-class Probe(threading.Thread):
+class Probe:
     """One extra client during the load: a new connection every ``interval`` s (or as soon as the previous
-    one is done, when it took longer), one message to a fresh recipient; times end of DATA -> final reply."""
+    one is done, when it took longer), one message to a fresh recipient; times end of DATA -> final reply.
+
+    It runs in a process of its own (forked), as the paced load does: in a thread of this process its
+    timings included waits for this process's GIL (the RSS sampler, the main thread polling the sink),
+    which are no part of the server's reply time."""
 
     def __init__(self, port: int, interval: float, tag: str, size: int) -> None:
-        super().__init__(daemon=True)
         self.port, self.interval, self.tag = port, interval, tag
         self.payload = make_message(size, 0, f"probe@{RECIPIENT.split('@')[1]}").replace(b"\r\n.", b"\r\n..")
         self.latencies: list[float] = []
         self.accepted = 0
         self.failed = 0
-        self.halt = threading.Event()
+        ctx = multiprocessing.get_context("fork")
+        self.halt = ctx.Event()
+        self._results, self._child_end = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._child, daemon=True)
 
-    def run(self) -> None:
+    def start(self) -> None:
+        self._proc.start()
+
+    def _child(self) -> None:
         asyncio.run(self._main())
+        self._child_end.send((self.latencies, self.accepted, self.failed))
 
     async def _one(self, k: int) -> None:
         async def reply() -> bytes:
@@ -246,7 +288,9 @@ class Probe(threading.Thread):
 
     def stop(self) -> None:
         self.halt.set()
-        self.join(120)
+        if self._results.poll(120):
+            self.latencies, self.accepted, self.failed = self._results.recv()
+        self._proc.join(10)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -266,9 +310,9 @@ class Result:
     profile: str
     messages: int
     rcpts: int
+    txns_per_msg: int  # transactions the contender makes at the sink per load message
     accept_s: float = 0.0
     deliver_s: float = 0.0
-    delivered_rcpts: int = 0
     transactions: int = 0
     probe: list[float] = field(default_factory=list)
     probe_ok: int = 0
@@ -285,21 +329,27 @@ class Result:
         return (self.messages + self.probe_ok) / self.accept_s if self.accept_s else 0.0
 
     @property
-    def expected_rcpts(self) -> int:
-        return self.messages * self.rcpts + self.probe_ok
+    def expected_txns(self) -> int:
+        """Load messages times transactions per message, plus one per probe message (1 recipient)."""
+        return self.messages * self.txns_per_msg + self.probe_ok
 
     @property
     def delivered_msgs(self) -> float:
-        """Messages (load + probe), counting a message when all its recipients arrived."""
-        return (
-            self.messages + self.probe_ok
-            if self.complete
-            else (self.delivered_rcpts - self.probe_ok) / self.rcpts
-        )
+        """Messages (load + probe): all of them once every expected transaction arrived, else an estimate
+        from the transactions that did."""
+        if self.complete:
+            return self.messages + self.probe_ok
+        return max(0, self.transactions - self.probe_ok) / self.txns_per_msg
+
+    @property
+    def delivered_rcpts(self) -> float:
+        """Recipient copies, from the transactions (the verification phase checks recipients per
+        transaction from the dumps; the measured runs only count transactions)."""
+        return self.probe_ok + max(0, self.transactions - self.probe_ok) * self.rcpts / self.txns_per_msg
 
     @property
     def complete(self) -> bool:
-        return self.delivered_rcpts >= self.expected_rcpts
+        return self.transactions >= self.expected_txns
 
     @property
     def delivered_rate(self) -> float:
@@ -312,6 +362,11 @@ class Result:
     @property
     def cpu_ms_per_msg(self) -> float:
         return 1000 * self.cpu_s / max(1, self.messages + self.probe_ok)
+
+    @property
+    def cpu_ms_per_copy(self) -> float:
+        """Server CPU per recipient copy delivered (profile B: 10 copies per message)."""
+        return 1000 * self.cpu_s / max(1, self.delivered_rcpts)
 
     @property
     def sink_ms_per_msg(self) -> float:
@@ -328,18 +383,31 @@ def smtp_source(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
 
 
-def wait_quiet(sink: KeepingSink, settle: float = 0.5, timeout: float = 60) -> None:
-    """Until the sink saw nothing new for ``settle`` seconds (leftovers of an earlier run delivered)."""
+def wait_quiet(sink: Sink, settle: float = 0.5, timeout: float = 60) -> None:
+    """Until the sink completed no transaction for ``settle`` seconds (leftovers of an earlier run)."""
     deadline = time.monotonic() + timeout
-    last = (sink.messages, sink.recipients)
+    last = sink.messages
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.1)
-        now = (sink.messages, sink.recipients)
+        now = sink.messages
         if now != last:
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since >= settle:
             return
+
+
+def wait_transactions(sink: Sink, m0: int, txns: int, timeout: float) -> float:
+    """Until ``txns`` transactions past ``m0`` completed at the sink, or ``timeout`` s; returns the wall
+    time of the last arrival, read right when the counter reached ``txns`` (with smtp-sink: the counter
+    file's mtime, between the final "." and this poll). Polls every 5 ms: a seek and a small read, next to
+    nothing beside the run it measures."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sink.messages - m0 >= txns:
+            return sink.last
+        time.sleep(0.005)
+    return sink.last
 
 
 def measure(
@@ -347,21 +415,19 @@ def measure(
     profile: str,
     port: int,
     roots: Callable[[], list[int]],
-    sink: KeepingSink,
+    sink: Sink,
     *,
     messages: int,
     rcpts: int,
     sessions: int,
     size: int,
     probe_interval: float,
-    keep: tuple[int, int] | None = None,
+    txns_per_msg: int,
     deliver_timeout: float = 300,
 ) -> Result:
     wait_quiet(sink)
-    res = Result(contender, profile, messages, rcpts)
-    if keep is not None:
-        sink.start_keeping(*keep)
-    r0, m0 = sink.recipients, sink.messages
+    res = Result(contender, profile, messages, rcpts, txns_per_msg)
+    m0 = sink.messages
     sampler = RssSampler(roots)
     sampler.start()
     cpu0 = trees_cpu(roots())
@@ -377,12 +443,9 @@ def measure(
     if out.returncode != 0 or out.stderr.strip():
         res.errors = (out.stderr.strip() or f"smtp-source exit {out.returncode}")[-300:]
     res.probe, res.probe_ok, res.probe_failed = probe.latencies, probe.accepted, probe.failed
-    deadline = time.time() + deliver_timeout
-    while sink.recipients - r0 < res.expected_rcpts and time.time() < deadline:
-        time.sleep(0.01)
-    res.delivered_rcpts = sink.recipients - r0
+    last = wait_transactions(sink, m0, res.expected_txns, deliver_timeout)
     res.transactions = sink.messages - m0
-    res.deliver_s = max(sink.last, t0) - t0
+    res.deliver_s = max(last, t0) - t0
     res.cpu_s = trees_cpu(roots()) - cpu0
     res.sink_cpu_s = trees_cpu([sink.pid]) - sink0
     res.rss_kb = sampler.stop()
@@ -422,13 +485,14 @@ def measure_paced(
     profile: str,
     port: int,
     roots: Callable[[], list[int]],
-    sink: KeepingSink,
+    sink: Sink,
     *,
     rate: float,
     seconds: float,
     rcpts: int,
     sessions: int,
     size: int,
+    txns_per_msg: int,
 ) -> Paced:
     """The 250 latency at a given load: messages offered at ``rate`` (open loop, bench.loadgen.run_paced,
     in a process of its own) for ``seconds``, with the List-Id of the bench list (so list suppression and
@@ -436,7 +500,7 @@ def measure_paced(
     wait_quiet(sink)
     n = max(20, int(rate * seconds))
     res = Paced(contender, profile, rate, n, rcpts)
-    r0 = sink.recipients
+    m0 = sink.messages
     cpu0 = trees_cpu(roots())
     parent, child = multiprocessing.get_context("fork").Pipe()
     tag = f"paced-{contender.split('+')[0]}{profile[0]}{time.time_ns() % 10**9}"
@@ -446,10 +510,8 @@ def measure_paced(
     if parent.poll(seconds * 5 + 120):
         res.accepted, res.elapsed, res.latencies, res.errors = parent.recv()
     proc.join(30)
-    deadline = time.time() + 120
-    while sink.recipients - r0 < res.accepted * rcpts and time.time() < deadline:
-        time.sleep(0.01)
-    res.complete = sink.recipients - r0 >= res.accepted * rcpts and res.accepted == n
+    wait_transactions(sink, m0, res.accepted * txns_per_msg, 120)
+    res.complete = sink.messages - m0 >= res.accepted * txns_per_msg and res.accepted == n
     res.cpu_s = trees_cpu(roots()) - cpu0
     return res
 
@@ -471,14 +533,12 @@ def paced_table(rows: list[Paced]) -> str:
     return "\n".join(lines)
 
 
-def warm_up(port: int, sink: KeepingSink, sessions: int, size: int) -> None:
+def warm_up(port: int, sink: Sink, sessions: int, size: int) -> None:
     """Start worker processes, load keys, fill caches: a small unmeasured run."""
-    r0 = sink.recipients
+    m0 = sink.messages
     n = max(2 * sessions, 40)
     smtp_source(port, n, 1, sessions, size)
-    deadline = time.time() + 60
-    while sink.recipients - r0 < n and time.time() < deadline:
-        time.sleep(0.05)
+    wait_transactions(sink, m0, n, 60)  # one recipient: one transaction whoever sends
 
 
 # --- relayd ------------------------------------------------------------------------------------------------
@@ -620,29 +680,101 @@ def verify_dkim(files: list[Path], record: tuple[str, str], workdir: Path) -> tu
     return len(passed), problems
 
 
+def _wait_dumps(sink: SmtpSink, t0: int, txns: int, timeout: float = 180) -> None:
+    """Until ``txns`` transactions past ``t0`` completed (counted from the dumps), then quiet: a contender
+    that made more than expected shows as such. Long enough for a contender whose pooled connection to the
+    previous sink broke to retry (Postfix after minimal_backoff_time, 10 s in tests/postfix_instance.py)."""
+    deadline = time.monotonic() + timeout
+    while sink.transactions - t0 < txns and time.monotonic() < deadline:
+        time.sleep(0.1)
+    wait_quiet(sink)
+
+
+def check_delivery(
+    contenders: list[Contender],
+    sink: SmtpSink,
+    *,
+    n_a: int,
+    n_b: int,
+    sessions: int,
+    size: int,
+    records: dict[int, tuple[str, str]],
+    workdir: Path,
+) -> list[str]:
+    """Unmeasured: ``n_a`` profile-A and ``n_b`` profile-B messages through each contender into an
+    smtp-sink that dumps every transaction. Checks what the measured runs assumed (every recipient
+    delivered, in the number of transactions :meth:`Contender.transactions_per_message` says) and verifies
+    the DKIM signatures of the profile-A copies. One line per contender and check."""
+    lines = []
+    for c in contenders:
+        counts = []
+        for profile, n, rc in (("A", n_a, 1), ("B", n_b, 10)):
+            if n <= 0:
+                continue
+            wait_quiet(sink)
+            if rc == 1:
+                sink.start_keeping(n, c.tag)
+            t0, r0 = sink.transactions, sink.recipients
+            out = smtp_source(c.port, n, rc, sessions, size)
+            _wait_dumps(sink, t0, n * c.transactions_per_message(rc))
+            txns, rcpts = sink.transactions - t0, sink.recipients - r0
+            ok = txns == n * c.transactions_per_message(rc) and rcpts == n * rc
+            err = (
+                f", smtp-source: {out.stderr.strip()[-200:]}" if out.returncode or out.stderr.strip() else ""
+            )
+            counts.append(
+                f"{profile} {n}x{rc} rcpt: {rcpts}/{n * rc} recipients in {txns} transactions "
+                f"({'ok' if ok else 'MISMATCH'}{err})"
+            )
+        lines.append(f"{c.name}: recipients at the sink (RCPTs in the dumps): {'; '.join(counts)}")
+        if n_a > 0 and c.tag in records:
+            ok_n, problems = verify_dkim(sink.kept(c.tag), records[c.tag], workdir)
+            more = f" ({'; '.join(problems[:3])})" if problems else ""
+            lines.append(f"{c.name}: {ok_n}/{n_a} verified{more}")
+    return lines
+
+
 # --- output ------------------------------------------------------------------------------------------------
 
 
 def table(results: list[Result]) -> str:
     head = (
-        f"{'contender':<17} {'profile':<9} {'msgs':>6} {'accepted/s':>10} {'delivered/s':>11} {'rcpt/s':>7} "
-        f"{'txns':>6} {'250 p50':>8} {'p99':>8} {'probe':>6} {'CPU ms/msg':>10} {'sink':>5} {'peak RSS':>9} "
-        f"{'PSS':>7}"
+        f"{'contender':<17} {'profile':<9} {'msgs':>6} {'accepted/s':>10} {'delivered/s':>11} "
+        f"{'copies/s':>8} {'txns':>6} {'250 p50':>8} {'p99':>8} {'probe':>6} {'CPU ms/msg':>10} "
+        f"{'ms/copy':>7} {'sink':>5} {'peak RSS':>9} {'PSS':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        flag = "" if r.complete else f"  INCOMPLETE: {r.delivered_rcpts}/{r.expected_rcpts} rcpts at the sink"
+        flag = (
+            "" if r.complete else f"  INCOMPLETE: {r.transactions}/{r.expected_txns} transactions at the sink"
+        )
         if r.probe_failed:
             flag += f"  probe failures: {r.probe_failed}"
         if r.errors:
             flag += f"  smtp-source: {r.errors}"
         lines.append(
             f"{r.contender:<17} {r.profile:<9} {r.messages:>6} {r.accepted_rate:>10.0f} "
-            f"{r.delivered_rate:>11.0f} {r.rcpt_rate:>7.0f} {r.transactions:>6} {pct(r.probe, 50):>6.1f}ms "
-            f"{pct(r.probe, 99):>6.1f}ms {r.probe_ok:>6} {r.cpu_ms_per_msg:>10.2f} {r.sink_ms_per_msg:>5.2f} "
-            f"{r.rss_kb / 1024:>6.0f} MB {r.pss_kb / 1024:>4.0f} MB{flag}"
+            f"{r.delivered_rate:>11.0f} {r.rcpt_rate:>8.0f} {r.transactions:>6} {pct(r.probe, 50):>6.1f}ms "
+            f"{pct(r.probe, 99):>6.1f}ms {r.probe_ok:>6} {r.cpu_ms_per_msg:>10.2f} {r.cpu_ms_per_copy:>7.3f} "
+            f"{r.sink_ms_per_msg:>5.2f} {r.rss_kb / 1024:>6.0f} MB {r.pss_kb / 1024:>4.0f} MB{flag}"
         )
     return "\n".join(lines)
+
+
+def ratios(results: list[Result]) -> list[str]:
+    by = {(r.contender, r.profile): r for r in results}
+    out = []
+    for profile in ("A 1 rcpt", "B 10 rcpt"):
+        a, b = by.get(("relayd", profile)), by.get(("postfix+opendkim", profile))
+        if a and b and b.delivered_rate and b.accepted_rate and b.cpu_ms_per_msg and b.cpu_ms_per_copy:
+            out.append(
+                f"relayd/Postfix, profile {profile}: "
+                f"delivered msg/s {a.delivered_rate / b.delivered_rate:.2f}x, "
+                f"accepted msg/s {a.accepted_rate / b.accepted_rate:.2f}x, "
+                f"CPU/msg {a.cpu_ms_per_msg / b.cpu_ms_per_msg:.1f}x, "
+                f"CPU/copy {a.cpu_ms_per_copy / b.cpu_ms_per_copy:.1f}x"
+            )
+    return out
 
 
 # --- main --------------------------------------------------------------------------------------------------
@@ -667,7 +799,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=5120, help="message size (smtp-source -l)")
     ap.add_argument("--probe-interval", type=float, default=20, help="latency probe period, ms (default 20)")
     ap.add_argument(
-        "--verify", type=int, help="DKIM-verify the first N messages per contender (100, quick 20)"
+        "--verify",
+        type=int,
+        help="verification phase: profile-A messages per contender, DKIM-verified (100, quick 20)",
+    )
+    ap.add_argument(
+        "--verify-b",
+        type=int,
+        default=5,
+        help="verification phase: profile-B messages per contender, recipients counted (default 5)",
     )
     ap.add_argument(
         "--paced-seconds",
@@ -691,11 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--scale-messages", type=int, help="profile A messages per scale run (3000, quick 500)")
     ap.add_argument(
-        "--sink-chunking",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the sink offers CHUNKING (BDAT), as Gmail, Microsoft, Exim and Postfix's smtpd do; relayd uses "
-        "it, Postfix's smtp client does not (default on; --no-sink-chunking: PIPELINING only)",
+        "--chunking-sink",
+        action="store_true",
+        help="also the saturation runs into a Python sink offering CHUNKING (bench/keeping_sink.py), as a "
+        "second table: relayd's client sends BDAT, Postfix's DATA, which that sink parses in Python",
     )
     ap.add_argument("--keep-tmp", action="store_true", help="leave the temp dirs (logs, configs) in place")
     args = ap.parse_args(argv)
@@ -722,14 +861,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="relayd-e2e-"))
-    sink = KeepingSink(tmp / "kept", chunking=args.sink_chunking)
+    sink: Sink = SmtpSink(tmp / "kept")
     running: list[Callable[[], None]] = []
     results: list[Result] = []
     common = dict(sessions=args.concurrency, size=args.size, probe_interval=interval)
     print(
         f"load: smtp-source -s {args.concurrency} -l {args.size} -N, one message per connection; "
-        f"probe every {args.probe_interval:g} ms; {os.cpu_count()} CPUs; sink on 127.0.0.1:{sink.port} "
-        f"(PIPELINING{', CHUNKING' if args.sink_chunking else ''}); "
+        f"probe every {args.probe_interval:g} ms; {os.cpu_count()} CPUs; sink: smtp-sink on "
+        f"127.0.0.1:{sink.port} (PIPELINING, 8BITMIME, ENHANCEDSTATUSCODES, no CHUNKING); "
         f"load average before {os.getloadavg()[0]:.1f}"
     )
     try:
@@ -737,8 +876,8 @@ def main(argv: list[str] | None = None) -> int:
         # Both contenders run at once (the idle one costs next to nothing) and the profiles alternate
         # between them, so that each pair of figures is measured close together in time: on a shared
         # machine the background load drifts over minutes.
-        contenders: list[tuple[str, int, Callable[[], list[int]], int]] = []  # name, port, roots, keep tag
-        records: dict[int, tuple[str, tuple[str, str]]] = {}
+        contenders: list[Contender] = []
+        records: dict[int, tuple[str, str]] = {}  # keep tag -> DKIM key record
         if not args.scale_only:
             rd = Relayd(tmp / "relayd", sink.port, args.workers, suppressions)
             print(
@@ -750,8 +889,8 @@ def main(argv: list[str] | None = None) -> int:
             rd.start()
             running.append(rd.stop)
             warm_up(rd.port, sink, args.concurrency, args.size)
-            contenders.append(("relayd", rd.port, rd.roots, 1))
-            records[1] = ("relayd", dkim_record(rd.key_file, "bench"))
+            contenders.append(Contender("relayd", rd.port, rd.roots, 1, per_recipient=True))
+            records[1] = dkim_record(rd.key_file, "bench")
 
         if with_postfix:
             pf = postfix_instance.PostfixInstance(
@@ -769,17 +908,31 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 warm_up(pf.port, sink, args.concurrency, args.size)
-                contenders.append(("postfix+opendkim", pf.port, pf.pids, 2))
-                records[2] = ("postfix+opendkim", dkim_record(pf.key_file, pf.selector))
+                contenders.append(Contender("postfix+opendkim", pf.port, pf.pids, 2, per_recipient=False))
+                records[2] = dkim_record(pf.key_file, pf.selector)
 
-        for profile, n, rc in (("A 1 rcpt", msgs_a, 1), ("B 10 rcpt", msgs_b, 10)):
-            for name, port, roots, tag in contenders:
-                keep = (n_verify, tag) if rc == 1 else None
-                r = measure(name, profile, port, roots, sink, messages=n, rcpts=rc, keep=keep, **common)
-                results.append(r)
-                print(f"  {name}, {profile}: done in {r.deliver_s:.1f} s", flush=True)
-                if not r.complete and name.startswith("postfix"):
-                    print(pf.log_tail(10))
+        def saturation(label: str = "") -> list[Result]:
+            out = []
+            for profile, n, rc in (("A 1 rcpt", msgs_a, 1), ("B 10 rcpt", msgs_b, 10)):
+                for c in contenders:
+                    r = measure(
+                        c.name,
+                        profile,
+                        c.port,
+                        c.roots,
+                        sink,
+                        messages=n,
+                        rcpts=rc,
+                        txns_per_msg=c.transactions_per_message(rc),
+                        **common,
+                    )
+                    out.append(r)
+                    print(f"  {c.name}, {profile}{label}: done in {r.deliver_s:.1f} s", flush=True)
+                    if not r.complete and c.name.startswith("postfix"):
+                        print(pf.log_tail(10))
+            return out
+
+        results = saturation()
         paced: list[Paced] = []
         by = {(r.contender, r.profile): r for r in results}
         for k, (profile, rc) in enumerate((("A 1 rcpt", 1), ("B 10 rcpt", 10))):
@@ -787,43 +940,71 @@ def main(argv: list[str] | None = None) -> int:
             rate = args.paced_rate[k] if args.paced_rate else (ref.delivered_rate if ref else 0.0)
             if paced_seconds <= 0 or rate <= 0:
                 continue
-            for name, port, roots, _tag in contenders:
+            for c in contenders:
                 pr = measure_paced(
-                    name,
+                    c.name,
                     profile,
-                    port,
-                    roots,
+                    c.port,
+                    c.roots,
                     sink,
                     rate=rate,
                     seconds=paced_seconds,
                     rcpts=rc,
                     sessions=args.concurrency,
                     size=args.size,
+                    txns_per_msg=c.transactions_per_message(rc),
                 )
                 paced.append(pr)
-                print(f"  {name}, {profile}, paced at {rate:.0f} msg/s: done", flush=True)
+                print(f"  {c.name}, {profile}, paced at {rate:.0f} msg/s: done", flush=True)
+        chunked: list[Result] = []
+        # the contenders relay to the sink's port: each sink below takes it over in turn
+        port = sink.port
+        if args.chunking_sink and contenders:
+            sink.stop()
+            time.sleep(3)  # cached connections to the old sink are noticed as closed, not reused
+            sink = KeepingSink(tmp / "kept-chunking", chunking=True, port=port)
+            for c in contenders:
+                warm_up(c.port, sink, args.concurrency, args.size)
+            chunked = saturation(" (Python CHUNKING sink)")
+        if contenders and (n_verify > 0 or args.verify_b > 0):
+            sink.stop()
+            time.sleep(3)
+            dumping = SmtpSink(tmp / "kept", port=port, dump=True)
+            sink = dumping
+            print("  verification phase: smtp-sink with a dump per transaction (unmeasured)", flush=True)
+            verified = check_delivery(
+                contenders,
+                dumping,
+                n_a=n_verify,
+                n_b=args.verify_b,
+                sessions=args.concurrency,
+                size=args.size,
+                records=records,
+                workdir=tmp,
+            )
         for stop in reversed(running):
             stop()
         running.clear()
-        if n_verify:
-            for tag, (name, record) in records.items():
-                ok, problems = verify_dkim(sink.kept(tag), record, tmp)
-                more = f" ({'; '.join(problems[:3])})" if problems else ""
-                verified.append(f"{name}: {ok}/{n_verify} verified{more}")
+        if scale and not (isinstance(sink, SmtpSink) and not sink.dump):
+            sink.stop()
+            sink = SmtpSink(tmp / "kept")  # new relayd instances below: a port of its own will do
 
         if results:
             print()
+            print("Sink: Postfix's smtp-sink (C; PIPELINING, no CHUNKING: both contenders send DATA)")
             print(table(results))
-            by = {(r.contender, r.profile): r for r in results}
-            for profile in ("A 1 rcpt", "B 10 rcpt"):
-                a, b = by.get(("relayd", profile)), by.get(("postfix+opendkim", profile))
-                if a and b and b.delivered_rate:
-                    print(
-                        f"relayd/Postfix, profile {profile}: "
-                        f"delivered msg/s {a.delivered_rate / b.delivered_rate:.2f}x, "
-                        f"accepted msg/s {a.accepted_rate / b.accepted_rate:.2f}x, "
-                        f"CPU/msg {a.cpu_ms_per_msg / b.cpu_ms_per_msg:.1f}x"
-                    )
+            for line in ratios(results):
+                print(line)
+            if chunked:
+                print()
+                print(
+                    "Sink: the Python sink offering CHUNKING (bench/keeping_sink.py), same saturation runs;\n"
+                    "it favours relayd: relayd's client sends BDAT, which it takes whole, Postfix's client\n"
+                    "sends DATA, which it scans for the final dot in Python, on the same CPUs:"
+                )
+                print(table(chunked))
+                for line in ratios(chunked):
+                    print(line)
             if paced:
                 print()
                 print(
@@ -832,9 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(paced_table(paced))
             if verified:
+                print()
                 print(
-                    f"DKIM, first {n_verify} messages of profile A at the sink, Perl Mail::DKIM "
-                    "(key from file, no DNS):"
+                    f"Verification (unmeasured, smtp-sink with dumps): {n_verify} profile-A and "
+                    f"{args.verify_b} profile-B messages per contender; recipients from the RCPTs in the "
+                    "dumps; DKIM of the profile-A copies, Perl Mail::DKIM (key from file, no DNS):"
                 )
                 for line in verified:
                     print("  " + line)
@@ -852,11 +1035,19 @@ def main(argv: list[str] | None = None) -> int:
                 running.append(rd.stop)
                 warm_up(rd.port, sink, args.concurrency, args.size)
                 r = measure(
-                    "relayd", "A 1 rcpt", rd.port, rd.roots, sink, messages=scale_msgs, rcpts=1, **common
+                    "relayd",
+                    "A 1 rcpt",
+                    rd.port,
+                    rd.roots,
+                    sink,
+                    messages=scale_msgs,
+                    rcpts=1,
+                    txns_per_msg=1,
+                    **common,
                 )
                 rd.stop()
                 running.remove(rd.stop)
-                flag = "" if r.complete else f"  INCOMPLETE {r.delivered_rcpts}/{r.expected_rcpts}"
+                flag = "" if r.complete else f"  INCOMPLETE {r.transactions}/{r.expected_txns} transactions"
                 print(
                     f"  {entries:>12,} {rd.build_s:>8.1f} {rd.db_mb:>8.0f} {r.accepted_rate:>10.0f} "
                     f"{r.delivered_rate:>11.0f} {pct(r.probe, 50):>6.1f}ms {pct(r.probe, 99):>6.1f}ms "

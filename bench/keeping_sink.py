@@ -1,11 +1,13 @@
 """A counting SMTP sink that also counts recipients, remembers when the last message arrived and can keep
 the first N messages on disk (for DKIM verification after a benchmark run).
 
-It runs in its own process (uvloop when available), so it doesn't compete with the load generator for the
-GIL, and checks nothing. With ``chunking=True`` it also offers CHUNKING (RFC 3030, ``BDAT``), as Gmail,
-Microsoft and Postfix's smtpd do; a client that doesn't use it ends messages with ``<CRLF>.<CRLF>`` as
-usual. Counters are shared through ``multiprocessing.Value``; :meth:`KeepingSink.start_keeping` makes it
-write the next N messages (dot-unstuffed, as the client meant them) to ``<keep_dir>/<tag>-<seq>.eml``.
+bench/e2e.py measures into Postfix's C smtp-sink (bench/smtp_sink.py); this sink serves its
+``--chunking-sink`` runs. It runs in its own process (uvloop when available), so it doesn't compete with
+the load generator for the GIL, and checks nothing. With ``chunking=True`` it also offers CHUNKING (RFC
+3030, ``BDAT``), as Gmail, Microsoft and Postfix's smtpd do; a client that doesn't use it ends messages
+with ``<CRLF>.<CRLF>`` as usual. Counters are shared through ``multiprocessing.Value``;
+:meth:`KeepingSink.start_keeping` makes it write the next N messages (dot-unstuffed, as the client meant
+them) to ``<keep_dir>/<tag>-<seq>.eml``.
 """
 
 from __future__ import annotations
@@ -159,10 +161,12 @@ def _serve(port: int, st: _State, keep_dir: Path, ready: Any, chunking: bool) ->
 
 
 class KeepingSink:
-    def __init__(self, keep_dir: Path, *, chunking: bool = False) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+    def __init__(self, keep_dir: Path, *, chunking: bool = False, port: int | None = None) -> None:
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+        self.port = port
         self.keep_dir = Path(keep_dir)
         self.keep_dir.mkdir(parents=True, exist_ok=True)
         self._st = _State()
