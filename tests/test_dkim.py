@@ -36,6 +36,7 @@ from relayd.mail.dkim import (
     DkimKey,
     DkimKeyError,
     Signer,
+    _select_headers,
     body_hash,
     canonicalize_body,
     canonicalize_header,
@@ -399,6 +400,25 @@ def test_signature_field_shape(keys: Keys, signer: Signer) -> None:
         assert h.count(b"cc") == 3  # two instances, oversigned once
     assert fields[0].split(b"a=", 1)[1].startswith(b"rsa-sha256;")
     assert fields[1].split(b"a=", 1)[1].startswith(b"ed25519-sha256;")
+
+
+def test_layouts_give_the_signature_folded_afresh(keys: Keys, signer: Signer) -> None:
+    """The folded header kept per name list (``_Layout``) is the header folded for each copy on its own:
+    a timestamp of another width, which takes the fold-afresh path, gives the same shape, and the fast
+    path's fields verify with dkimpy for every copy of a message whose per-recipient fields differ."""
+    message = MESSAGES["duplicate_headers"]
+    for n in range(3):  # several copies through one cached layout
+        copy = message.replace(b"\r\n\r\n", f"\r\nList-Unsubscribe: <https://u.test/{n}>\r\n\r\n".encode(), 1)
+        signed = signer.sign(copy, DOMAIN, timestamp=1_700_000_000 + n) + copy
+        assert set(verify_dkimpy(signed, keys).values()) == {"pass"}, n
+    key = signer._keys_for(DOMAIN)[0]
+    assert key.layouts, "the name list's layout is kept"
+    names, canonical = _select_headers(split_message(message)[0])
+    bh = body_hash(split_message(message)[1])
+    fast = key.signature_field(names, canonical, bh, 1_700_000_000)
+    key.layouts.clear()
+    afresh = key._header(names, b"1700000000", bh.b64)
+    assert fast.startswith(afresh) and b"\x00" not in fast and b"\x01" not in fast
 
 
 def test_existing_signature_is_kept_and_not_signed(signer: Signer) -> None:

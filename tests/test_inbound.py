@@ -38,6 +38,8 @@ from tests.test_feedback import CORPUS, INBOUND, SECRET, arf_report, corpus, dsn
 class NoDelivery:
     """Stands in for the scheduler: these tests look at what is queued, not at delivery."""
 
+    keeps_bytes = False
+
     def expect(self, queue_id: str, prepared: object, uses: int) -> None:
         pass
 
@@ -112,7 +114,7 @@ class Live:
         item = DueRecipient(
             queue_id, 0, rcpt.address, 0, msg.account, msg.mail_from, msg.created_at, msg.list_name
         )
-        data = await self.pipeline.renderer.render(item, stored.data)
+        data = b"".join(await self.pipeline.renderer.render(item, stored.data))
         return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
 
 

@@ -103,7 +103,7 @@ async def test_a_new_queue_records_every_version_once(tmp_path: Path) -> None:
     await (await _open(path)).close()  # a second open (a restart, the other process of the shard)
     assert _recorded(path) == first  # nothing applied again, the times unchanged
     assert _columns(path, "recipients")[-3:] == ["data", "account", "held_by"]
-    assert _columns(path, "messages")[-3:] == ["data", "render", "msg_class"]
+    assert _columns(path, "messages")[-4:] == ["data", "render", "msg_class", "body"]
     assert {"recipients_due", "recipients_address", "recipients_done", "recipients_account"} <= _indexes(path)
 
 

@@ -22,7 +22,7 @@ from relayd.feedback import events as evidence_rules
 from relayd.feedback import reputation
 from relayd.feedback.service import Feedback
 from relayd.queue.store import QueueStore
-from relayd.store import Event, SentRecord, SqliteStore, Store
+from relayd.store import Event, SentRecord, SqliteStore, Store, StoreError
 from relayd.store.postgresql import PostgresStore
 from tests.test_feedback import SECRET, T0, arf_report, dsn_report, make_config
 
@@ -269,6 +269,23 @@ async def test_sqlite_sent_ledger_is_written_with_synchronous_full(tmp_path: Pat
         assert hot is not None
         assert hot.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, as the queue's
         assert await store.lookup_sent(record.queue_id, 0) == record
+
+
+async def test_a_store_without_the_ledger_writes_events_without_fsync_and_refuses_ledger_rows(
+    tmp_path: Path,
+) -> None:
+    """A queue shard's delivery process opens the store with ``ledger=False``: its per-attempt events are
+    committed with ``synchronous=NORMAL``, and a sent-ledger row, which must be durable, is refused."""
+    async with SqliteStore(tmp_path / "relayd.db", ledger=False) as store:
+        hot = store._hot_db
+        assert hot is not None
+        assert hot.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        await store.record_event(Event(T0, "delivered", account="acme", address="a@example.net"))
+        assert await store.count_events("delivered", T0 - DAY) == 1
+        record = SentRecord(new_queue_id(), 0, "acme", None, "a@example.net", T0)
+        with pytest.raises(StoreError, match="without the sent ledger"):
+            await store.record_sent([record])
+        assert await store.lookup_sent(record.queue_id, 0) is None
 
 
 async def test_concurrent_records_of_one_key_are_one_event_with_their_count(env: Env) -> None:

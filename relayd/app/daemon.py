@@ -121,13 +121,21 @@ class Daemon:
         cfg = self.cfg
         self.secret = load_or_create(cfg.server.secret_file)
         signer = load_signer(cfg)
+        # a submission process beside delivery processes leaves WAL checkpoints to them: a checkpoint run
+        # by one of its commits held up every 250 of that commit's batch
         self.store = await open_store(
-            cfg.store.backend, cfg.store.path, cfg.store.dsn, light=self.role == "delivery"
+            cfg.store.backend,
+            cfg.store.path,
+            cfg.store.dsn,
+            light=self.role == "delivery",
+            checkpoints=self.role != "submission",
         )
         self.gate = AccountGate(self.store)
         await self.gate.start()
         shard = shard_path(cfg.queue.path, self.worker)
-        self.queue = QueueStore(shard, outcomes_only=self.role == "delivery")
+        self.queue = QueueStore(
+            shard, outcomes_only=self.role == "delivery", checkpoints=self.role != "submission"
+        )
         await self.queue.open()
         self.renderer = Renderer(cfg, self.secret, signer)  # each recipient's copy, made at delivery
         self.reloadables.append(self.renderer)
@@ -152,6 +160,7 @@ class Daemon:
             self.secret,
             gate=DequeueCheck(self.store, self.gate),
             observer=self.feedback.record_delivery,
+            observer_many=self.feedback.record_deliveries,
             renderer=self.renderer,
             tls_store=self.store,  # MTA-STS policies and TLS report counts are shared by every node
         )
@@ -195,10 +204,9 @@ class Daemon:
             data,
         )
         # bounces and complaints are parsed in a child process with a time limit (relayd.reports.parseworker),
-        # started before any listener binds, so that the first report does not wait for its imports and a
-        # client that sees one port open finds the others open too
+        # started by the first report: reports are rare next to submissions, and an idle child is ~24 MB
+        # per listening process; the first report waits a moment for its imports
         self.report_parser = ParseWorker(cfg.inbound.parse_timeout)
-        await self.report_parser.start()
         self.servers = await start_submission(cfg, self.handler, self.limits, reuse_port=self.workers > 1)
         for srv in self.servers:
             for sock in srv.sockets:

@@ -281,7 +281,7 @@ async def _render(cfg: Any, item: Any, data: bytes) -> bytes:
         raise FileNotFoundError(f"no server secret at {cfg.server.secret_file}")
     secret = load_or_create(cfg.server.secret_file)
     signer = Signer([load_key(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim])
-    return await Renderer(cfg, secret, signer).render(item, data)
+    return b"".join(await Renderer(cfg, secret, signer).render(item, data))
 
 
 # --- hold, release, retry, drop ----------------------------------------------------------------------------

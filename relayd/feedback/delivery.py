@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 
 from relayd.core import metrics
 from relayd.core.errors import DeliveryError
@@ -25,6 +26,19 @@ _FINAL_FAILURES = frozenset({DeliveryOutcome.BOUNCED, DeliveryOutcome.EXPIRED})
 
 class DeliveryRecording(BounceHandling):
     """The scheduler's observer of delivery attempts (see the module docstring)."""
+
+    async def record_deliveries(self, done: Sequence[tuple[DueRecipient, str, float]]) -> None:
+        """:meth:`record_delivery` for several delivered attempts, (recipient, reply, seconds) each, with
+        their events written in one go (the copies of one message, sent one after another). Raises
+        StorageError."""
+        events = []
+        now = dt.datetime.now(dt.UTC)
+        for item, reply, seconds in done:
+            domain = item.address.rpartition("@")[2]
+            metrics.DELIVERIES.labels(DeliveryOutcome.DELIVERED.value, metrics.domain_label(domain)).inc()
+            metrics.DELIVERY_SECONDS.observe(seconds)
+            events.append(_event(item, DeliveryOutcome.DELIVERED, reply, now))
+        await self.store.record_events(events)
 
     async def record_delivery(
         self,
@@ -45,20 +59,7 @@ class DeliveryRecording(BounceHandling):
             metrics.DELIVERY_SECONDS.observe(seconds)
         if outcome is DeliveryOutcome.DROPPED:
             return  # the dequeue check recorded the event with its reason
-        await self.store.record_event(
-            Event(
-                at=dt.datetime.now(dt.UTC),
-                kind=outcome.value,
-                account=item.account,
-                list=item.list_name,
-                address=item.address,
-                reason=None,
-                queue_id=item.queue_id,
-                evidence=json.dumps(
-                    {"reply": reply[:500], "index": item.index, "class": item.msg_class.value}
-                ),
-            )
-        )
+        await self.store.record_event(_event(item, outcome, reply, dt.datetime.now(dt.UTC)))
         if outcome in _FINAL_FAILURES and error is not None:
             now = dt.datetime.now(dt.UTC)
             await self.on_delivery_failure(
@@ -69,3 +70,16 @@ class DeliveryRecording(BounceHandling):
                 command=error.command,
                 now=now,
             )
+
+
+def _event(item: DueRecipient, outcome: DeliveryOutcome, reply: str, at: dt.datetime) -> Event:
+    return Event(
+        at=at,
+        kind=outcome.value,
+        account=item.account,
+        list=item.list_name,
+        address=item.address,
+        reason=None,
+        queue_id=item.queue_id,
+        evidence=json.dumps({"reply": reply[:500], "index": item.index, "class": item.msg_class.value}),
+    )

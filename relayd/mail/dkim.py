@@ -430,12 +430,35 @@ def _fold(tokens: Iterable[tuple[bytes, bytes]], used: int) -> bytes:
     return b"".join(out)
 
 
+#: Stand-ins for the two values of a signature header that change between copies, of the exact length of the
+#: real ones: ``t=`` (ten digits until the year 2286) and ``bh=`` (SHA-256 in base64, 44 characters). Folding
+#: only looks at lengths and relaxed canonicalization leaves these bytes alone, so a header folded and
+#: canonicalized once with them becomes any copy's header by two ``bytes.replace``.
+_T_MARK = b"\x00" * 10
+_BH_MARK = b"\x01" * 44
+_LAYOUTS = 256  # header-name lists remembered per key; messages of one sender share a handful
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The folded signature header of one key and ``h=`` list, with :data:`_T_MARK` and :data:`_BH_MARK`
+    where ``t=`` and ``bh=`` go: as sent (``head``) and relaxed-canonical without its CRLF (``canonical``);
+    ``room`` is what is left of the last line for the start of ``b=``."""
+
+    head: bytes
+    canonical: bytes
+    room: int
+
+
 @dataclass(frozen=True, slots=True)
 class _PreparedKey:
-    """A key with the constant part of its signature header ready."""
+    """A key with the constant part of its signature header ready. Why the layouts: every copy of a
+    message (one per recipient) signs the same header names with the same key, so folding the tag list and
+    canonicalizing the new header (most of a signature's Python work) is done once per name list."""
 
     key: DkimKey
     fixed_tags: tuple[tuple[bytes, bytes], ...]
+    layouts: dict[tuple[bytes, ...], _Layout] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, key: DkimKey) -> _PreparedKey:
@@ -448,31 +471,57 @@ class _PreparedKey:
         )
         return cls(key, tuple((b" ", tag) for tag in tags))
 
-    def signature_field(self, names: list[bytes], canonical_headers: bytes, bh: BodyHash, now: int) -> bytes:
-        """Build and sign one DKIM-Signature field (RFC 6376 §3.5, §3.7 steps 2-3); CRLF-terminated."""
-        tokens = [*self.fixed_tags, (b" ", b"t=%d;" % now)]
+    def _header(self, names: Sequence[bytes], t: bytes, bh: bytes) -> bytes:
+        """The DKIM-Signature field up to and including ``b=`` (RFC 6376 §3.5), folded."""
+        tokens = [*self.fixed_tags, (b" ", b"t=" + t + b";")]
         if names:
             pieces = [name + b":" for name in names]
             pieces[0] = b"h=" + pieces[0]
             pieces[-1] = pieces[-1][:-1] + b";"
             tokens.append((b" ", pieces[0]))
             tokens.extend((b"", piece) for piece in pieces[1:])
-        tokens.append((b" ", b"bh=" + bh.b64 + b";"))
+        tokens.append((b" ", b"bh=" + bh + b";"))
         tokens.append((b" ", b"b="))
-        head = b"DKIM-Signature: " + _fold(tokens, len(b"DKIM-Signature: "))
+        return b"DKIM-Signature: " + _fold(tokens, len(b"DKIM-Signature: "))
+
+    def _layout(self, names: tuple[bytes, ...]) -> _Layout:
+        layout = self.layouts.get(names)
+        if layout is None:
+            head = self._header(names, _T_MARK, _BH_MARK)
+            room = max(_FOLD_WIDTH - (len(head) - head.rfind(b"\n") - 1), 0)
+            layout = _Layout(head, canonicalize_header(head)[:-2], room)
+            if len(self.layouts) >= _LAYOUTS:
+                self.layouts.clear()
+            self.layouts[names] = layout
+        return layout
+
+    def signature_field(self, names: list[bytes], canonical_headers: bytes, bh: BodyHash, now: int) -> bytes:
+        """Build and sign one DKIM-Signature field (RFC 6376 §3.5, §3.7 steps 2-3); CRLF-terminated."""
+        t, bh64 = b"%d" % now, bh.b64
+        if len(t) == len(_T_MARK):
+            layout = self._layout(tuple(names))
+            head = layout.head.replace(_T_MARK, t).replace(_BH_MARK, bh64)
+            canonical, room = layout.canonical.replace(_T_MARK, t).replace(_BH_MARK, bh64), layout.room
+        else:  # a test's timestamp of another width: fold this one on its own
+            head = self._header(names, t, bh64)
+            canonical = canonicalize_header(head)[:-2]
+            room = max(_FOLD_WIDTH - (len(head) - head.rfind(b"\n") - 1), 0)
         # §3.7: the field itself is hashed last, canonicalized, with an empty b= and no final CRLF.
-        signed = canonical_headers + canonicalize_header(head)[:-2]
+        signed = canonical_headers + canonical
         private = self.key.private_key
         if isinstance(private, ed25519.Ed25519PrivateKey):
             # RFC 8463 §3: PureEdDSA Ed25519 over the SHA-256 hash of the data, not over the data itself.
             signature = private.sign(hashlib.sha256(signed).digest())
         else:
-            signature = private.sign(signed, padding.PKCS1v15(), hashes.SHA256())
+            signature = private.sign(signed, _PKCS1, _SHA256)
         b = base64.b64encode(signature)
         # The b= value may hold FWS (RFC 6376 §3.5); verifiers drop it with the value before hashing.
-        room = max(_FOLD_WIDTH - (len(head) - head.rfind(b"\n") - 1), 0)
         chunks = [b[:room], *(b[i : i + _B64_CHUNK] for i in range(room, len(b), _B64_CHUNK))]
         return head + b"\r\n\t".join(chunks) + b"\r\n"
+
+
+_PKCS1 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
 
 
 class Signer:
@@ -520,7 +569,9 @@ class Signer:
         if not keys:
             return b""
         header_section, body = split_message(_to_crlf(message))
-        return self._sign(keys, header_section, body_hash(body), timestamp)
+        return self._sign(  # the body is CRLF already: no second look at its line ends
+            keys, header_section, BodyHash(hashlib.sha256(canonicalize_body(body)).digest()), timestamp
+        )
 
     @staticmethod
     def body_hash(body: bytes) -> BodyHash:

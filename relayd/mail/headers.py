@@ -13,7 +13,10 @@ Everything here works on canonical CRLF input (see ``rewrite.canonical_crlf``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 
 from relayd.core.errors import RelaydError
 
@@ -60,14 +63,31 @@ def split_entity(raw: bytes) -> Entity:
     ``MissingHeaderBodySeparatorDefect`` (or ``FirstHeaderLineIsContinuationDefect``): the header/body
     boundary is a guess, so this raises :class:`MimeError` rather than pick one.
     """
-    if raw.startswith(CRLF):  # no header fields at all (allowed for body parts, RFC 2046 §5.1.1)
-        return Entity((), CRLF, raw[2:])
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        block, sep, body = raw, b"", b""
+    span = split_entity_at(raw, 0, len(raw))
+    return Entity(span.fields, span.sep, raw[span.body :])
+
+
+@dataclass(frozen=True, slots=True)
+class EntitySpan:
+    """:class:`Entity` located in a larger buffer: the body is ``source[body:end]``, not copied out, so a
+    multi-megabyte attachment is never duplicated to be looked at."""
+
+    fields: tuple[bytes, ...]
+    sep: bytes
+    body: int
+    end: int
+
+
+def split_entity_at(raw: bytes, start: int, end: int) -> EntitySpan:
+    """:func:`split_entity` of ``raw[start:end]``, with offsets into ``raw`` (only the header is copied)."""
+    if raw.startswith(CRLF, start, end):  # no header fields at all (allowed for body parts, RFC 2046 §5.1.1)
+        return EntitySpan((), CRLF, start + 2, end)
+    cut = raw.find(b"\r\n\r\n", start, end)
+    if cut < 0:
+        block, sep, body = raw[start:end], b"", end
         probe = block if block.endswith(CRLF) else block + CRLF
     else:
-        block, sep, body = raw[: end + 2], CRLF, raw[end + 4 :]
+        block, sep, body = raw[start : cut + 2], CRLF, cut + 4
         probe = block
     if _HEADER_BLOCK.fullmatch(probe) is None:
         raise MimeError(
@@ -77,7 +97,7 @@ def split_entity(raw: bytes) -> Entity:
     fields = [m.group() for m in _FIELD.finditer(probe)]
     if probe is not block:  # header-only entity whose last line had no CRLF: keep the bytes exact
         fields[-1] = fields[-1][:-2]
-    return Entity(tuple(fields), sep, body)
+    return EntitySpan(tuple(fields), sep, body, end)
 
 
 #: Most ``;`` in one Content-Type or Content-Disposition field. The stdlib reads parameters
@@ -171,37 +191,69 @@ def split_multipart(body: bytes, boundary: str) -> Multipart:
     raise :class:`MimeError` (the stdlib flags them as Close/StartBoundaryNotFoundDefect): a truncated
     multipart has no end we could append to safely.
     """
+    span = split_multipart_at(body, 0, len(body), boundary)
+
+    def cut(at: Span) -> bytes:
+        return body[at[0] : at[1]]
+
+    return Multipart(
+        cut(span.preamble),
+        tuple(map(cut, span.delimiters)),
+        tuple(map(cut, span.parts)),
+        cut(span.close),
+        cut(span.epilogue),
+    )
+
+
+#: ``(start, end)`` of a slice of a larger buffer
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartSpan:
+    """:class:`Multipart` as offsets into the buffer that holds it."""
+
+    preamble: Span
+    delimiters: tuple[Span, ...]
+    parts: tuple[Span, ...]
+    close: Span
+    epilogue: Span
+
+
+def split_multipart_at(raw: bytes, begin: int, stop: int, boundary: str) -> MultipartSpan:
+    """:func:`split_multipart` of the body ``raw[begin:stop]``, with offsets into ``raw``."""
     try:
         needle = b"--" + boundary.encode("ascii")
     except UnicodeError:
         raise MimeError("multipart boundary is not US-ASCII (RFC 2046 §5.1.1)") from None
     if needle == b"--":
         raise MimeError("multipart boundary is empty (RFC 2046 §5.1.1)")
-    delimiters: list[bytes] = []
-    parts: list[bytes] = []
-    preamble = b""
+    delimiters: list[Span] = []
+    parts: list[Span] = []
+    preamble = (begin, begin)
     prev_end = -1  # end of the previous delimiter line, -1 before the first
-    start = body.find(needle)
+    start = raw.find(needle, begin, stop)
     while start >= 0:
         # Literal search then a check at line start: a MULTILINE regex would try every offset.
-        m = _DELIMITER_TAIL.match(body, start + len(needle)) if start == 0 or body[start - 1] == 10 else None
+        at_line = start == begin or raw[start - 1] == 10
+        m = _DELIMITER_TAIL.match(raw, start + len(needle), stop) if at_line else None
         if m is None:
-            start = body.find(needle, start + 1)
+            start = raw.find(needle, start + 1, stop)
             continue
         # The CRLF before the boundary line belongs to the delimiter (RFC 2046 §5.1.1), unless it is the
         # very first line of the body or already the end of the previous delimiter line (empty part).
-        own = start - 2 if start >= 2 and start - 2 >= max(prev_end, 0) else start
+        own = start - 2 if start >= begin + 2 and start - 2 >= max(prev_end, begin) else start
         if prev_end < 0:
-            preamble = body[:own]
+            preamble = (begin, own)
         else:
-            parts.append(body[prev_end:own])
+            parts.append((prev_end, own))
         if m.group(1):  # close delimiter
             if prev_end < 0:
                 raise MimeError("multipart has a close delimiter but no body part (RFC 2046 §5.1.1)")
-            return Multipart(preamble, tuple(delimiters), tuple(parts), body[own : m.end()], body[m.end() :])
-        delimiters.append(body[own : m.end()])
+            return MultipartSpan(preamble, tuple(delimiters), tuple(parts), (own, m.end()), (m.end(), stop))
+        delimiters.append((own, m.end()))
         prev_end = m.end()
-        start = body.find(needle, prev_end)
+        start = raw.find(needle, prev_end, stop)
     if prev_end < 0:
         raise MimeError("multipart boundary never occurs in the body (RFC 2046 §5.1.1)")
     raise MimeError("multipart has no close delimiter: truncated message? (RFC 2046 §5.1.1)")
@@ -213,6 +265,108 @@ _DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?:\r\n|\Z)")
 def has_long_line(data: bytes) -> bool:
     """Whether a CRLF line of ``data`` exceeds 998 octets (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6).
 
-    Splitting is ~10x faster than a regex, which rescans up to 998 octets from every position.
+    Splitting is ~10x faster than a regex, which rescans up to 998 octets from every position; a window at
+    a time, so a big message is not split into a list of lines all at once.
     """
-    return max(map(len, data.split(CRLF))) > 998
+    return has_long_line_in((data,))
+
+
+#: how much of a message :func:`has_long_line_in` copies and splits at a time
+_WINDOW = 64 * 1024
+
+
+def has_long_line_in(pieces: Iterable[bytes | memoryview]) -> bool:
+    """:func:`has_long_line` of the concatenation of ``pieces``, without making it: lines may run across
+    pieces. Memory: a window of some tens of KB, whatever the total."""
+    carry = b""  # the unfinished last line so far (at most 999 octets, else the answer is known)
+    for window in _windows(pieces):
+        data = carry + window if carry else window
+        cut = data.rfind(CRLF)
+        if cut >= 0:
+            if max(map(len, data[:cut].split(CRLF))) > 998:
+                return True
+            data = data[cut + 2 :]
+        if len(data) - data.endswith(b"\r") > 998:  # a CR at the end may start the CRLF ending the line
+            return True
+        carry = data
+    return len(carry) > 998
+
+
+def _windows(pieces: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    """The bytes of ``pieces`` in order, as ``bytes`` of about :data:`_WINDOW` octets (small pieces
+    gathered, big ones cut)."""
+    pending: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        for at in range(0, len(view), _WINDOW):
+            chunk = view[at : at + _WINDOW]
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _WINDOW:
+                yield b"".join(pending)
+                pending.clear()
+                size = 0
+    if pending:
+        yield b"".join(pending)
+
+
+#: a leaf part's body longer than this is replaced in :func:`skeleton` (shorter ones are kept as they are)
+_STUB_ABOVE = 1024
+#: what stands for it: one line that can be no boundary
+_STUB = b"x"
+_HEADERS = BytesHeaderParser(policy=compat32)
+
+
+def skeleton(raw: bytes, start: int = 0) -> bytes:
+    """``raw[start:]`` (canonical CRLF) with the body of every big leaf part replaced by one short line,
+    for the stdlib parser (``email.parser``), which turns all it is given into strings and lists of lines:
+    about five times a message's size at once, for attachments the rewrite never reads.
+
+    The parser's tree of the skeleton is the tree of ``raw`` (content types, parameters, boundaries,
+    defects, number of parts), only the replaced leaves have another payload: a leaf body, as
+    :func:`split_multipart` locates it, holds no delimiter line of any multipart around it, and nothing
+    else in it changes what the parser reads. What is not plainly a leaf stays byte for byte: ``message/*``
+    parts (parsed as messages), the parts of a ``multipart/digest`` (``message/rfc822`` by default,
+    RFC 2046 §5.1.5), and any multipart or header block this module's split does not accept (the parser
+    then sees it as it is, and reports what it finds there)."""
+    out: list[bytes | memoryview] = []
+    _skeleton(raw, memoryview(raw), start, len(raw), False, out)
+    if len(out) == 1 and start == 0:
+        return raw
+    return b"".join(out)
+
+
+def _skeleton(
+    raw: bytes, view: memoryview, start: int, end: int, digest: bool, out: list[bytes | memoryview]
+) -> None:
+    try:
+        ent = split_entity_at(raw, start, end)
+    except MimeError:
+        out.append(view[start:end])
+        return
+    header = _HEADERS.parsebytes(b"".join(ent.fields) + CRLF)
+    maintype = header.get_content_maintype()
+    if maintype == "message" or (digest and header.get("content-type") is None):
+        out.append(view[start:end])
+        return
+    if maintype == "multipart":
+        boundary = header.get_boundary()
+        try:
+            split = split_multipart_at(raw, ent.body, end, boundary) if boundary is not None else None
+        except MimeError:
+            split = None
+        if split is None:
+            out.append(view[start:end])
+            return
+        inner = header.get_content_subtype() == "digest"
+        out.append(view[start : split.preamble[1]])
+        for (d_start, d_end), (p_start, p_end) in zip(split.delimiters, split.parts, strict=True):
+            out.append(view[d_start:d_end])
+            _skeleton(raw, view, p_start, p_end, inner, out)
+        out.append(view[split.close[0] : end])
+        return
+    if end - ent.body > _STUB_ABOVE:
+        out += [view[start : ent.body], _STUB]
+    else:
+        out.append(view[start:end])

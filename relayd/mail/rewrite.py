@@ -69,15 +69,17 @@ from relayd.mail.footer import (
 )
 from relayd.mail.headers import (
     CRLF,
-    Entity,
+    EntitySpan,
     MimeError,
+    Span,
     count_fields,
     field_name,
-    has_long_line,
+    has_long_line_in,
     replace_field,
     set_charset,
-    split_entity,
-    split_multipart,
+    skeleton,
+    split_entity_at,
+    split_multipart_at,
 )
 
 __all__ = [
@@ -145,6 +147,18 @@ _V_LIST_UNSUBSCRIBE, _V_RELAYD_ID, _V_URL, _V_URL_QP, _V_TAILS = range(5)
 
 
 @dataclass(frozen=True, slots=True)
+class Slice:
+    """``source[start:end]`` of a :class:`Template`: a part of the message that stays as it is."""
+
+    start: int
+    end: int
+
+
+#: what the walk puts in a template: footer segments, and slices of the message
+_Piece = Segment | Slice
+
+
+@dataclass(frozen=True, slots=True)
 class Template:
     """A rewritten message with holes for the per-recipient values; build it with :func:`prepare`.
 
@@ -153,15 +167,53 @@ class Template:
     parts that got a footer.
     """
 
-    segments: tuple[bytes | int, ...]
+    segments: tuple[bytes | int | Slice, ...]
     tails: tuple[Base64Tail, ...]
     needs_qp: bool
     footer_parts: int
+    #: the message the :class:`Slice` segments are parts of (not copied: the caller's bytes)
+    source: bytes = b""
+
+    def __reduce__(self) -> tuple[type[Template], tuple[object, ...]]:
+        """Pickled (to a delivery process) with its slices of the message as bytes of their own."""
+        segments = tuple(self.source[s.start : s.end] if isinstance(s, Slice) else s for s in self.segments)
+        return Template, (segments, self.tails, self.needs_qp, self.footer_parts)
+
+    @property
+    def size(self) -> int:
+        """Octets of message text the template holds or points at."""
+        return sum(
+            s.end - s.start if isinstance(s, Slice) else len(s)
+            for s in self.segments
+            if not isinstance(s, int)
+        )
+
+    def rebase(self, source: bytes, shift: int) -> Template:
+        """The same template over ``source``, in which this one's source starts at offset ``shift`` (the
+        message as queued, behind our ``Received`` field): the caller may then drop the old source."""
+        segments = tuple(
+            Slice(s.start + shift, s.end + shift) if isinstance(s, Slice) else s for s in self.segments
+        )
+        return Template(segments, self.tails, self.needs_qp, self.footer_parts, source)
 
     def render(
         self, *, unsubscribe_url: str, unsubscribe_mailto: str, relayd_id: str, body_url: str | None = None
     ) -> bytes:
-        """The final CRLF message for one recipient.
+        """The final CRLF message for one recipient, as one ``bytes``: :meth:`render_parts` joined."""
+        return b"".join(
+            self.render_parts(
+                unsubscribe_url=unsubscribe_url,
+                unsubscribe_mailto=unsubscribe_mailto,
+                relayd_id=relayd_id,
+                body_url=body_url,
+            )
+        )
+
+    def render_parts(
+        self, *, unsubscribe_url: str, unsubscribe_mailto: str, relayd_id: str, body_url: str | None = None
+    ) -> list[bytes | memoryview]:
+        """The final CRLF message for one recipient, as pieces to send in order: the parts of the message
+        that do not change are slices of the message as queued, shared by every copy, not copied.
 
         ``unsubscribe_url`` (RFC 8058 one-click target, also the footer link) must use the characters
         ``A-Za-z0-9:/._~-`` only, ``unsubscribe_mailto`` is a bare addr-spec, ``relayd_id`` the trace
@@ -183,7 +235,11 @@ class Template:
             render_url_qp(url) if self.needs_qp else b"",
         ]
         values.extend(tail.render(url) for tail in self.tails)
-        return b"".join([s if isinstance(s, bytes) else values[s] for s in self.segments])
+        view = memoryview(self.source)
+        return [
+            values[s] if isinstance(s, int) else view[s.start : s.end] if isinstance(s, Slice) else s
+            for s in self.segments
+        ]
 
 
 def prepare(
@@ -193,6 +249,7 @@ def prepare(
     *,
     placeholder: str = PLACEHOLDER,
     unsubscribe: bool = True,
+    start: int = 0,
 ) -> Template:
     """Parse ``raw`` (the DATA content, CRLF, dot-unstuffed) once and rewrite it into a :class:`Template`.
 
@@ -203,22 +260,27 @@ def prepare(
     mail) adds neither List-Unsubscribe field; pass a ``footer`` with ``link=False`` with it.  Raises
     :class:`MimeError` for a message that isn't sensible MIME (see the module docstring for the exact
     list) and :class:`ValueError` for a malformed ``feedback_id``.
+
+    ``start``: the message is ``raw[start:]`` (the queue's bytes, behind our ``Received`` field); the
+    template's slices are then of ``raw`` itself, and nothing of the message is copied to cut it out.
     """
     _check(_FEEDBACK_ID, feedback_id, "feedback_id")
-    raw = canonical_crlf(raw)
-    message = BytesParser(policy=compat32).parsebytes(raw)
+    canonical = canonical_crlf(raw)
+    if canonical is not raw:
+        raw, start = canonical_crlf(raw[start:]), 0
+    message = BytesParser(policy=compat32).parsebytes(skeleton(raw, start))
     _check_defects(message)
-    walker = _Walker(footer, placeholder)
-    top = split_entity(raw)
+    walker = _Walker(raw, footer, placeholder)
+    top = split_entity_at(raw, start, len(raw))
     rewritten = walker.rewrite(top, message)
     fields: list[bytes]
-    body: list[Segment]
+    body: list[_Piece]
     if rewritten is None:
-        fields, sep, body = list(top.fields), top.sep, [top.body]
+        fields, sep, body = list(top.fields), top.sep, [walker.slice((top.body, top.end))]
     else:
         fields, sep, body = rewritten
     fields = [f for f in fields if field_name(f) not in FORBIDDEN_FIELDS]
-    head: list[Segment | _Header] = [
+    head: list[_Piece | _Header] = [
         _Header.LIST_UNSUBSCRIBE,
         b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
         b"Feedback-ID: " + feedback_id.encode("ascii") + CRLF,
@@ -228,13 +290,13 @@ def prepare(
         head = head[2:]
     if walker.changed_content_headers and count_fields(fields, b"mime-version") == 0:
         head.append(b"MIME-Version: 1.0\r\n")
-    template = _compile([*head, *fields, sep, *body], walker.footer_parts)
-    sample = template.render(
+    template = _compile([*head, *fields, sep, *body], walker.footer_parts, raw)
+    sample = template.render_parts(
         unsubscribe_url="https://s.invalid/" + "u" * (MAX_VALUE_LEN - 18),
         unsubscribe_mailto="u" * 64 + "@" + "d" * 150 + ".invalid",
         relayd_id="t" * MAX_VALUE_LEN,
     )
-    if has_long_line(sample):
+    if has_long_line_in(sample):
         raise MimeError("message has a line longer than 998 octets (RFC 5322 §2.1.1)")
     return template
 
@@ -288,16 +350,29 @@ def _check_defects(node: Message) -> None:
                 _check_defects(child)
 
 
-class _Walker:
-    """Walks the stdlib tree and the byte-level split together, rewriting text parts."""
+#: slices of the message up to this size are copied into the template (and joined with their neighbours);
+#: longer ones are memoryviews of the message
+_INLINE = 4096
 
-    def __init__(self, footer: FooterSpec, placeholder: str = PLACEHOLDER) -> None:
+
+class _Walker:
+    """Walks the stdlib tree and the byte-level split together, rewriting text parts.
+
+    The split is offsets into ``raw``; what stays as it is goes into the template as a :class:`Slice` of
+    ``raw`` (copied only when a few octets long), so an attachment is neither copied nor decoded."""
+
+    def __init__(self, raw: bytes, footer: FooterSpec, placeholder: str = PLACEHOLDER) -> None:
+        self.raw = raw
         self.footer = footer
         self.placeholder = placeholder
         self.footer_parts = 0
         self.changed_content_headers = False
 
-    def rewrite(self, ent: Entity, node: Message) -> tuple[list[bytes], bytes, list[Segment]] | None:
+    def slice(self, span: Span) -> bytes | Slice:
+        start, end = span
+        return Slice(start, end) if end - start > _INLINE else self.raw[start:end]
+
+    def rewrite(self, ent: EntitySpan, node: Message) -> tuple[list[bytes], bytes, list[_Piece]] | None:
         """New (fields, separator, body segments) for ``ent``, or ``None`` when it stays byte-exact."""
         maintype, subtype = _content_type(node)
         if maintype == "multipart" and subtype not in _OPAQUE_MULTIPART:
@@ -306,34 +381,34 @@ class _Walker:
             children = node.get_payload()
             if boundary is None or not isinstance(children, list):  # pragma: no cover - stdlib defect
                 raise MimeError("multipart without boundary parameter (RFC 2046 §5.1.1)")
-            split = split_multipart(ent.body, boundary)
+            split = split_multipart_at(self.raw, ent.body, ent.end, boundary)
             if len(split.parts) != len(children):
                 raise MimeError("multipart structure is ambiguous (parts can't be located unambiguously)")
-            body: list[Segment] = [split.preamble]
+            body: list[_Piece] = [self.slice(split.preamble)]
             for delimiter, part, child in zip(split.delimiters, split.parts, children, strict=True):
-                body.append(delimiter)
+                body.append(self.slice(delimiter))
                 body.extend(self._part(part, child))
-            body += [split.close, split.epilogue]
+            body += [self.slice(split.close), self.slice(split.epilogue)]
             return list(ent.fields), ent.sep, body
         if _is_body_text(node, maintype, subtype):
             return self._text(ent, node, subtype)
         return None
 
-    def _part(self, raw: bytes, node: Message) -> list[Segment]:
+    def _part(self, span: Span, node: Message) -> list[_Piece]:
         if not _may_rewrite(node):
-            return [raw]  # attachments and other leaves: not even split
-        ent = split_entity(raw)
+            return [self.slice(span)]  # attachments and other leaves: not even split
+        ent = split_entity_at(self.raw, *span)
         rewritten = self.rewrite(ent, node)
         if rewritten is None:
-            return [raw]
+            return [self.slice(span)]
         fields, sep, body = rewritten
         return [*fields, sep, *body]
 
-    def _text(self, ent: Entity, node: Message, subtype: str) -> tuple[list[bytes], bytes, list[Segment]]:
+    def _text(self, ent: EntitySpan, node: Message, subtype: str) -> tuple[list[bytes], bytes, list[_Piece]]:
         _check_unique(ent.fields)
         cte = transfer_encoding(node)
         result = rewrite_part(
-            ent.body,
+            self.raw[ent.body : ent.end],
             subtype=subtype,
             charset=node.get_content_charset(),
             cte=cte,
@@ -429,9 +504,9 @@ def _check_unique(fields: tuple[bytes, ...] | list[bytes]) -> None:
             raise MimeError(f"part has more than one {name.decode()} field (RFC 2045 §3)")
 
 
-def _compile(parts: list[Segment | _Header], footer_parts: int) -> Template:
-    """Coalesce adjacent bytes and number the holes."""
-    segments: list[bytes | int] = []
+def _compile(parts: list[_Piece | _Header], footer_parts: int, source: bytes) -> Template:
+    """Coalesce adjacent bytes and number the holes; big slices of the message stay slices."""
+    segments: list[bytes | int | Slice] = []
     tails: list[Base64Tail] = []
     pending: list[bytes] = []
     needs_qp = False
@@ -443,7 +518,12 @@ def _compile(parts: list[Segment | _Header], footer_parts: int) -> Template:
         segments.append(index)
 
     for p in parts:
-        if isinstance(p, bytes):
+        if isinstance(p, Slice):
+            if pending:
+                segments.append(b"".join(pending))
+                pending.clear()
+            segments.append(p)
+        elif isinstance(p, bytes):
             if p:
                 pending.append(p)
         elif isinstance(p, Base64Tail):
@@ -460,4 +540,4 @@ def _compile(parts: list[Segment | _Header], footer_parts: int) -> Template:
             hole(_V_URL_QP)
     if pending:
         segments.append(b"".join(pending))
-    return Template(tuple(segments), tuple(tails), needs_qp, footer_parts)
+    return Template(tuple(segments), tuple(tails), needs_qp, footer_parts, source)

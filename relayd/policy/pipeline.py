@@ -312,7 +312,7 @@ class Pipeline:
     def render(self, done: Processed, index: int) -> bytes:
         """Recipient ``index``'s copy of a processed message, as delivery makes it (without our
         ``Received`` field)."""
-        return self.renderer.copy(done.prepared, done.queue_id, index, done.recipients[index])
+        return b"".join(self.renderer.copy(done.prepared, done.queue_id, index, done.recipients[index]))
 
     async def _record(
         self,

@@ -17,6 +17,7 @@ after a restart, prepares it again from the stored message: the same code on the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from relayd.core.models import DueRecipient
 from relayd.core.msgclass import MessageClass
 from relayd.core.tokens import make_token
 from relayd.core.usecache import UseCache
+from relayd.mail import chunks
 from relayd.mail.author import author_domain
 from relayd.mail.confirmation import confirm_url, optin_list, prepare_confirmation
 from relayd.mail.dkim import Signer
@@ -62,7 +64,7 @@ _HEADERS = BytesHeaderParser(policy=compat32)
 
 
 def _size(prepared: Prepared) -> int:
-    return sum(len(seg) for seg in prepared.template.segments if isinstance(seg, bytes))
+    return prepared.template.size
 
 
 def unsubscribe_url(public_url: str, secret: bytes, queue_id: str, index: int, address: str) -> str:
@@ -93,9 +95,15 @@ class Meta:
     campaign: str | None
 
 
-def read_meta(raw: bytes) -> Meta:
-    """Raises OptinHeaderError (a MimeError: 554 5.6.0) for a malformed X-Relayd-Optin."""
-    headers = _HEADERS.parsebytes(raw)
+def read_meta(raw: bytes, start: int = 0) -> Meta:
+    """Raises OptinHeaderError (a MimeError: 554 5.6.0) for a malformed X-Relayd-Optin.
+
+    Only the header section goes to the parser: handed the whole message, it decodes all of it to one
+    string, splits that into lines and joins them again as the payload, several times the message's size
+    for a body nothing here reads. The header fields it returns are the same (the first empty line ends the
+    header section, RFC 5322 §2.1). The message is ``raw[start:]``."""
+    end = raw.find(b"\r\n\r\n", start)
+    headers = _HEADERS.parsebytes(raw[start : end + 4] if end >= 0 else raw[start:])
     lname = list_name(headers.get("List-Id"))
     optin = optin_list(headers, lname)
     return Meta(headers, optin or lname, optin is not None, campaign_id(headers.get("X-Campaign-ID")))
@@ -117,8 +125,9 @@ def prepare_message(
     meta: Meta,
     raw: bytes,
     msg_class: MessageClass = MessageClass.BULK,
+    start: int = 0,
 ) -> Prepared:
-    """Rewrite ``raw`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
+    """Rewrite ``raw[start:]`` (the content as submitted) for ``account``. Raises MimeError (554 5.6.0).
 
     Transactional mail gets the imprint without an unsubscribe link or List-Unsubscribe
     (:mod:`relayd.policy.rules.messageclass`). An account no longer configured (removed while its mail was
@@ -129,12 +138,23 @@ def prepare_message(
         meta.campaign or "", meta.list_name or "", account, cfg.server.feedback_sender_id
     )
     if meta.optin:
-        template = prepare_confirmation(raw, imprint, feedback_id)
+        template = prepare_confirmation(raw[start:] if start else raw, imprint, feedback_id)
     else:
         bulk = msg_class is not MessageClass.TRANSACTIONAL
         spec = FooterSpec(DEFAULT_TEXT_TEMPLATE, DEFAULT_HTML_TEMPLATE, imprint, link=bulk)
-        template = prepare(raw, spec, feedback_id, unsubscribe=bulk)
+        template = prepare(raw, spec, feedback_id, unsubscribe=bulk, start=start)
     return Prepared(template, meta.optin, signing_domain(cfg, signer, account, author_domain(meta.headers)))
+
+
+def rebased(prepared: Prepared, content: bytes, data: bytes, shift: int) -> Prepared:
+    """``prepared`` (made from ``content``) over ``data``, which holds ``content`` from offset ``shift``:
+    the message as queued, behind our ``Received`` field. The template then shares the queue's bytes
+    instead of keeping a second copy of a big message alive; ``prepared`` as it is when its template is
+    not over ``content`` itself (a message whose line ends had to be made CRLF)."""
+    template = prepared.template
+    if template.source is not content:
+        return prepared
+    return dataclasses.replace(prepared, template=template.rebase(data, shift))
 
 
 def signing_domain(cfg: Config, signer: Signer, account: str, from_domain: str | None) -> str | None:
@@ -200,38 +220,48 @@ class Renderer:
         """The message was not queued after all."""
         self._cache.forget(queue_id)
 
-    def copy(self, prepared: Prepared, queue_id: str, index: int, address: str) -> bytes:
-        """The signed copy (without our ``Received`` field) for recipient ``index``, ``address``."""
+    def copy(self, prepared: Prepared, queue_id: str, index: int, address: str) -> list[bytes | memoryview]:
+        """The signed copy (without our ``Received`` field) for recipient ``index``, ``address``, as the
+        pieces to send in order (relayd.mail.chunks: the message's big slices are shared, not copied)."""
         cfg, secret = self.cfg, self.secret
         public = cfg.http.public_url
         unsub = make_token(secret, "unsub", queue_id, index, address)  # the link's and the mailto's
-        body = prepared.template.render(
+        body = prepared.template.render_parts(
             unsubscribe_url=_unsubscribe_url(public, unsub),
             unsubscribe_mailto=_unsubscribe_mailto(cfg.inbound.domains[0], unsub),
             relayd_id=relayd_id(secret, queue_id, index, address),
             # consent: the confirm link, tied to this ledger record (queue id, index)
             body_url=confirm_url(public, secret, queue_id, index, address) if prepared.optin else None,
         )
+        if sum(map(len, body)) <= chunks.WINDOW:  # everyday mail: one join, then the plain bytes paths
+            body = [b"".join(body)]
         if prepared.domain is None:
             return body
         t0 = time.perf_counter()
-        signature = self.signer.sign(body, prepared.domain)
+        one = chunks.single(body)
+        if one is not None:
+            signature = self.signer.sign(one, prepared.domain)
+        else:
+            signature = chunks.sign(self.signer, body, prepared.domain)
         metrics.DKIM_SECONDS.observe(time.perf_counter() - t0)
-        return signature + body
+        return [signature, *body]
 
-    async def render(self, item: DueRecipient, data: bytes) -> bytes:
-        """The exact bytes to deliver to ``item``, from the message as stored. Raises MimeError only if
-        a stored message no longer parses, which it did at submission (a bug: the attempt is deferred)."""
+    async def render(self, item: DueRecipient, data: bytes) -> list[bytes | memoryview]:
+        """The exact bytes to deliver to ``item``, from the message as stored, as pieces to send in order
+        (:meth:`copy`). Raises MimeError only if a stored message no longer parses, which it did at
+        submission (a bug: the attempt is deferred)."""
         cut = trace_end(data)
         prepared = self._cache.take(item.queue_id) or self._from_disk.take(item.queue_id)
         if prepared is None:
-            content = data[cut:]
-            meta = read_meta(content)
-            if len(content) > BIG_MESSAGE:
-                prepared = await asyncio.to_thread(
-                    prepare_message, self.cfg, self.signer, item.account, meta, content, item.msg_class
-                )
+            # prepared over the stored bytes themselves (from ``cut``): the template's slices are of them
+            meta = read_meta(data, cut)
+            args = (self.cfg, self.signer, item.account, meta, data, item.msg_class, cut)
+            if len(data) - cut > BIG_MESSAGE:
+                prepared = await asyncio.to_thread(prepare_message, *args)
             else:
-                prepared = prepare_message(self.cfg, self.signer, item.account, meta, content, item.msg_class)
+                prepared = prepare_message(*args)
             self._from_disk.put(item.queue_id, prepared, _REUSES, _size(prepared))
-        return data[:cut] + self.copy(prepared, item.queue_id, item.index, item.address)
+        pieces = [data[:cut], *self.copy(prepared, item.queue_id, item.index, item.address)]
+        if sum(map(len, pieces)) <= chunks.WINDOW:
+            return [b"".join(pieces)]  # one piece: the transport sends it with one write, no windows
+        return pieces

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import pickle
 import socket
@@ -54,6 +55,11 @@ _RESUME_CHECK = 0.05
 class Handoff(Protocol):
     """What the submission listener calls around the commit of a message."""
 
+    #: whether :meth:`submitted` keeps the message's bytes (one process: delivery starts from them), so the
+    #: listener hands them over joined (``NewMessage.head`` empty); else it leaves our ``Received`` field in
+    #: ``head`` and the queue writes both without a copy of the message to join them
+    keeps_bytes: bool
+
     def expect(self, queue_id: str, prepared: Prepared | None, uses: int) -> None:
         """Before the commit: ``queue_id`` is being committed, rewritten as ``prepared``."""
 
@@ -66,6 +72,8 @@ class Handoff(Protocol):
 
 class LocalHandoff:
     """One process: the scheduler and the renderer are ours; the message goes over from memory."""
+
+    keeps_bytes = True
 
     def __init__(self, scheduler: Scheduler, renderer: Renderer) -> None:
         self.scheduler = scheduler
@@ -85,6 +93,8 @@ class LocalHandoff:
         self.renderer.forget(queue_id)
 
     def submitted(self, msg: NewMessage, created_at: float) -> None:
+        if msg.head:  # not from the listener, which joins them for us (keeps_bytes)
+            msg = dataclasses.replace(msg, data=msg.head + msg.data, head=b"")
         self.scheduler.submitted(msg, created_at)
 
 
@@ -106,6 +116,9 @@ def channel() -> tuple[socket.socket, socket.socket]:
 class Announcer:
     """The submission process's end: one datagram per committed message, never waiting for delivery."""
 
+    #: a big message goes by queue id alone: delivery reads it from the queue
+    keeps_bytes = False
+
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         sock.setblocking(False)
@@ -124,11 +137,12 @@ class Announcer:
 
     def submitted(self, msg: NewMessage, created_at: float) -> None:
         n = len(msg.recipients)
-        whole = Handed(
-            msg.queue_id, n, StoredData(msg.data, msg.render), self._prepared.pop(msg.queue_id, None)
-        )
-        payload = pickle.dumps(whole, protocol=pickle.HIGHEST_PROTOCOL)
-        if len(payload) > MAX_DATAGRAM:
+        prepared = self._prepared.pop(msg.queue_id, None)
+        payload = b""
+        if msg.size <= MAX_DATAGRAM:  # a big message is not pickled at all only to be found too big
+            whole = Handed(msg.queue_id, n, StoredData(msg.head + msg.data, msg.render), prepared)
+            payload = pickle.dumps(whole, protocol=pickle.HIGHEST_PROTOCOL)
+        if not payload or len(payload) > MAX_DATAGRAM:
             payload = pickle.dumps(Handed(msg.queue_id, n), protocol=pickle.HIGHEST_PROTOCOL)
         if not self._pending and self._send(payload):
             return

@@ -11,9 +11,10 @@ be (:meth:`Outcomes.write_unrecorded`); an observer that fails is logged, never 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from relayd.config import QueueConfig
@@ -30,16 +31,28 @@ log = logging.getLogger("relayd.queue.scheduler")
 #: and for how long. Its failures are logged, never fatal to delivery.
 Observer = Callable[[DueRecipient, DeliveryOutcome, str, float, DeliveryError | None], Awaitable[None]]
 
+#: called once for several attempts that were all delivered, with (recipient, reply, seconds) each: what the
+#: observer would be told of each, in one go (one write of their events). Without it the observer is
+#: called for each.
+ManyObserver = Callable[[Sequence[tuple[DueRecipient, str, float]]], Awaitable[None]]
+
 _Key = tuple[str, int]
 
 
 class Outcomes:
     """Records attempts' outcomes for the scheduler: the queue's transition, the log line, the observer."""
 
-    def __init__(self, store: QueueStore, clock: Callable[[], float], observer: Observer | None) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        clock: Callable[[], float],
+        observer: Observer | None,
+        observer_many: ManyObserver | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._observer = observer
+        self._observer_many = observer_many
         self._unrecorded: dict[_Key, Callable[[], Awaitable[Any]]] = {}
 
     @property
@@ -108,6 +121,39 @@ class Outcomes:
         elapsed = time.monotonic() - started
         log_attempt(item, DeliveryOutcome.DELIVERED, reply, elapsed, attempts)
         await self.observe(item, DeliveryOutcome.DELIVERED, reply, elapsed)
+
+    async def delivered_many(self, done: Sequence[tuple[DueRecipient, str, int, float]]) -> None:
+        """Several attempts that each ended with a 250, (recipient, reply, attempts, seconds) each: the
+        copies of one message sent one after another, recorded in one write and observed at once. A
+        queue that can't take the write now keeps each outcome in memory, as :meth:`record` does."""
+        if not done:
+            return
+        try:
+            await self._store.finish_many(
+                [(item.queue_id, item.index, State.DELIVERED, reply, n) for item, reply, n, _ in done]
+            )
+        except StorageError as exc:
+            log.error(
+                "%s: %d outcome(s) not written yet (%s); kept until they can be",
+                done[0][0].queue_id,
+                len(done),
+                exc,
+            )
+            for item, reply, n, _ in done:
+                write = functools.partial(
+                    self._store.finish, item.queue_id, item.index, State.DELIVERED, reply, n
+                )
+                self._unrecorded[(item.queue_id, item.index)] = write
+        for item, reply, n, seconds in done:
+            log_attempt(item, DeliveryOutcome.DELIVERED, reply, seconds, n)
+        if self._observer_many is None:
+            for item, reply, _, seconds in done:
+                await self.observe(item, DeliveryOutcome.DELIVERED, reply, seconds)
+            return
+        try:
+            await self._observer_many([(item, reply, seconds) for item, reply, _, seconds in done])
+        except Exception:
+            log.exception("%s: recording %d delivered outcome(s) failed", done[0][0].queue_id, len(done))
 
     async def temporary(
         self,

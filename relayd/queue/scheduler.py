@@ -28,8 +28,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from typing import Any
 
 from relayd.config import Config
 from relayd.core import metrics
@@ -37,10 +37,13 @@ from relayd.core.errors import ConfigError, DeliveryError, PermanentFailure, Sto
 from relayd.core.models import DeliveryOutcome, DueRecipient
 from relayd.core.tokens import verp_address
 from relayd.core.usecache import UseCache
-from relayd.policy.dequeue import Decision, DequeueVerdict
+from relayd.mail.chunks import Chunks
+from relayd.policy.dequeue import Decision
 from relayd.policy.reloaded import Reloaded
-from relayd.queue.outcomes import Observer, Outcomes
-from relayd.queue.routing import Route, Router, make_resolver
+from relayd.queue.outcomes import ManyObserver, Observer, Outcomes
+from relayd.queue.planning import Held, Planner
+from relayd.queue.routing import Router
+from relayd.queue.seams import CopyMaker, Gate
 from relayd.queue.shaping import (
     DEFAULT_SOURCES,
     Grant,
@@ -48,45 +51,22 @@ from relayd.queue.shaping import (
     Shaper,
     ShapingTable,
     Signal,
-    Source,
+    account_sources,
     classify,
 )
 from relayd.queue.store import NewMessage, QueueStore, StoredData
-from relayd.queue.transport.client import Channel, Transport
-from relayd.queue.transport.dane import Dane, Tlsa, TlsaStatus
-from relayd.queue.transport.mtasts import MtaSts, Plan
-from relayd.queue.transport.mtasts import count as count_mta_sts
-from relayd.queue.transport.tlspolicy import TlsLevel, TlsPolicies, TlsUnmet
-from relayd.queue.transport.tlsrpt import PolicyRef, SessionCounter, TransportStore
+from relayd.queue.transport.client import Transport
+from relayd.queue.transport.tlsrpt import TransportStore
 
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 64 * 1024 * 1024
-
-
-class Gate(Protocol):
-    """The policy's last word before an attempt (relayd.policy.dequeue.DequeueCheck)."""
-
-    async def check(self, item: DueRecipient) -> DequeueVerdict: ...
-
-
-class CopyMaker(Protocol):
-    """Makes a recipient's own copy from the stored message (relayd.policy.render: footer link, trace
-    token, DKIM signature); the queue only knows that some messages need one."""
-
-    async def render(self, item: DueRecipient, data: bytes) -> bytes: ...
+#: the most copies of one message one task sends one after another (Postfix's default recipient limit per
+#: delivery); a larger message's copies to one domain go out through several tasks at once
+_COPIES_PER_TASK = 50
 
 
 _PURGE_EVERY = 60.0
-
-
-def account_sources(cfg: Config) -> dict[str, tuple[Source, ...]]:
-    """Each pooled account's source addresses with their EHLO names; other accounts use the default."""
-    out: dict[str, tuple[Source, ...]] = {}
-    for name, acct in cfg.accounts.items():
-        if acct.pool is not None and acct.pool in cfg.pools:
-            out[name] = tuple(Source(ip, helo) for ip, helo in cfg.pools[acct.pool].sources())
-    return out
 
 
 class Scheduler:
@@ -101,16 +81,12 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         gate: Gate | None = None,
         observer: Observer | None = None,
+        observer_many: ManyObserver | None = None,
         renderer: CopyMaker | None = None,
         tls_store: TransportStore | None = None,
     ) -> None:
         self._cfg = cfg
         self._store = store
-        #: where MTA-STS policies are cached and TLS sessions counted (the policy store); None: neither
-        self._tls_store = tls_store
-        self._sessions = SessionCounter(tls_store) if tls_store is not None else None
-        self._sts = self._make_sts(cfg)
-        self._dane = _make_dane(cfg)
         self._secret = secret
         self._router = router or Router(cfg.delivery)
         self._transport = transport or Transport(
@@ -121,10 +97,12 @@ class Scheduler:
             messages_per_connection=cfg.delivery.messages_per_connection,
             tls_ca_file=cfg.delivery.tls_ca_file,
         )
-        self._tls = TlsPolicies.from_config(cfg.delivery.tls, cfg.tls_policy)
+        #: TLS requirements per destination (DANE, MTA-STS, ``[tls_policy]``) and the send under them;
+        #: ``tls_store``: where MTA-STS policies are cached and TLS sessions counted, None: neither
+        self._planner = Planner(cfg, self._transport, tls_store)
         self._clock = clock
         self._gate = gate
-        self._outcomes = Outcomes(store, clock, observer)
+        self._outcomes = Outcomes(store, clock, observer, observer_many)
         self._renderer = renderer
         self._verp_domain = cfg.inbound.domains[0]
         self._inflight: set[tuple[str, int]] = set()
@@ -154,9 +132,7 @@ class Scheduler:
         route. Lanes keep their adaptive state (a provider that asked us to slow down still wants that)."""
         cfg = self._cfg = new.cfg
         self._router = Router(cfg.delivery)
-        self._tls = TlsPolicies.from_config(cfg.delivery.tls, cfg.tls_policy)
-        self._sts = self._make_sts(cfg)
-        self._dane = _make_dane(cfg)
+        self._planner.reload(cfg)
         self._sources = account_sources(cfg)
         try:
             self._shaping = ShapingTable.from_config(cfg)
@@ -165,8 +141,8 @@ class Scheduler:
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="queue-scheduler")
-        if self._sessions is not None:
-            self._sessions.start()
+        if self._planner.sessions is not None:
+            self._planner.sessions.start()
 
     async def stop(self) -> None:
         """Abandon in-flight attempts safely: their recipients are still 'queued' on disk, retried later."""
@@ -180,8 +156,8 @@ class Scheduler:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._shaper.close()
         await self._transport.close()
-        if self._sessions is not None:
-            await self._sessions.stop()  # the counts of the last minute reach the store
+        if self._planner.sessions is not None:
+            await self._planner.sessions.stop()  # the counts of the last minute reach the store
 
     def expect(self, queue_id: str) -> None:
         """A submission is about to commit ``queue_id`` and will call :meth:`submitted` (or :meth:`forget`):
@@ -197,14 +173,16 @@ class Scheduler:
         """A message was just committed: start its deliveries now if the active window has room."""
         self._expected.discard(msg.queue_id)
         self._cache.put(msg.queue_id, StoredData(msg.data, msg.render), len(msg.recipients), len(msg.data))
+        admitted: list[DueRecipient] = []
         for i, rcpt in enumerate(msg.recipients):
             if not self._admits(msg.account):
                 self._backlog = True
                 self._wake.set()  # the scanner will pick the rest up as room frees
-                return
+                break
             if (msg.queue_id, i) in self._inflight:
                 continue  # a scan that ran right after the commit got there first
-            self._dispatch(
+            self._enter(
+                admitted,
                 DueRecipient(
                     msg.queue_id,
                     i,
@@ -215,8 +193,9 @@ class Scheduler:
                     created_at,
                     msg.list_name,
                     msg.msg_class,
-                )
+                ),
             )
+        self._start(admitted)
 
     async def arrived(self, messages: Iterable[tuple[str, StoredData | None]]) -> None:
         """Messages another process has just committed (relayd.queue.handoff), each with its data when
@@ -238,12 +217,14 @@ class Scheduler:
             if not items or stored is None:
                 continue
             self._cache.put(queue_id, stored, len(items), len(stored.data))
+            admitted: list[DueRecipient] = []
             for item in items:
                 if not self._admits(item.account):
                     self._backlog = True
                     self._wake.set()  # the scanner will pick the rest up as room frees
                     break
-                self._dispatch(item)
+                self._enter(admitted, item)
+            self._start(admitted)
 
     @property
     def in_flight(self) -> int:
@@ -309,6 +290,7 @@ class Scheduler:
         self._backlog = room <= 0 or len(rows) >= room
         expected = self._expected
         unrecorded = self._outcomes.unrecorded
+        admitted: list[DueRecipient] = []
         for item in rows:  # interleaved by account: a full window still lets each account's reserve in
             key = (item.queue_id, item.index)
             if (
@@ -318,7 +300,8 @@ class Scheduler:
                 and key not in unrecorded
                 and self._admits(item.account)
             ):
-                self._dispatch(item)
+                self._enter(admitted, item)
+        self._start(admitted)
 
     @contextlib.contextmanager
     def _ends_meanwhile(self) -> Iterator[set[tuple[str, int]]]:
@@ -332,47 +315,73 @@ class Scheduler:
             self._ended_during_read.remove(ended)
 
     def _dispatch(self, item: DueRecipient) -> None:
-        key = (item.queue_id, item.index)
-        self._inflight.add(key)
+        admitted: list[DueRecipient] = []
+        self._enter(admitted, item)
+        self._start(admitted)
+
+    def _enter(self, admitted: list[DueRecipient], item: DueRecipient) -> None:
+        """Count ``item`` in the active window now (so the next admission sees it); started by
+        :meth:`_start`."""
+        self._inflight.add((item.queue_id, item.index))
         self._by_account[item.account] = self._by_account.get(item.account, 0) + 1
-        task = asyncio.create_task(self._attempt(item))
+        admitted.append(item)
+
+    def _start(self, admitted: list[DueRecipient]) -> None:
+        """One task per recipient, except the recipients of one message at one domain: one task sends
+        their copies one after another (:meth:`_attempt_copies`)."""
+        by_destination: dict[tuple[str, str], list[DueRecipient]] = {}
+        for item in admitted:
+            by_destination.setdefault((item.queue_id, _domain(item.address)), []).append(item)
+        for same in by_destination.values():
+            for at in range(0, len(same), _COPIES_PER_TASK):
+                group = same[at : at + _COPIES_PER_TASK]
+                self._spawn(self._attempt(group[0]) if len(group) == 1 else self._attempt_copies(group))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # --- one attempt ---------------------------------------------------------------------------------------
 
-    async def _data(self, item: DueRecipient) -> StoredData | None:
+    async def _data(self, item: DueRecipient, known: StoredData | None = None) -> StoredData | None:
         """This recipient's data: from memory for the first attempts after submission (each recipient
-        uses it once), else from the queue."""
-        data = self._cache.take(item.queue_id)
-        if data is None:
-            return await self._store.recipient_data(item.queue_id, item.index)
-        return data
+        uses it once), else ``known`` (the message to render, read for another of its recipients), else
+        from the queue (where an older relayd may have stored a recipient's own finished copy)."""
+        data = self._cache.take(item.queue_id) or (known if known is not None and known.render else None)
+        return data or await self._store.recipient_data(item.queue_id, item.index)
 
     async def _attempt(self, item: DueRecipient) -> None:
-        key = (item.queue_id, item.index)
         try:
-            await self._attempt_inner(item)
+            stored = await self._ready(item, await self._data(item))
+            if isinstance(stored, StoredData):
+                await self._deliver(item, lambda: self._send(item, lambda: self._copy(item, stored)))
         except StorageError as exc:
             # the outcome could not be written: the recipient stays 'queued' and is tried again later
             log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
         finally:
-            self._inflight.discard(key)
-            n = self._by_account.get(item.account, 0) - 1
-            if n > 0:
-                self._by_account[item.account] = n
-            else:
-                self._by_account.pop(item.account, None)
-            for ended in self._ended_during_read:
-                ended.add(key)
-            if self._backlog and len(self._inflight) < self._cfg.queue.active_limit // 2:
-                self._wake.set()
+            self._leave(item)
 
-    async def _attempt_inner(self, item: DueRecipient) -> None:
-        stored = await self._data(item)
+    def _leave(self, item: DueRecipient) -> None:
+        key = (item.queue_id, item.index)
+        self._inflight.discard(key)
+        n = self._by_account.get(item.account, 0) - 1
+        if n > 0:
+            self._by_account[item.account] = n
+        else:
+            self._by_account.pop(item.account, None)
+        for ended in self._ended_during_read:
+            ended.add(key)
+        if self._backlog and len(self._inflight) < self._cfg.queue.active_limit // 2:
+            self._wake.set()
+
+    async def _ready(self, item: DueRecipient, stored: StoredData | None) -> StoredData | Decision | None:
+        """``item``'s data, once the dequeue check let it through; else what happened instead:
+        ``Decision.HOLD`` (its account is suspended: its queued recipients were held),
+        ``Decision.DROP`` (dropped, recorded), None (no data)."""
         if stored is None:
             log.warning("%s: message data missing; recipient %d left as is", item.queue_id, item.index)
-            return
+            return None
         if self._gate is not None:
             verdict = await self._gate.check(item)
             if verdict.decision is Decision.HOLD:
@@ -380,14 +389,24 @@ class Scheduler:
                 log.info(
                     "%s: account=%s suspended: %d queued recipient(s) held", item.queue_id, item.account, n
                 )
-                return
+                return Decision.HOLD
             if verdict.decision is Decision.DROP:
                 await self._outcomes.dropped(item, verdict.reason)
-                return
+                return Decision.DROP
+        return stored
+
+    async def _deliver(
+        self,
+        item: DueRecipient,
+        send: Callable[[], Awaitable[str | None]],
+        delivered: list[tuple[DueRecipient, str, int, float]] | None = None,
+    ) -> None:
+        """One attempt of ``item`` through ``send`` (None: postponed by shaping), and its outcome; a 250
+        goes to ``delivered`` when given (recorded with others by the caller)."""
         attempts = item.attempts + 1
         started = time.monotonic()
         try:
-            reply = await self._send(item, lambda: self._copy(item, stored))
+            reply = await send()
             if reply is None:
                 return  # postponed by shaping: no attempt was made
         except PermanentFailure as exc:
@@ -403,16 +422,19 @@ class Scheduler:
                 item, attempts, f"internal error: {type(exc).__name__}", self._cfg.queue
             )
             return
-        await self._outcomes.delivered(item, reply, attempts, started)
+        if delivered is None:
+            await self._outcomes.delivered(item, reply, attempts, started)
+        else:
+            delivered.append((item, reply, attempts, time.monotonic() - started))
 
-    async def _copy(self, item: DueRecipient, stored: StoredData) -> bytes:
+    async def _copy(self, item: DueRecipient, stored: StoredData) -> Chunks:
         """The bytes to send to ``item``: its own copy made from the message (relayd.policy.render), or
         the stored bytes as they are."""
         if stored.render and self._renderer is not None:
             return await self._renderer.render(item, stored.data)
         return stored.data
 
-    async def _send(self, item: DueRecipient, make: Callable[[], Awaitable[bytes]]) -> str | None:
+    async def _send(self, item: DueRecipient, make: Callable[[], Awaitable[Chunks]]) -> str | None:
         """Route, wait for a lane of the destination (fair by account, within its shaping), make the copy
         (``make``), send.
 
@@ -423,123 +445,142 @@ class Scheduler:
         nothing sent, no attempt counted). Raises Temporary/PermanentFailure; a block reply is raised as a
         TemporaryFailure once its source address is suspended, because it says nothing about the recipient.
         """
-        domain = item.address.rpartition("@")[2]
+        held = await self._grant(item, [item])
+        if held is None:
+            return None
+        try:
+            async with self._sockets:
+                return await self._send_held(held, item, make)
+        finally:
+            if not held.released:
+                self._shaper.release(held.got, held.signal)
+
+    async def _grant(self, item: DueRecipient, postpone: list[DueRecipient]) -> Held | None:
+        """Plan and a lane for ``item``'s destination; None when shaping postponed it, and with it the
+        recipients ``postpone`` (their due times moved on disk, no attempt counted)."""
+        domain = _domain(item.address)
         route = await self._router.route(domain)
-        plan = await self._plan(domain, route)  # before a lane is taken: an unmet policy defers at once
+        # the plan before a lane is taken: an unmet policy defers at once
+        plan = await self._planner.plan(domain, route)
         destination, rule = self._shaping.destination(domain, route)
         sources = self._sources.get(item.account, DEFAULT_SOURCES)
         got = await self._shaper.acquire(destination, rule, item.account, sources)
         if isinstance(got, Postponed):
             metrics.SHAPING_POSTPONED.labels(destination, got.reason).inc()
             until = self._clock() + got.delay
-            await self._outcomes.record(item, lambda: self._store.postpone(item.queue_id, item.index, until))
-            log.debug(
-                "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
-                item.queue_id,
-                item.address,
-                item.account,
-                got.delay,
-                destination,
-                got.reason,
-            )
-            return None
-        signal, released = Signal.NONE, False
-        try:
-            async with self._sockets:
-                data = await make()
-                # relayd's own notices queued with an empty sender (the postmaster inbox's forwards)
-                # go out with the null reverse path, so nothing ever bounces back to anyone
-                sender = (
-                    verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
-                    if item.mail_from
-                    else ""
+            for each in postpone:
+                await self._outcomes.record(
+                    each, functools.partial(self._store.postpone, each.queue_id, each.index, until)
                 )
-                reply = await self._send_as(plan, sender, item.address, data, got.channel)
-            signal = Signal.OK
-            return reply
+                log.debug(
+                    "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
+                    each.queue_id,
+                    each.address,
+                    each.account,
+                    got.delay,
+                    destination,
+                    got.reason,
+                )
+            return None
+        return Held(plan, got, destination)
+
+    async def _send_held(self, held: Held, item: DueRecipient, make: Callable[[], Awaitable[Chunks]]) -> str:
+        """Make ``item``'s copy and send it under a lane already held (and a socket slot)."""
+        try:
+            data = await make()
+            # relayd's own notices queued with an empty sender (the postmaster inbox's forwards)
+            # go out with the null reverse path, so nothing ever bounces back to anyone
+            sender = (
+                verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
+                if item.mail_from
+                else ""
+            )
+            reply = await self._planner.send(held.plan, sender, item.address, data, held.got.channel)
         except (TemporaryFailure, PermanentFailure) as exc:
             signal = classify(exc)
+            held.broken = held.broken or exc.code is None  # no reply: the connection or the server failed
             if signal is not Signal.BLOCKED:
+                if signal is not Signal.NONE or held.signal is not Signal.SLOW_DOWN:
+                    held.signal = signal
                 raise
-            released = True
-            await self._blocked(item, got, destination, exc)
+            held.released = True
+            await self._blocked(item, held.got, held.destination, exc)
+            source = held.got.lane.source.address or "default"
             raise TemporaryFailure(
-                f"{exc} (source {got.lane.source.address or 'default'} suspended for {destination})",
+                f"{exc} (source {source} suspended for {held.destination})",
                 exc.code,
                 exc.status,
                 command=exc.command,
                 text=exc.text,
             ) from exc
-        finally:
-            if not released:
-                self._shaper.release(got, signal)
-
-    def _make_sts(self, cfg: Config) -> MtaSts | None:
-        if self._tls_store is None or not cfg.delivery.mta_sts or cfg.delivery.mode != "mx":
-            return None
-        resolver = make_resolver(cfg.delivery)
-        return MtaSts(self._tls_store, resolver, ca_file=cfg.delivery.tls_ca_file, sessions=self._sessions)
-
-    async def _plan(self, domain: str, route: Route) -> Plan:
-        """Hosts and TLS level of a delivery: ``[tls_policy]``/``[delivery] tls``, and for MX delivery the
-        TLSA records of the MX hosts (relayd.queue.transport.dane) or, where there are none, the domain's
-        MTA-STS
-        policy (relayd.queue.transport.mtasts); routes and a smarthost never look either up."""
-        level = self._tls.level_for(domain)
-        if not route.via_mx:
-            return Plan(route.hosts, route.hostnames, level)
-        if self._dane is not None and route.mx_secure:
-            tlsa: dict[str, tuple[Tlsa, ...]] = {}
-            levels: dict[str, TlsLevel] = {}
-            published: list[Tlsa] = []
-            for name in dict.fromkeys(route.hostnames):
-                if name not in route.secure_hosts:
-                    continue  # its address answer was not validated (RFC 7672 §2.2.1)
-                answer = await self._dane.tlsa(name)
-                if answer.status is TlsaStatus.INSECURE:
-                    continue
-                levels[name] = answer.level(level)
-                published += answer.published
-                if answer.records:
-                    tlsa[name] = answer.records
-            if levels:  # DANE wins over MTA-STS (RFC 8461 §2), also where it only asks for encryption
-                strings = tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in published)
-                ref = PolicyRef(domain, "tlsa", strings, tuple(levels))
-                return Plan(route.hosts, route.hostnames, level, tlsa=tlsa, levels=levels, ref=ref)
-        if self._sts is None:
-            return Plan(route.hosts, route.hostnames, level)
-        return await self._sts.plan(domain, route.hosts, route.hostnames, level)
-
-    async def _send_as(self, plan: Plan, sender: str, rcpt: str, data: bytes, channel: Channel) -> str:
-        """Send as planned; under an MTA-STS ``testing`` policy a TLS level not met is counted and the
-        message sent again at the configured level (RFC 8461 §5: testing never stops delivery)."""
-        report = None
-        if plan.ref is not None and self._sessions is not None:
-            report = functools.partial(self._sessions.session, plan.ref)
-        try:
-            reply = await self._transport.send(
-                plan.hosts,
-                sender,
-                rcpt,
-                data,
-                channel,
-                tls=plan.level,
-                names=plan.names,
-                tlsa=plan.tlsa,
-                levels=plan.levels,
-                report=report,
-            )
-        except TlsUnmet:
-            if plan.mode is not None:
-                count_mta_sts(plan.mode, "tls_failed")
-            if plan.fallback is None:
-                raise
-            return await self._transport.send(
-                plan.hosts, sender, rcpt, data, channel, tls=plan.fallback, names=plan.names, report=report
-            )
-        if plan.mode is not None:
-            count_mta_sts(plan.mode, "ok")
+        if held.signal is Signal.NONE:
+            held.signal = Signal.OK
         return reply
+
+    async def _attempt_copies(self, items: list[DueRecipient]) -> None:
+        """The recipients of one message at one domain: their copies one after another under one lane and
+        one connection, as Postfix's smtp sends the recipients of one queue file, not a task each that
+        would route, plan, wait for a lane and take a connection on its own. Each copy is still its own
+        attempt (made, signed, sent in its own transaction); failures are recorded as they happen, the
+        250s together at the end (one queue write, one events write: a crash before it resends them,
+        at-least-once). The lane is held while it has no rate (a rate is per message) and until a block,
+        slow-down or connection failure (a server that stalls must not hold the rest in line); then
+        the remaining copies go in tasks of their own, each waiting for a lane."""
+        mine = items  # the recipients this task ends; those handed to tasks of their own end there
+        try:
+            data: list[StoredData | None] = []
+            for item in items:  # the message read once, if it is not in memory
+                data.append(await self._data(item, next((d for d in data if d is not None), None)))
+            # checked together: the dequeue check answers the recipients asking at once in one query
+            checked = await asyncio.gather(*(self._ready(i, d) for i, d in zip(items, data, strict=True)))
+            if Decision.HOLD in checked:
+                return  # the account's queued recipients, these among them, are held
+            ready = [(i, d) for i, d in zip(items, checked, strict=True) if isinstance(d, StoredData)]
+            if not ready:
+                return
+            held = await self._grant(ready[0][0], [item for item, _ in ready])
+            if held is None:
+                return
+            delivered: list[tuple[DueRecipient, str, int, float]] = []
+            try:
+                async with self._sockets:
+                    for k, (item, stored) in enumerate(ready):
+                        if k and (
+                            held.released
+                            or held.broken
+                            or held.signal is Signal.SLOW_DOWN
+                            or held.got.lane.limit is not None
+                        ):
+                            rest = ready[k:]
+                            mine = [i for i in items if i not in {r for r, _ in rest}]
+                            for other, other_stored in rest:
+                                self._spawn(self._attempt_with(other, other_stored))
+                            break
+                        if k:
+                            held.got.lane.reuse(time.monotonic())
+                        copy = functools.partial(self._copy, item, stored)
+                        send = functools.partial(self._send_held, held, item, copy)
+                        await self._deliver(item, send, delivered)
+            finally:
+                if not held.released:
+                    self._shaper.release(held.got, held.signal)
+                await self._outcomes.delivered_many(delivered)
+        except StorageError as exc:
+            # an outcome could not be written: the recipients without one stay 'queued', tried again later
+            log.error("%s: recording an outcome failed: %s", items[0].queue_id, exc)
+        finally:
+            for item in mine:
+                self._leave(item)
+
+    async def _attempt_with(self, item: DueRecipient, stored: StoredData) -> None:
+        """One attempt of ``item``, whose dequeue check already passed, from ``stored``."""
+        try:
+            copy = functools.partial(self._copy, item, stored)
+            await self._deliver(item, functools.partial(self._send, item, copy))
+        except StorageError as exc:
+            log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
+        finally:
+            self._leave(item)
 
     async def _blocked(self, item: DueRecipient, got: Grant, destination: str, exc: DeliveryError) -> None:
         """Suspend the source address for the destination; the first block reply records the event."""
@@ -555,8 +596,5 @@ class Scheduler:
             )
 
 
-def _make_dane(cfg: Config) -> Dane | None:
-    """DANE needs a validating resolver, which only ``[delivery] nameservers`` can name."""
-    if cfg.delivery.mode != "mx" or not cfg.delivery.nameservers:
-        return None
-    return Dane(make_resolver(cfg.delivery))
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]

@@ -248,6 +248,15 @@ class Lane:
         if self.limit is not None:
             self.next_free = max(self.next_free, now) + 1 / self.limit
 
+    def reuse(self, now: float) -> None:
+        """One more message sent under an attempt already started (the copies of one message one after
+        another on its connection): it counts toward the observed rate a slow-down reply halves, and
+        takes no connection slot."""
+        self.last_used = now
+        self.sent.append(now)
+        while self.sent and self.sent[0] < now - _OBSERVE:
+            self.sent.popleft()
+
     def slow_down(self, now: float, started: float) -> bool:
         """Halve the rate and pause; returns whether this reply cut (one cut per round trip)."""
         if started < self.last_cut:
@@ -525,3 +534,12 @@ def _why(lanes: list[Lane], now: float) -> str:
     if any(lane.paused_until > now for lane in lanes):
         return "paused"
     return "rate"
+
+
+def account_sources(cfg: Config) -> dict[str, tuple[Source, ...]]:
+    """Each pooled account's source addresses with their EHLO names; other accounts use the default."""
+    out: dict[str, tuple[Source, ...]] = {}
+    for name, acct in cfg.accounts.items():
+        if acct.pool is not None and acct.pool in cfg.pools:
+            out[name] = tuple(Source(ip, helo) for ip, helo in cfg.pools[acct.pool].sources())
+    return out

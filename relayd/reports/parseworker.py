@@ -7,9 +7,9 @@ the GIL for the whole match, so a slow path run in a thread still stops submissi
 process, and a match cannot be interrupted from Python. The parsers are meant to be linear in their input;
 this is the line of defence for the slow path nobody has found yet. Only a process can be stopped mid-match.
 
-How: one long-lived child (``python -P -m relayd.reports.parseworker``) per listening process, started with
-the
-listeners and stopped at shutdown, speaking length-prefixed frames over its stdin and stdout: the raw
+How: one long-lived child (``python -P -m relayd.reports.parseworker``) per listening process, started by
+the first report (an idle child costs ~24 MB, and most processes never see a report) and stopped at shutdown,
+speaking length-prefixed frames over its stdin and stdout: the raw
 message in, the pickled :class:`ParsedReport` out ("parse once": the ARF parse and the DSN classification
 of one message come back as one object that every later step reads). Reports are parsed one at a time;
 up to :data:`MAX_PENDING` may wait their turn (an MTA sends few reports at once), and beyond that

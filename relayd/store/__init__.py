@@ -85,20 +85,33 @@ DEFAULT_SQLITE_PATH = Path("var/relayd.db")
 
 
 async def open_store(
-    backend: str, path: Path | None = None, dsn: str | None = None, *, light: bool = False
+    backend: str,
+    path: Path | None = None,
+    dsn: str | None = None,
+    *,
+    light: bool = False,
+    checkpoints: bool = True,
 ) -> Store:
     """Build the configured backend and open it (which migrates the schema).
 
     ``light``: for a process that reads the store only now and then (a queue shard's delivery process:
     the check before each attempt, batched) at a low CPU priority: SQLite gets one reader connection and
-    4 MiB of page cache per connection instead of two readers with 8 MiB each.
+    4 MiB of page cache per connection instead of two readers with 8 MiB each; it writes no sent ledger,
+    so its per-message writer does not fsync each batch of events
+    (:func:`relayd.store.sqlite.connection._connect_hot`).
+    ``checkpoints=False``: a submission process with delivery processes beside it, whose per-message writer
+    leaves SQLite's WAL checkpoints to them (a checkpoint run by a commit delays that batch's ``250``).
 
     Raises ``ValueError`` for an unknown backend or a ``postgresql`` backend without ``dsn``,
     :class:`StoreError` when the database cannot be reached, opened or migrated.
     """
     if backend == "sqlite":
         where = path if path is not None else DEFAULT_SQLITE_PATH
-        store = SqliteStore(where, readers=1, cache_kib=4096) if light else SqliteStore(where)
+        store = (
+            SqliteStore(where, readers=1, cache_kib=4096, ledger=False)
+            if light
+            else SqliteStore(where, checkpoints=checkpoints)
+        )
         await store.open()
         return store
     if backend == "postgresql":

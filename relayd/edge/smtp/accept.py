@@ -9,6 +9,7 @@ The ``250`` is sent only when the queue's commit holding the message has returne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import email.utils
 import logging
@@ -22,6 +23,7 @@ from relayd.core.tokens import new_queue_id
 from relayd.edge.smtp.protocol import RelayEnvelope, RelaySession, StrictSMTP
 from relayd.feedback import reputation
 from relayd.policy.pipeline import AllDropped, MimeError, Pipeline, Refused
+from relayd.policy.render import rebased
 from relayd.queue.handoff import Handoff
 from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
 
@@ -186,15 +188,27 @@ class DataHooks:
                 log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
                 await self._judge_traps(queue_id, session.account, done.trap_hits)
                 return f"250 2.0.0 Ok: queued as {queue_id}", SubmissionOutcome.ACCEPTED
+            # the message as submitted is not needed any more (done.content has what is queued): a big one
+            # is not held twice while it is copied behind our Received field
+            content = envelope.content = envelope.original_content = b""
+            head, data = b"", done.content  # with the Date and Message-ID it lacked
+            if self.handoff.keeps_bytes:  # delivery starts from these bytes: one buffer, shared
+                data = received + data
+                done = dataclasses.replace(
+                    done, prepared=rebased(done.prepared, done.content, data, len(received)), content=b""
+                )
+            else:  # the queue writes both as they are
+                head = received
             msg = NewMessage(
                 queue_id=queue_id,
                 account=session.account,
                 mail_from=envelope.mail_from,
                 recipients=done.recipients,
-                data=received + done.content,  # with the Date and Message-ID it lacked
+                data=data,
                 list_name=done.list_name,
                 render=True,  # each recipient's copy is made at delivery (relayd.policy.render)
                 msg_class=done.msg_class,
+                head=head,
             )
         self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
         try:
@@ -214,7 +228,7 @@ class DataHooks:
             session.account,
             envelope.mail_from,
             len(msg.recipients),
-            len(msg.data),
+            msg.size,
             msg.msg_class.value,
             CLIENT_GONE_NOTE if fate.lost else "",
             extra={
@@ -226,7 +240,7 @@ class DataHooks:
                     "class": msg.msg_class.value,
                     "outcome": "accepted",
                     "nrcpt": len(msg.recipients),
-                    "size": len(msg.data),
+                    "size": msg.size,
                     "client": server.peer_ip,
                     "reply_sent": not fate.lost,
                 }

@@ -41,6 +41,15 @@ class NewMessage:
     render: bool = False
     #: bulk or transactional: the dequeue check and the copy made at delivery depend on it
     msg_class: MessageClass = MessageClass.BULK
+    #: stored in front of ``data`` (our ``Received`` field) when no one keeps the joined bytes in memory
+    #: (relayd.queue.handoff ``keeps_bytes``): the queue writes both as they are, a big message is not
+    #: copied once more to put a line in front of it
+    head: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """Octets of the message as stored: ``head`` and ``data``."""
+        return len(self.head) + len(self.data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ from relayd.store.sqlitewriter import SqliteWriter
 
 #: how long a batch waits for the write lock held by another process (the shard's other process, the CLI)
 _LOCK_TIMEOUT = 5.0
+#: a message longer than this is kept in ``messages.body``, written and read in pieces (migration v0007)
+BODY_ABOVE = 256 * 1024
 
 
 def message_row(db: sqlite3.Connection, queue_id: str) -> MessageRow | None:
@@ -78,13 +80,26 @@ def _due(row: Sequence[Any]) -> DueRecipient:
     )
 
 
+#: a recipient's final state; one held while its attempt was in flight takes it as well (the attempt happened)
+_FINISH = (
+    "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ?, data = NULL, "
+    "held_by = NULL WHERE msg_id = ? AND idx = ? AND state IN ('queued', 'held')"
+)
+
+
+#: WAL pages (of 4 KiB) past which a writer that leaves checkpoints to another process checkpoints anyway
+WAL_BACKSTOP = 25_000
+
+
 class QueueStore:
     """Async access to the queue database: a group-committing writer (relayd.store.sqlitewriter) plus inline
     reads. Reads are short indexed lookups in WAL mode (readers never wait for the writer) and run on the
     loop thread.
     """
 
-    def __init__(self, path: Path, *, batch_limit: int = 512, outcomes_only: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, batch_limit: int = 512, outcomes_only: bool = False, checkpoints: bool = True
+    ) -> None:
         self.path = path
         self._batch_limit = batch_limit
         #: a shard's delivery process writes only attempt outcomes, and holds the write lock that the
@@ -94,6 +109,11 @@ class QueueStore:
         #: the queue promises anyway. Every message is still committed with ``FULL`` (and that fsync
         #: writes out the outcomes before it too).
         self._synchronous = "NORMAL" if outcomes_only else "FULL"
+        #: a shard's submission process leaves checkpoints to its delivery process (``checkpoints=False``):
+        #: a commit that crosses SQLite's WAL threshold runs the checkpoint itself, writing back and
+        #: fsyncing the database file, and every ``250`` of its batch waited for that (tens of ms, the
+        #: probe's p99). It still checkpoints past :data:`WAL_BACKSTOP` pages, should delivery stall.
+        self._autocheckpoint = 1000 if checkpoints else WAL_BACKSTOP
         self._db: sqlite3.Connection | None = None
         self._ro: sqlite3.Connection | None = None
         self._writer: SqliteWriter | None = None
@@ -119,6 +139,7 @@ class QueueStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
         migrate(db)
         db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
         return db
@@ -151,29 +172,34 @@ class QueueStore:
         now = time.time()
         state = State.HELD if held else State.QUEUED
         if min_free > 0:
-            size = len(msg.data)
+            size = msg.size
             try:
                 free = free_bytes(self.path.parent)
             except OSError as exc:
                 raise StorageError(f"cannot stat the queue's filesystem: {exc}") from exc
             if free < min_free + size:
                 raise InsufficientStorage(f"{free} bytes free on the queue filesystem, {min_free} kept back")
+        size = msg.size
+        big = size > BODY_ABOVE  # kept in ``body`` (migration v0007), ``data`` left empty
         await self._submit(
             [
                 Op(
                     "INSERT INTO messages (id, account, mail_from, list_name, created_at, size, data, "
-                    "render, msg_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "render, msg_class, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    + ("zeroblob(?))" if big else "?)"),
                     (
                         msg.queue_id,
                         msg.account,
                         msg.mail_from,
                         msg.list_name,
                         now,
-                        len(msg.data),
-                        msg.data,
+                        size,
+                        b"" if big else msg.head + msg.data,
                         int(msg.render),
                         msg.msg_class.value,
+                        size if big else None,
                     ),
+                    body=(msg.head, msg.data) if big else None,
                 ),
                 Op(
                     "INSERT INTO recipients (msg_id, idx, address, state, attempts, next_attempt, "
@@ -192,16 +218,22 @@ class QueueStore:
         attempt was in flight takes the outcome as well: the attempt happened."""
         assert state in FINAL_STATES
         await self._submit(
-            [
-                Op(
-                    "UPDATE recipients SET state = ?, last_reply = ?, attempts = ?, updated_at = ?, "
-                    "data = NULL, held_by = NULL "
-                    "WHERE msg_id = ? AND idx = ? AND state IN ('queued', 'held')",
-                    (state, reply, attempts, time.time(), queue_id, index),
-                    touched=queue_id,
-                )
-            ]
+            [Op(_FINISH, (state, reply, attempts, time.time(), queue_id, index), touched=queue_id)]
         )
+
+    async def finish_many(self, done: Sequence[tuple[str, int, State, str, int]]) -> None:
+        """:meth:`finish` for several recipients, (queue id, index, state, reply, attempts) each, in one
+        write: the copies of a message sent one after another end together (one statement per message,
+        and one check whether its data can be freed)."""
+        now = time.time()
+        by_message: dict[str, list[tuple[Any, ...]]] = {}
+        for queue_id, index, state, reply, attempts in done:
+            assert state in FINAL_STATES
+            by_message.setdefault(queue_id, []).append((state, reply, attempts, now, queue_id, index))
+        if by_message:
+            await self._submit(
+                [Op(_FINISH, rows, many=True, touched=queue_id) for queue_id, rows in by_message.items()]
+            )
 
     async def defer(self, queue_id: str, index: int, next_attempt: float, reply: str, attempts: int) -> None:
         """Record a failed attempt and when to try again; a recipient held meanwhile stays held (the
@@ -393,25 +425,47 @@ class QueueStore:
 
     async def message_data(self, queue_id: str) -> StoredData | None:
         """The message as stored (without any per-recipient copy an older relayd kept)."""
-        rows = await self._fetch("SELECT data, render FROM messages WHERE id = ?", (queue_id,))
-        if not rows or rows[0][0] is None:
-            return None
-        return StoredData(bytes(rows[0][0]), bool(rows[0][1]))
+        rows = await self._read_data(
+            "SELECT NULL, data, render, body IS NOT NULL, rowid FROM messages WHERE id = ?", (queue_id,)
+        )
+        return rows[0] if rows else None
 
     async def recipient_data(self, queue_id: str, index: int) -> StoredData | None:
         """What to deliver to one recipient: its own finished copy if an older relayd stored one, else
         the message (with whether a copy is to be rendered from it)."""
-        rows = await self._fetch(
-            "SELECT r.data, m.data, m.render FROM recipients r JOIN messages m ON m.id = r.msg_id "
-            "WHERE r.msg_id = ? AND r.idx = ?",
+        rows = await self._read_data(
+            "SELECT r.data, m.data, m.render, m.body IS NOT NULL, m.rowid FROM recipients r "
+            "JOIN messages m ON m.id = r.msg_id WHERE r.msg_id = ? AND r.idx = ?",
             (queue_id, index),
         )
-        if not rows:
-            return None
-        own, shared, render = rows[0]
-        if own is not None:
-            return StoredData(bytes(own), False)
-        return StoredData(bytes(shared), bool(render)) if shared is not None else None
+        return rows[0] if rows else None
+
+    async def _read_data(self, sql: str, params: Sequence[Any]) -> list[StoredData | None]:
+        """Rows of (own copy, data, render, has body, message rowid) as :class:`StoredData`, a big
+        message's ``body`` read into one buffer (``Blob.read``: no second copy inside SQLite), in one read
+        transaction, so a body freed meanwhile is never half seen."""
+        if self._ro is None:
+            raise StorageError("queue is closed")
+        db = self._ro
+        try:
+            db.execute("BEGIN")
+            try:
+                out: list[StoredData | None] = []
+                for own, data, render, has_body, rowid in db.execute(sql, params).fetchall():
+                    if own is not None:
+                        out.append(StoredData(bytes(own), False))
+                    elif data is None:
+                        out.append(None)
+                    elif has_body:
+                        with db.blobopen("messages", "body", rowid, readonly=True) as blob:
+                            out.append(StoredData(blob.read(), bool(render)))
+                    else:
+                        out.append(StoredData(bytes(data), bool(render)))
+                return out
+            finally:
+                db.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"queue read failed: {exc}") from exc
 
     async def show(self, queue_id: str) -> MessageRow | None:
         """A message and its recipients (``relayd queue show``)."""

@@ -93,12 +93,19 @@ class Op:
     params: Sequence[Any] | Sequence[Sequence[Any]]
     many: bool = False
     touched: str | None = None  # message id whose data may be freed after this op
+    #: written in order into the ``body`` of the ``messages`` row this op (an INSERT with a ``zeroblob`` of
+    #: their total length there) has just made, a piece at a time: SQLite never holds a copy of the whole
+    #: (migration v0007)
+    body: tuple[bytes, ...] | None = None
 
 
 FREE_DATA = (
-    "UPDATE messages SET data = NULL WHERE id = ? AND data IS NOT NULL AND NOT EXISTS "
+    "UPDATE messages SET data = NULL, body = NULL WHERE id = ? AND data IS NOT NULL AND NOT EXISTS "
     "(SELECT 1 FROM recipients WHERE msg_id = ? AND state IN ('queued', 'held'))"
 )
+
+#: octets per write into a blob
+_PIECE = 1 << 20
 
 
 def apply_ops(ops: list[Op], db: sqlite3.Connection) -> int:
@@ -108,6 +115,13 @@ def apply_ops(ops: list[Op], db: sqlite3.Connection) -> int:
     for op in ops:
         cur = db.executemany(op.sql, op.params) if op.many else db.execute(op.sql, op.params)
         rowcount = cur.rowcount
+        if op.body is not None:
+            assert cur.lastrowid is not None  # an INSERT into messages, a rowid table
+            with db.blobopen("messages", "body", cur.lastrowid) as blob:
+                for piece in op.body:
+                    view = memoryview(piece)
+                    for at in range(0, len(view), _PIECE):
+                        blob.write(view[at : at + _PIECE])
         if op.touched:
             touched.add(op.touched)
     if touched:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 from relayd.core import metrics
 from relayd.core.errors import PermanentFailure, SmtpError, SmtpReplyError, SmtpTimeout, TemporaryFailure
+from relayd.mail import chunks
+from relayd.mail.chunks import Chunks
 from relayd.queue.transport import dane
 from relayd.queue.transport.smtpclient import LeanSMTP
 from relayd.queue.transport.tlspolicy import TlsLevel, handshake_result, unmet
@@ -370,7 +372,7 @@ class Transport:
         hosts: tuple[tuple[str, int], ...],
         mail_from: str,
         rcpt: str,
-        data: bytes,
+        data: Chunks,
         channel: Channel = _DEFAULT,
         *,
         tls: TlsLevel | None = None,
@@ -419,13 +421,13 @@ class Transport:
             return await self._transaction(conn, mail_from, rcpt, data)
         raise last or TemporaryFailure("no host to deliver to")
 
-    async def _transaction(self, conn: _Conn, mail_from: str, rcpt: str, data: bytes) -> str:
+    async def _transaction(self, conn: _Conn, mail_from: str, rcpt: str, data: Chunks) -> str:
         client = conn.client
         options = []
-        if client.supports_extension("8bitmime") and not data.isascii():
+        if client.supports_extension("8bitmime") and not chunks.all_ascii(data):
             options.append("BODY=8BITMIME")
         if client.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
+            options.append(f"SIZE={chunks.total(data)}")
         try:
             code, text = await client.send(mail_from, rcpt, data, options)
         except asyncio.CancelledError:

@@ -23,8 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Iterable
 
 from relayd.core.errors import SmtpConnectError, SmtpDisconnected, SmtpReplyError, SmtpTimeout
+from relayd.mail import chunks
+from relayd.mail.chunks import Chunks
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +166,15 @@ class LeanSMTP:
 
     # --- the transaction -------------------------------------------------------------------------------
 
-    async def send(self, mail_from: str, rcpt: str, data: bytes, options: list[str]) -> tuple[int, str]:
+    async def send(self, mail_from: str, rcpt: str, data: Chunks, options: list[str]) -> tuple[int, str]:
         """MAIL, RCPT, DATA and the message; returns the final reply. ``data`` must be CRLF text (the
-        queue only holds such: bare CR/LF were refused at submission)."""
+        queue only holds such: bare CR/LF were refused at submission), one ``bytes`` or the pieces of a
+        copy (relayd.mail.chunks), sent a window at a time without joining them."""
         self.replied = False
         mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
         rcpt_cmd = f"RCPT TO:<{rcpt}>"
-        body = data if data.endswith(b"\r\n") or not data else data + b"\r\n"
         if "chunking" in self._extensions and "pipelining" in self._extensions:
-            return await self._send_bdat(mail, rcpt_cmd, body)
+            return await self._send_bdat(mail, rcpt_cmd, data)
         if "pipelining" in self._extensions:
             # RFC 2920 §3.1: MAIL, RCPT and DATA may go in one write; the replies come back in order
             self._write(f"{mail}\r\n{rcpt_cmd}\r\nDATA\r\n".encode())
@@ -192,19 +195,20 @@ class LeanSMTP:
                     self._write(b".\r\n")
                     await self._reply()
                 raise ReplyError(code, text, command)
-        if body.startswith(b"."):
-            body = b"." + body
-        self._write(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        await self._write_all(chunks.dot_stuffed(data))
         code, text = await self._reply()
         if code != 250:
             raise ReplyError(code, text, "DATA")
         return code, text
 
-    async def _send_bdat(self, mail: str, rcpt_cmd: str, body: bytes) -> tuple[int, str]:
+    async def _send_bdat(self, mail: str, rcpt_cmd: str, data: Chunks) -> tuple[int, str]:
         """RFC 3030 CHUNKING with PIPELINING: MAIL, RCPT, ``BDAT <n> LAST`` and the message in one write,
         three replies back -- one round trip instead of two, and no dot-stuffing. A server that refused
         MAIL or RCPT still reads the chunk and refuses the BDAT (§2), so the connection stays in step."""
-        self._write(f"{mail}\r\n{rcpt_cmd}\r\nBDAT {len(body)} LAST\r\n".encode() + body)
+        size = chunks.total(data)
+        end = b"\r\n" if size and not chunks.ends_with_crlf(data) else b""
+        commands = f"{mail}\r\n{rcpt_cmd}\r\nBDAT {size + len(end)} LAST\r\n".encode()
+        await self._write_all([commands, *chunks.windows(data), end])
         replies = await self._replies(3)
         for (code, text), (command, ok) in zip(replies, _BDAT_EXPECTED, strict=True):
             if code not in ok:
@@ -217,6 +221,39 @@ class LeanSMTP:
         if self._writer is None or self._writer.is_closing():
             raise SmtpDisconnected("Connection lost")
         self._writer.write(data)
+
+    async def _write_all(self, pieces: Iterable[bytes]) -> None:
+        """Write ``pieces`` joined into writes of about a window (relayd.mail.chunks.WINDOW); after a write
+        that leaves more than a window in the transport's buffer, wait until it has room again, so a big
+        message is never buffered whole (``timeout`` for each wait). A copy of a few KB is one write and
+        no wait, as a joined message was: one system call per transaction counts at thousands a second."""
+        batch: list[bytes] = []
+        size = 0
+        for piece in pieces:
+            if piece:
+                batch.append(piece)
+                size += len(piece)
+                if size >= chunks.WINDOW:
+                    await self._write_window(batch)
+                    batch, size = [], 0
+        if batch:
+            await self._write_window(batch)
+
+    async def _write_window(self, batch: list[bytes]) -> None:
+        self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+        writer = self._writer
+        assert writer is not None
+        if writer.transport.get_write_buffer_size() <= chunks.WINDOW:
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await writer.drain()
+        except TimeoutError as exc:
+            self.close()
+            raise SmtpTimeout("Timed out sending the message") from exc
+        except OSError as exc:
+            self.close()
+            raise SmtpDisconnected(f"Connection lost: {exc}") from exc
 
     async def _command(self, line: str) -> tuple[int, str]:
         self._write(line.encode("ascii", "strict") + b"\r\n")

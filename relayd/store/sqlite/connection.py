@@ -86,18 +86,30 @@ def qmark(_n: int) -> str:
     return "?"
 
 
+#: WAL pages past which a writer that leaves checkpoints to other processes checkpoints anyway
+_WAL_BACKSTOP = 25_000
+
+
 def _insert_many(sql: str, rows: list[Row], db: sqlite3.Connection) -> None:
     db.executemany(sql, rows)
 
 
-def _connect_hot(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """The per-message writer's connection (see the module docstring); ``synchronous=FULL``, because the
-    sent ledger is written here: a message the queue holds (fsynced) must find its ledger row after a
-    power loss, or its unsubscribe link, VERP address and trace token verify for nothing. The ledger rows
-    share each batch's transaction with that batch's cap reservations and events, so they are made
-    durable by the same single fsync per batch."""
+def _connect_hot(path: Path, busy_timeout: float, ledger: bool, checkpoints: bool) -> sqlite3.Connection:
+    """The per-message writer's connection (see the module docstring); ``synchronous=FULL`` where the
+    sent ledger is written (``ledger``): a message the queue holds (fsynced) must find its ledger row
+    after a power loss, or its unsubscribe link, VERP address and trace token verify for nothing. The
+    ledger rows share each batch's transaction with that batch's cap reservations and events, so they are
+    made durable by the same single fsync per batch.
+
+    A process that writes no ledger (a queue shard's delivery process) writes events here, one per
+    delivery attempt: ``synchronous=NORMAL``, no fsync per batch. A power loss may take its last events
+    (a record of what happened, not a decision; suppressions go through the durable writer), and the next
+    FULL commit of any process writes them out too."""
     db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout, check_same_thread=False)
-    db.execute("PRAGMA synchronous = FULL")
+    db.execute(f"PRAGMA synchronous = {'FULL' if ledger else 'NORMAL'}")
+    # ``checkpoints=False`` (a submission process with delivery processes beside it): its commits leave
+    # WAL checkpoints to them, as the queue's do (relayd.queue.store.queuestore says why), up to a backstop
+    db.execute(f"PRAGMA wal_autocheckpoint = {1000 if checkpoints else _WAL_BACKSTOP}")
     db.execute("PRAGMA temp_store = MEMORY")
     db.execute("PRAGMA busy_timeout = 0")  # write_lock() waits for the lock, in short steps
     return db
@@ -109,6 +121,8 @@ class SqliteConnection:
 
     ``readers`` is the number of read connections (threads) serving ``check`` and the other queries.
     ``busy_timeout`` is how long a write waits for another process's write lock before failing.
+    ``ledger=False``: this process writes no sent ledger, and its per-message writer does not fsync
+    (:func:`_connect_hot`); ``checkpoints=False``: that writer leaves WAL checkpoints to other processes.
     """
 
     def __init__(
@@ -118,8 +132,12 @@ class SqliteConnection:
         readers: int = 2,
         busy_timeout: float = 5.0,
         cache_kib: int = 8192,
+        ledger: bool = True,
+        checkpoints: bool = True,
     ) -> None:
         self.path = Path(path)
+        self._ledger = ledger
+        self._checkpoints = checkpoints
         self._n_readers = max(1, readers)
         self._cache_kib = cache_kib
         self._busy_timeout = busy_timeout
@@ -152,9 +170,14 @@ class SqliteConnection:
                 await reader.execute("PRAGMA query_only = 1")
                 self._readers.append(reader)
             self._reader_cycle = itertools.cycle(self._readers)
-            self._hot_db = await asyncio.to_thread(_connect_hot, self.path, self._busy_timeout)
+            self._hot_db = await asyncio.to_thread(
+                _connect_hot, self.path, self._busy_timeout, self._ledger, self._checkpoints
+            )
             self._hot = SqliteWriter(
-                "store-writer", self._hot_db, error=self._write_error, lock_timeout=self._busy_timeout
+                "store-writer",
+                self._hot_db,
+                error=self._write_error,
+                lock_timeout=self._busy_timeout,
             )
             self._hot.start()
             # Hot-path reads (``check`` on every RCPT and dequeue) run on the event loop thread itself: an

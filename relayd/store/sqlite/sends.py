@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Final
 
-from ..models import SentRecord
+from ..models import SentRecord, StoreError
 from ..rows import HOUR_US, cap_windows, distinct, micros, sent_record, sent_row
 from ..sql import sent_lookup, sent_page
 from .connection import Row, SqliteConnection, marks, padded_chunks, qmark
@@ -101,8 +101,11 @@ class SendTables(SqliteConnection):
             return cursor.rowcount
 
     async def record_sent(self, records: Iterable[SentRecord]) -> None:
-        """Group commit, like events: every message accepted meanwhile shares one transaction."""
+        """Group commit, like events: every message accepted meanwhile shares one transaction. Refused
+        by a store opened without ``ledger`` (its writer does not fsync: the rows could be lost)."""
         rows: list[Row] = [sent_row(r) for r in records]
+        if rows and not self._ledger:
+            raise StoreError(f"{self.path}: opened without the sent ledger (ledger=False)")
         if rows:
             await self._insert_hot(_INSERT_SENT, rows)
 
