@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -28,9 +27,8 @@ def fix_mmap_threshold() -> None:
     above it is freed as well; pinned, a multi-megabyte message's buffers go back to the system as soon
     as its copies are sent (bench/bigmail.py). Small objects are not affected. Elsewhere than glibc this
     does nothing."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    try:  # the symbols already in the process (libc's among them): no library search, no subprocess
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except OSError as exc:  # no C library to load: nothing to tune
         log.debug("mallopt not available: %s", exc)
         return

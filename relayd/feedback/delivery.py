@@ -34,9 +34,7 @@ class DeliveryRecording(BounceHandling):
         events = []
         now = dt.datetime.now(dt.UTC)
         for item, reply, seconds in done:
-            domain = item.address.rpartition("@")[2]
-            metrics.DELIVERIES.labels(DeliveryOutcome.DELIVERED.value, metrics.domain_label(domain)).inc()
-            metrics.DELIVERY_SECONDS.observe(seconds)
+            _count(item, DeliveryOutcome.DELIVERED, seconds)
             events.append(_event(item, DeliveryOutcome.DELIVERED, reply, now))
         await self.store.record_events(events)
 
@@ -52,11 +50,7 @@ class DeliveryRecording(BounceHandling):
         ``seconds``; a final failure with its ``error`` also has a bounce's effects. ``dropped`` is only
         counted (the dequeue check recorded its event with the reason). Raises StorageError."""
         outcome = DeliveryOutcome(outcome)
-        domain = item.address.rpartition("@")[2]
-        if outcome is not DeliveryOutcome.IP_SUSPENDED:  # about our source address, not a delivery outcome
-            metrics.DELIVERIES.labels(outcome.value, metrics.domain_label(domain)).inc()
-        if outcome in (DeliveryOutcome.DELIVERED, DeliveryOutcome.BOUNCED):
-            metrics.DELIVERY_SECONDS.observe(seconds)
+        _count(item, outcome, seconds)
         if outcome is DeliveryOutcome.DROPPED:
             return  # the dequeue check recorded the event with its reason
         await self.store.record_event(_event(item, outcome, reply, dt.datetime.now(dt.UTC)))
@@ -70,6 +64,14 @@ class DeliveryRecording(BounceHandling):
                 command=error.command,
                 now=now,
             )
+
+
+def _count(item: DueRecipient, outcome: DeliveryOutcome, seconds: float) -> None:
+    if outcome is not DeliveryOutcome.IP_SUSPENDED:  # about our source address, not a delivery outcome
+        domain = item.address.rpartition("@")[2]
+        metrics.DELIVERIES.labels(outcome.value, metrics.domain_label(domain)).inc()
+    if outcome in (DeliveryOutcome.DELIVERED, DeliveryOutcome.BOUNCED):
+        metrics.DELIVERY_SECONDS.observe(seconds)
 
 
 def _event(item: DueRecipient, outcome: DeliveryOutcome, reply: str, at: dt.datetime) -> Event:

@@ -13,7 +13,7 @@ whatever the size of the message.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from relayd.mail.dkim import BodyHash, Signer, canonicalize_body
 
@@ -24,6 +24,7 @@ __all__ = [
     "as_chunks",
     "dot_stuffed",
     "ends_with_crlf",
+    "gathered",
     "line_windows",
     "sign",
     "single",
@@ -181,18 +182,23 @@ def windows(data: Chunks) -> Iterator[bytes]:
 
 
 def _windows(chunks: Sequence[bytes | memoryview]) -> Iterator[bytes]:
-    """The chunks in order as ``bytes`` of about :data:`WINDOW` octets (small ones gathered, big ones cut)."""
+    return gathered(chunks, WINDOW)
+
+
+def gathered(pieces: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of ``pieces`` in order, as ``bytes`` of about ``size`` octets (small pieces gathered,
+    big ones cut): one window's worth held at a time, whatever the size of the whole."""
     pending: list[bytes | memoryview] = []
-    size = 0
-    for chunk in chunks:
-        view = memoryview(chunk)
-        for at in range(0, len(view), WINDOW):
-            piece = view[at : at + WINDOW]
-            pending.append(piece)
-            size += len(piece)
-            if size >= WINDOW:
+    held = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        for at in range(0, len(view), size):
+            cut = view[at : at + size]
+            pending.append(cut)
+            held += len(cut)
+            if held >= size:
                 yield b"".join(pending)
                 pending.clear()
-                size = 0
+                held = 0
     if pending:
         yield b"".join(pending)

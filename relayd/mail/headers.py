@@ -13,12 +13,13 @@ Everything here works on canonical CRLF input (see ``rewrite.canonical_crlf``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from relayd.core.errors import RelaydError
+from relayd.mail.chunks import gathered
 
 CRLF = b"\r\n"
 
@@ -279,7 +280,7 @@ def has_long_line_in(pieces: Iterable[bytes | memoryview]) -> bool:
     """:func:`has_long_line` of the concatenation of ``pieces``, without making it: lines may run across
     pieces. Memory: a window of some tens of KB, whatever the total."""
     carry = b""  # the unfinished last line so far (at most 999 octets, else the answer is known)
-    for window in _windows(pieces):
+    for window in gathered(pieces, _WINDOW):
         data = carry + window if carry else window
         cut = data.rfind(CRLF)
         if cut >= 0:
@@ -290,25 +291,6 @@ def has_long_line_in(pieces: Iterable[bytes | memoryview]) -> bool:
             return True
         carry = data
     return len(carry) > 998
-
-
-def _windows(pieces: Iterable[bytes | memoryview]) -> Iterator[bytes]:
-    """The bytes of ``pieces`` in order, as ``bytes`` of about :data:`_WINDOW` octets (small pieces
-    gathered, big ones cut)."""
-    pending: list[bytes | memoryview] = []
-    size = 0
-    for piece in pieces:
-        view = memoryview(piece)
-        for at in range(0, len(view), _WINDOW):
-            chunk = view[at : at + _WINDOW]
-            pending.append(chunk)
-            size += len(chunk)
-            if size >= _WINDOW:
-                yield b"".join(pending)
-                pending.clear()
-                size = 0
-    if pending:
-        yield b"".join(pending)
 
 
 #: a leaf part's body longer than this is replaced in :func:`skeleton` (shorter ones are kept as they are)

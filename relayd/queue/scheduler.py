@@ -351,9 +351,10 @@ class Scheduler:
         data = self._cache.take(item.queue_id) or (known if known is not None and known.render else None)
         return data or await self._store.recipient_data(item.queue_id, item.index)
 
-    async def _attempt(self, item: DueRecipient) -> None:
+    async def _attempt(self, item: DueRecipient, checked: StoredData | None = None) -> None:
+        """One attempt of ``item``; ``checked``: its data, whose dequeue check already passed."""
         try:
-            stored = await self._ready(item, await self._data(item))
+            stored = checked or await self._ready(item, await self._data(item))
             if isinstance(stored, StoredData):
                 await self._deliver(item, lambda: self._send(item, lambda: self._copy(item, stored)))
         except StorageError as exc:
@@ -554,7 +555,7 @@ class Scheduler:
                             rest = ready[k:]
                             mine = [i for i in items if i not in {r for r, _ in rest}]
                             for other, other_stored in rest:
-                                self._spawn(self._attempt_with(other, other_stored))
+                                self._spawn(self._attempt(other, other_stored))
                             break
                         if k:
                             held.got.lane.reuse(time.monotonic())
@@ -571,16 +572,6 @@ class Scheduler:
         finally:
             for item in mine:
                 self._leave(item)
-
-    async def _attempt_with(self, item: DueRecipient, stored: StoredData) -> None:
-        """One attempt of ``item``, whose dequeue check already passed, from ``stored``."""
-        try:
-            copy = functools.partial(self._copy, item, stored)
-            await self._deliver(item, functools.partial(self._send, item, copy))
-        except StorageError as exc:
-            log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
-        finally:
-            self._leave(item)
 
     async def _blocked(self, item: DueRecipient, got: Grant, destination: str, exc: DeliveryError) -> None:
         """Suspend the source address for the destination; the first block reply records the event."""
