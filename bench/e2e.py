@@ -621,7 +621,11 @@ class Relayd:
         # info, relayd's default: a line per submission and per delivery attempt, as Postfix logs to its
         # maillog_file in this bench
         cmd = [sys.executable, "-m", "relayd", "serve", "--config", str(self.cfg), "--log-level", "info"]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
+        # A session of its own, as Postfix's master makes itself (setsid) and as a service has its own
+        # cgroup: with autogroup scheduling (Linux's default) the CPU is shared between sessions first, so
+        # in this bench's session relayd's processes would compete one by one with smtp-source, the sink
+        # and the latency probe, while Postfix's compete as one group.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
         try:
             wait_port(self.port, 60)
         except SystemExit:

@@ -242,8 +242,12 @@ class PostfixInstance:
         self.setup()
         if self.milter:
             log = (self.dkim_dir / "opendkim.log").open("wb")
+            # a session of its own, as a daemon of its own (Postfix's master makes one too: bench/e2e.py)
             self.opendkim = subprocess.Popen(
-                ["opendkim", "-f", "-x", str(self.dkim_dir / "opendkim.conf")], stdout=log, stderr=log
+                ["opendkim", "-f", "-x", str(self.dkim_dir / "opendkim.conf")],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
             if not _wait_port(self.milter_port, 15):
                 self.stop()

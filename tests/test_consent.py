@@ -298,6 +298,8 @@ async def run(p: Pipeline, raw: bytes, *recipients: str, now: datetime = T0) -> 
         raw=raw,
         now=now,
     )
+    if done.ledger is not None:  # nothing is queued here: the caller awaits the ledger's write
+        await done.ledger
     return qid, Done(done, tuple(p.render(done, i) for i in range(len(done.recipients))))
 
 

@@ -6,13 +6,14 @@ import json
 import queue
 import random
 import smtplib
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness import PASSWORD, Relayd, Sink, message, wait_until
+from tests.harness import PASSWORD, Relayd, Sink, cli_json, message, wait_until
 
 TOTAL = 500
 KILLS = 3
@@ -99,3 +100,31 @@ def test_kill_9_during_submission_loses_no_accepted_message(tmp_path: Path, sink
     duplicates = len(sink.messages) - len(delivered())
     print(f"accepted={len(accepted)} delivered={len(delivered())} duplicates={duplicates} kills={kills}")
     assert len(set(accepted.values())) == TOTAL
+
+
+def test_a_message_whose_ledger_rows_cannot_be_written_is_refused_451_and_never_queued(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """The sent ledger's commit and the queue's share a turn of the loop (relayd.store.sqlitewriter,
+    ``after``), but the queue's still depends on the ledger's: a message is never on disk without the rows
+    its unsubscribe link and VERP address verify against. Here SQLite itself refuses the rows (a trigger
+    added from outside): the client gets 451 4.3.0, nothing is queued or delivered, and once the rows can
+    be written again the same message goes through."""
+    relayd = Relayd(tmp_path, routes={"example.test": sink.port})
+    with relayd:
+        db = sqlite3.connect(tmp_path / "relayd.db", isolation_level=None, timeout=10)
+        try:
+            db.execute(
+                "CREATE TRIGGER refuse_ledger BEFORE INSERT ON sent BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            code, resp = relayd.submit(message("ledger down"), to=["a@example.test", "b@example.test"])
+            assert code == 451 and resp.startswith(b"4.3.0"), resp
+            assert cli_json(relayd, "queue", "list") == []
+            assert cli_json(relayd, "queue", "list", "--state", "done") == []
+            db.execute("DROP TRIGGER refuse_ledger")
+        finally:
+            db.close()
+        assert relayd.submit(message("ledger back"), to=["a@example.test"])[0] == 250
+        assert wait_until(lambda: sink.handler.count() == 1)
+        assert [m.rcpt_tos for m in sink.messages] == [["a@example.test"]]
+        assert "policy store failed" in relayd.log_text()

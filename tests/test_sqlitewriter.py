@@ -126,6 +126,97 @@ async def test_stop_commits_what_was_given_and_later_jobs_are_refused(
         await writer.run(_insert("late"))
 
 
+# --- a write that must follow another (after=) --------------------------------------------------------
+
+
+@pytest.fixture
+async def two_writers(tmp_path: Path) -> AsyncIterator[tuple[SqliteWriter, SqliteWriter]]:
+    """A first writer (the sent ledger's, in relayd) and a second (the queue's) on files of their own."""
+    dbs = [_connect(tmp_path / "first.db"), _connect(tmp_path / "second.db")]
+    writers = (
+        SqliteWriter("first", dbs[0], error=_error, lock_timeout=0.3),
+        SqliteWriter("second", dbs[1], error=_error, lock_timeout=0.3),
+    )
+    for w in writers:
+        w.start()
+    yield writers
+    for w in writers:
+        await w.stop()
+    for db in dbs:
+        db.close()
+
+
+async def test_a_write_given_after_another_commits_behind_it_in_the_same_turn(
+    two_writers: tuple[SqliteWriter, SqliteWriter], tmp_path: Path
+) -> None:
+    first, second = two_writers
+    seen: list[bool] = []
+
+    def behind(db: sqlite3.Connection) -> int:
+        seen.append(ledger.done() and _rows(tmp_path / "first.db") == ["ledger"])  # committed, not pending
+        return db.execute("INSERT INTO t VALUES ('queued')").rowcount
+
+    ledger = first.submit(_insert("ledger"))
+    queued = second.submit(behind, after=ledger)
+    await asyncio.sleep(0)  # one turn of the loop: both writers run in it, the first one first
+    assert ledger.done() and queued.done()
+    assert seen == [True] and await queued == 1
+    assert _rows(tmp_path / "second.db") == ["queued"]
+
+
+async def test_a_write_whose_prerequisite_failed_fails_with_its_error_and_writes_nothing(
+    two_writers: tuple[SqliteWriter, SqliteWriter], tmp_path: Path
+) -> None:
+    first, second = two_writers
+    await first.run(_insert("dup"))
+    ledger = first.submit(_insert("dup"))  # fails: a duplicate key
+    outcomes = await asyncio.gather(
+        second.run(_insert("queued"), after=ledger),
+        second.run(_insert("other")),  # in the same batch, with no prerequisite: committed
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], Refused) and outcomes[0] is ledger.exception()
+    assert outcomes[1] == 1
+    assert _rows(tmp_path / "second.db") == ["other"]
+
+
+def _parked(writer: SqliteWriter) -> tuple[asyncio.Future[None], asyncio.Future[int]]:
+    """A prerequisite not done yet, and a write of "parked" given ``after`` it."""
+    prerequisite: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    return prerequisite, asyncio.ensure_future(writer.run(_insert("parked"), after=prerequisite))
+
+
+async def test_a_write_waiting_for_its_prerequisite_holds_up_neither_the_lock_nor_other_writes(
+    two_writers: tuple[SqliteWriter, SqliteWriter], tmp_path: Path
+) -> None:
+    prerequisite, parked = _parked(two_writers[1])
+    assert await two_writers[1].run(_insert("other")) == 1  # not behind the parked one
+    other = sqlite3.connect(tmp_path / "second.db", isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free: nobody holds it while waiting
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert not parked.done()
+    prerequisite.set_result(None)
+    assert await parked == 1
+    assert _rows(tmp_path / "second.db") == ["other", "parked"]
+
+
+async def test_stop_commits_a_parked_write_once_its_prerequisite_is_done(
+    two_writers: tuple[SqliteWriter, SqliteWriter], tmp_path: Path
+) -> None:
+    prerequisite, parked = _parked(two_writers[1])
+    await asyncio.sleep(0)
+    stopping = asyncio.ensure_future(two_writers[1].stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # the writer waits for the parked job, not forgets it
+    prerequisite.set_result(None)
+    await stopping
+    assert await parked == 1
+    assert _rows(tmp_path / "second.db") == ["parked"]
+
+
 # --- the write lock --------------------------------------------------------------------------------------
 
 

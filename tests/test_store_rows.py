@@ -163,6 +163,11 @@ def _protocol_methods() -> dict[str, inspect.Signature]:
     return methods
 
 
+#: plain methods returning a future: begun before they return, so that the queue's write can follow the
+#: ledger's without a turn of the loop (relayd.store.sqlitewriter, ``after``)
+BEGUN_AT_ONCE = {"record_sent"}
+
+
 @pytest.mark.parametrize("backend", [SqliteStore, PostgresStore], ids=["sqlite", "postgresql"])
 def test_backend_has_every_store_method_with_its_parameters(backend: type[Any]) -> None:
     methods = _protocol_methods()
@@ -171,4 +176,5 @@ def test_backend_has_every_store_method_with_its_parameters(backend: type[Any]) 
         got = inspect.signature(getattr(backend, name))
         assert list(got.parameters) == list(wanted.parameters), name
         method = getattr(backend, name)
-        assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
+        awaited = inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
+        assert awaited != (name in BEGUN_AT_ONCE), name

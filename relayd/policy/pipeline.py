@@ -93,6 +93,10 @@ class Processed:
     content: bytes = field(kw_only=True)
     #: bulk or transactional (relayd.policy.rules.messageclass): queued with the message
     msg_class: MessageClass = field(default=MessageClass.BULK, kw_only=True)
+    #: the sent ledger's write of ``recipients``, begun and perhaps not yet committed: the message is
+    #: queued ``after`` it (relayd.queue.store.QueueStore.enqueue), which saves the accepting session a
+    #: turn of the loop; whoever queues nothing awaits it. None when there are no recipients.
+    ledger: asyncio.Future[None] | None = field(default=None, kw_only=True)
 
 
 class AllDropped(Exception):
@@ -196,6 +200,8 @@ class Pipeline:
         """Run the content and message rules and rewrite the message once; each copy is made at delivery.
 
         ``Processed.content`` is what to queue: ``raw`` with the Date and Message-ID it lacked.
+        ``Processed.ledger`` is the sent ledger's write of the kept recipients, begun, not awaited: the
+        caller queues the message after it, or awaits it.
         ``traps`` are the recipients dropped at RCPT as spam traps: the message passes the same checks
         as any other (its reply tells nothing about which addresses are traps), and they are recorded
         once it is accepted. With no ``recipients`` left, nothing is counted and the result has none.
@@ -258,12 +264,21 @@ class Pipeline:
                 account,
                 addr.rpartition("@")[2].lower(),
             )
-        await self.store.record_sent(
+        ledger = self.store.record_sent(
             SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
         )
+        ledger.add_done_callback(_observed)  # its error reaches whoever queues the message after it
         hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)
         return Processed(
-            queue_id, remaining, prepared, dropped, lname, trap_hits=hits, content=raw, msg_class=msg_class
+            queue_id,
+            remaining,
+            prepared,
+            dropped,
+            lname,
+            trap_hits=hits,
+            content=raw,
+            msg_class=msg_class,
+            ledger=ledger,
         )
 
     def _message_rules(
@@ -350,3 +365,10 @@ class Pipeline:
                 v.rule,
                 v.reason,
             )
+
+
+def _observed(write: asyncio.Future[None]) -> None:
+    """Mark a write's error as seen: the queue write behind it raises it to the caller, and a message
+    refused before it was queued (452, short of space) needs no word of it."""
+    if not write.cancelled():
+        write.exception()

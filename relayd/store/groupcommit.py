@@ -35,11 +35,15 @@ class GroupCommit(Generic[T]):
 
     async def add(self, items: list[T]) -> None:
         """Return once ``items`` are written (raises the batch's error)."""
+        await asyncio.shield(self.submit(items))
+
+    def submit(self, items: list[T]) -> asyncio.Future[None]:
+        """:meth:`add` begun now (buffered before this returns): the future of its write."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buffer.append((items, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await asyncio.shield(done)
+        return done
 
     async def _flush(self) -> None:
         while self._buffer:
@@ -66,3 +70,10 @@ class GroupCommit(Generic[T]):
             except Exception:
                 log.debug("%s: group commit failed during close", owner, exc_info=True)
             self._flusher = None
+
+
+def nothing_to_write() -> asyncio.Future[None]:
+    """The future of a write with no rows: done already, so callers await every write alike."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done

@@ -20,6 +20,7 @@ Conventions every backend keeps (the contract suite in ``tests/test_store_contra
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Protocol
@@ -244,8 +245,12 @@ class EventStore(Protocol):
 class SentLedger(Protocol):
     """(queue id, index) -> (account, list, address), for attributing bounces, complaints, unsubscribes."""
 
-    async def record_sent(self, records: Iterable[SentRecord]) -> None:
-        """Write the records of one accepted message (one transaction)."""
+    def record_sent(self, records: Iterable[SentRecord]) -> asyncio.Future[None]:
+        """Write the records of one accepted message (one transaction); await the result for its commit.
+
+        The write is queued before this returns, without a turn of the event loop: a queue commit given
+        right after, ``after`` it (:meth:`relayd.queue.store.QueueStore.enqueue`), is ordered behind it and
+        may share its turn. Raises StoreError at once for a store that cannot keep the ledger."""
         ...
 
     async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:

@@ -9,13 +9,19 @@ their rows are committed.
 
 Why on the event loop's thread, not a writer thread or an executor: on a busy machine every hand-over
 between threads waits for a CPU and for the GIL, twice per write (to the writer and back), and a message
-needs three writes (caps, ledger, queue) one after the other. Run here, the server-side ``250`` path took
-about half as long as with a writer thread (figures: docs/performance.md). The price: the loop
+needs three writes (caps, ledger, queue). Run here, the server-side ``250`` path took about half as long as
+with a writer thread (figures: docs/performance.md). The price: the loop
 stands still for each batch's fsync. Here that is well under a millisecond; on a disk whose fsync takes
 10 ms every session of the process pauses that long, once per batch (all the messages that arrived
 meanwhile), not once per message. (A writer thread had also let a delivery process's garbage collections,
 at its low CPU priority, hold the GIL for up to 350 ms while that thread held the write lock the accepting
 processes waited for: that is why the delivery processes already wrote on their loop's thread.)
+
+A job may name a write it must follow (``after``: the sent ledger's rows, which a queued message must never
+be without, relayd.edge.smtp.accept). Given both at once, the message pays one turn of the loop for two
+commits, not two: the ledger's writer commits first in the next turn, and this writer, woken in the same
+turn, finds it done and commits behind it. A job whose prerequisite is not done yet waits for it without the
+write lock, and one whose prerequisite failed fails with its error, its own write never made.
 
 What must not block the loop is waiting for SQLite's write lock while another process holds it (the
 shard's other process, the other shards, the CLI): :func:`relayd.store.sqlitelock.write_lock` waits for it in
@@ -45,6 +51,8 @@ T = TypeVar("T")
 class _Job(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     done: asyncio.Future[T]
+    #: a write that must be committed before this one (None: none)
+    after: asyncio.Future[Any] | None = None
 
 
 class SqliteWriter:
@@ -69,6 +77,8 @@ class SqliteWriter:
         self._lock_timeout = lock_timeout
         self._batch_limit = batch_limit
         self._pending: asyncio.Queue[_Job[Any] | None] = asyncio.Queue()
+        #: jobs set aside until their prerequisite is done (then they join the queue again), by id
+        self._parked: dict[int, _Job[Any]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -79,14 +89,24 @@ class SqliteWriter:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(
+        self, fn: Callable[[sqlite3.Connection], T], *, after: asyncio.Future[Any] | None = None
+    ) -> T:
         """``fn(db)`` inside the next transaction; its return value once committed. Raises what ``error``
-        makes of its failure or of the transaction's."""
+        makes of its failure or of the transaction's, or the error of ``after``."""
+        return await self.submit(fn, after=after)
+
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, after: asyncio.Future[Any] | None = None
+    ) -> asyncio.Future[T]:
+        """:meth:`run` begun now: the job is queued before this returns, so a write given right after it
+        to another writer, ``after`` this one's future, pays no extra turn of the loop. ``fn`` runs only
+        once ``after`` (if given) has committed."""
         if not self.running:
             raise self._error(sqlite3.ProgrammingError(f"{self.name} is not running"))
-        job: _Job[T] = _Job(fn, asyncio.get_running_loop().create_future())
+        job: _Job[T] = _Job(fn, asyncio.get_running_loop().create_future(), after)
         self._pending.put_nowait(job)
-        return await job.done
+        return job.done
 
     async def stop(self) -> None:
         """Commit every job already given, then stop (the connection stays open: the owner closes it)."""
@@ -98,14 +118,20 @@ class SqliteWriter:
     # --- the writer ------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        stopping = False
+        while not (stopping and not self._parked and self._pending.empty()):
             first = await self._pending.get()
             if first is None:
-                return
+                stopping = True  # once the jobs already given, parked ones too, are committed
+                continue
+            if self._park(first):
+                continue
             try:
                 await write_lock(self._db, self._lock_timeout)
             except asyncio.CancelledError:  # the loop is shutting down: nobody will wait for these
                 first.done.cancel()
+                for parked in self._parked.values():
+                    parked.done.cancel()
                 while not self._pending.empty():
                     job = self._pending.get_nowait()
                     if job is not None:
@@ -118,12 +144,11 @@ class SqliteWriter:
                 # from here to COMMIT without an await: nothing else can run in this transaction
                 batch, stop = self._take(first)
                 _settle(batch, self._commit(batch))
-            if stop:
-                return
+            stopping = stopping or stop
 
     def _take(self, first: _Job[Any]) -> tuple[list[_Job[Any]], bool]:
-        """``first`` and every job already waiting behind it (up to the batch limit); and whether a stop
-        was found."""
+        """``first`` and every job already waiting behind it (up to the batch limit; those whose
+        prerequisite is not done yet are parked); and whether a stop was found."""
         batch = [first]
         while len(batch) < self._batch_limit:
             try:
@@ -132,8 +157,25 @@ class SqliteWriter:
                 break
             if job is None:
                 return batch, True
-            batch.append(job)
+            if not self._park(job):
+                batch.append(job)
         return batch, False
+
+    def _park(self, job: _Job[Any]) -> bool:
+        """Set ``job`` aside if the write it must follow is not done yet: it joins the queue again when
+        that is, and the jobs behind it go on meanwhile (a delivery's outcome does not wait for another
+        message's ledger)."""
+        after = job.after
+        if after is None or after.done():
+            return False
+        self._parked[id(job)] = job
+
+        def unpark(_: asyncio.Future[Any]) -> None:
+            if self._parked.pop(id(job), None) is not None:
+                self._pending.put_nowait(job)
+
+        after.add_done_callback(unpark)
+        return True
 
     def _commit(self, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
         """Run ``batch`` in the transaction ``write_lock`` began: per job (True, its value) or (False, its
@@ -142,6 +184,9 @@ class SqliteWriter:
         outcomes: list[tuple[bool, Any]] = []
         try:
             for job in batch:
+                if job.after is not None and (failed := self._prerequisite(job.after)) is not None:
+                    outcomes.append((False, failed))  # its prerequisite was not written: nor is it
+                    continue
                 db.execute("SAVEPOINT job")
                 try:
                     value = job.fn(db)
@@ -164,6 +209,13 @@ class SqliteWriter:
             error = self._failed(exc, len(batch))
             return [(False, error)] * len(batch)
         return outcomes
+
+    def _prerequisite(self, after: asyncio.Future[Any]) -> BaseException | None:
+        """What the write a job had to follow failed with (its own error, as its caller gets it), or None
+        if it committed."""
+        if after.cancelled():
+            return self._error(sqlite3.OperationalError("the write this one follows was cancelled"))
+        return after.exception()
 
     def _failed(self, exc: Exception, jobs: int) -> Exception:
         if isinstance(exc, (sqlite3.Error, OSError)):

@@ -147,6 +147,7 @@ class DataHooks:
         if not recipients and self.pipeline is None:
             log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
             return f"250 2.0.0 Ok: queued as {queue_id}", SubmissionOutcome.ACCEPTED
+        ledger: asyncio.Future[None] | None = None  # the sent ledger's write, the queue's goes after it
         if self.pipeline is None:
             msg = NewMessage(
                 queue_id=queue_id,
@@ -188,6 +189,7 @@ class DataHooks:
                 log.info("%s: account=%s every recipient dropped at RCPT", queue_id, session.account)
                 await self._judge_traps(queue_id, session.account, done.trap_hits)
                 return f"250 2.0.0 Ok: queued as {queue_id}", SubmissionOutcome.ACCEPTED
+            ledger = done.ledger
             # the message as submitted is not needed any more (done.content has what is queued): a big one
             # is not held twice while it is copied behind our Received field
             content = envelope.content = envelope.original_content = b""
@@ -212,11 +214,15 @@ class DataHooks:
             )
         self.handoff.expect(queue_id, done.prepared if msg.render else None, len(msg.recipients))
         try:
-            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space)  # 452, not a full disk
+            # 452, not a full disk; one turn of the loop for the ledger's commit and the queue's
+            await self.queue.enqueue(msg, min_free=self.cfg.queue.min_free_space, after=ledger)
         except BaseException as exc:
             self.handoff.forget(queue_id)
             if not isinstance(exc, StorageError):
                 raise
+            if ledger is not None and ledger.done() and exc is _failure(ledger):
+                log.error("%s: account=%s policy store failed: %s", queue_id, session.account, exc)
+                return POLICY_UNAVAILABLE, SubmissionOutcome.DEFERRED_POLICY_STORE
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)
             if isinstance(exc, InsufficientStorage):  # 452: the client keeps its message
                 return INSUFFICIENT_STORAGE, SubmissionOutcome.DEFERRED_STORAGE
@@ -296,6 +302,10 @@ class _DataReply:
 
     def __init__(self) -> None:
         self.lost = False
+
+
+def _failure(write: asyncio.Future[None]) -> BaseException | None:
+    return None if write.cancelled() else write.exception()
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -159,16 +159,27 @@ class QueueStore:
 
     # --- writes (group commit) -------------------------------------------------------------------------
 
-    async def _submit(self, ops: list[Op]) -> int:
-        """Commit ``ops`` (together, in one transaction with whatever else is waiting); the last op's row
-        count."""
+    async def _submit(self, ops: list[Op], *, after: asyncio.Future[Any] | None = None) -> int:
+        """Commit ``ops`` (together, in one transaction with whatever else is waiting, and behind ``after``
+        if given); the last op's row count."""
         if self._writer is None:
             raise StorageError("queue writer is not running")
-        return await self._writer.run(functools.partial(apply_ops, ops))
+        return await self._writer.run(functools.partial(apply_ops, ops), after=after)
 
-    async def enqueue(self, msg: NewMessage, *, held: bool = False, min_free: int = 0) -> None:
+    async def enqueue(
+        self,
+        msg: NewMessage,
+        *,
+        held: bool = False,
+        min_free: int = 0,
+        after: asyncio.Future[Any] | None = None,
+    ) -> None:
         """Store ``msg`` durably; returns once committed. Raises StorageError, or InsufficientStorage when
-        less than ``min_free`` bytes plus the message would be left on the queue's filesystem."""
+        less than ``min_free`` bytes plus the message would be left on the queue's filesystem.
+
+        ``after``: a write the message must never be on disk without (its sent-ledger rows), begun just
+        before; the message is committed only once it is, and not at all if it fails (its error is
+        raised)."""
         now = time.time()
         state = State.HELD if held else State.QUEUED
         if min_free > 0:
@@ -210,7 +221,8 @@ class QueueStore:
                     ],
                     many=True,
                 ),
-            ]
+            ],
+            after=after,
         )
 
     async def finish(self, queue_id: str, index: int, state: State, reply: str, attempts: int) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from ..groupcommit import nothing_to_write
 from ..models import SentRecord
 from ..rows import HOUR_US, cap_windows, distinct, micros, sent_record, sent_row
 from ..sql import sent_lookup, sent_page
@@ -109,11 +111,12 @@ class SendTables(PostgresConnection):
     async def prune(self, before: datetime) -> int:
         return await self._autocommit_count("DELETE FROM send_log WHERE sent_at < $1", micros(before))
 
-    async def record_sent(self, records: Iterable[SentRecord]) -> None:
+    def record_sent(self, records: Iterable[SentRecord]) -> asyncio.Future[None]:
         """Group commit, like events: every message accepted meanwhile shares one transaction."""
         rows = [sent_row(r) for r in records]
-        if rows:
-            await self._sent.add(rows)
+        if not rows:
+            return nothing_to_write()
+        return self._sent.submit(rows)
 
     async def _write_sent(self, rows: list[tuple[Any, ...]]) -> None:
         """Durable (WAL flushed at commit), unlike the other per-message writes: the queue is, and a

@@ -357,4 +357,8 @@ class SqliteConnection:
     async def _insert_hot(self, sql: str, rows: list[Row]) -> None:
         """One INSERT of many rows on the per-message writer, in one transaction with every other write
         waiting (group commit: relayd.store.sqlitewriter)."""
-        await self._require_hot().run(functools.partial(_insert_many, sql, rows))
+        await self._submit_hot(sql, rows)
+
+    def _submit_hot(self, sql: str, rows: list[Row]) -> asyncio.Future[None]:
+        """:meth:`_insert_hot` begun now (queued before this returns); its future."""
+        return self._require_hot().submit(functools.partial(_insert_many, sql, rows))

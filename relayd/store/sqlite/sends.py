@@ -6,11 +6,13 @@ Both are written on every message, so their writes go through the per-message wr
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Final
 
+from ..groupcommit import nothing_to_write
 from ..models import SentRecord, StoreError
 from ..rows import HOUR_US, cap_windows, distinct, micros, sent_record, sent_row
 from ..sql import sent_lookup, sent_page
@@ -100,14 +102,15 @@ class SendTables(SqliteConnection):
             cursor = await db.execute("DELETE FROM send_log WHERE sent_at < ?", [micros(before)])
             return cursor.rowcount
 
-    async def record_sent(self, records: Iterable[SentRecord]) -> None:
+    def record_sent(self, records: Iterable[SentRecord]) -> asyncio.Future[None]:
         """Group commit, like events: every message accepted meanwhile shares one transaction. Refused
         by a store opened without ``ledger`` (its writer does not fsync: the rows could be lost)."""
         rows: list[Row] = [sent_row(r) for r in records]
         if rows and not self._ledger:
             raise StoreError(f"{self.path}: opened without the sent ledger (ledger=False)")
-        if rows:
-            await self._insert_hot(_INSERT_SENT, rows)
+        if not rows:
+            return nothing_to_write()
+        return self._submit_hot(_INSERT_SENT, rows)
 
     async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:
         rows = await self._fetch(sent_lookup(qmark), (queue_id, index))
