@@ -61,9 +61,9 @@ exactly while smtp-source does.
 
 Last, unmeasured: the verification phase. smtp-sink is restarted on the same port with a dump file per
 transaction (the contenders' pooled connections to the old one break; both notice and reconnect), and each
-contender relays ``--verify`` profile-A messages and ``--verify-b`` profile-B messages. The profile-A
-copies are kept (smtp-sink's dump minus its own lines: the message byte for byte as received) and their
-DKIM signatures checked with Perl Mail::DKIM, keys read from the key files (no DNS); the RCPTs in the dumps
+contender relays ``--verify`` profile-A messages and ``--verify-b`` profile-B messages. Every transaction
+is kept (smtp-sink's dump minus its own lines: the message byte for byte as received) and its DKIM
+signature checked with Perl Mail::DKIM, keys read from the key files (no DNS); the RCPTs in the dumps
 must account for every recipient, in the number of transactions the measured runs assumed.
 """
 
@@ -708,7 +708,7 @@ def check_delivery(
     """Unmeasured: ``n_a`` profile-A and ``n_b`` profile-B messages through each contender into an
     smtp-sink that dumps every transaction. Checks what the measured runs assumed (every recipient
     delivered, in the number of transactions :meth:`Contender.transactions_per_message` says) and verifies
-    the DKIM signatures of the profile-A copies. One line per contender and check."""
+    the DKIM signatures of every transaction kept (both profiles). One line per contender and check."""
     lines = []
     for c in contenders:
         counts = []
@@ -716,8 +716,9 @@ def check_delivery(
             if n <= 0:
                 continue
             wait_quiet(sink)
-            if rc == 1:
-                sink.start_keeping(n, c.tag)
+            # each transaction kept: relayd signs each copy of a profile-B message on its own, and sends
+            # them pipelined one behind the other (their DKIM is checked as well as profile A's)
+            sink.start_keeping(n * c.transactions_per_message(rc), c.tag + (0 if rc == 1 else 100))
             t0, r0 = sink.transactions, sink.recipients
             out = smtp_source(c.port, n, rc, sessions, size)
             _wait_dumps(sink, t0, n * c.transactions_per_message(rc))
@@ -731,10 +732,12 @@ def check_delivery(
                 f"({'ok' if ok else 'MISMATCH'}{err})"
             )
         lines.append(f"{c.name}: recipients at the sink (RCPTs in the dumps): {'; '.join(counts)}")
-        if n_a > 0 and c.tag in records:
-            ok_n, problems = verify_dkim(sink.kept(c.tag), records[c.tag], workdir)
-            more = f" ({'; '.join(problems[:3])})" if problems else ""
-            lines.append(f"{c.name}: {ok_n}/{n_a} verified{more}")
+        for profile, n, tag in (("A", n_a, c.tag), ("B", n_b, c.tag + 100)):
+            if n > 0 and c.tag in records:
+                files = sink.kept(tag)
+                ok_n, problems = verify_dkim(files, records[c.tag], workdir)
+                more = f" ({'; '.join(problems[:3])})" if problems else ""
+                lines.append(f"{c.name}: profile {profile}: {ok_n}/{len(files)} transactions verified{more}")
     return lines
 
 
@@ -1021,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"Verification (unmeasured, smtp-sink with dumps): {n_verify} profile-A and "
                     f"{args.verify_b} profile-B messages per contender; recipients from the RCPTs in the "
-                    "dumps; DKIM of the profile-A copies, Perl Mail::DKIM (key from file, no DNS):"
+                    "dumps; DKIM of every transaction, Perl Mail::DKIM (key from file, no DNS):"
                 )
                 for line in verified:
                     print("  " + line)

@@ -57,7 +57,9 @@ def test_e2e_relayd_only_prints_figures() -> None:
     for row in rows.values():
         accepted, delivered = (int(x) for x in row.split()[5:7])
         assert accepted > 0 and delivered > 0, row
-    assert "relayd: 5/5 verified" in out, out
+    # DKIM of every transaction kept: profile A's copies, and each of profile B's (pipelined) copies
+    assert "relayd: profile A: 5/5 transactions verified" in out, out
+    assert "relayd: profile B: 50/50 transactions verified" in out, out
     # the open-loop runs: every message offered was accepted, each with a latency figure
     paced_rows = re.findall(
         r"^relayd\s+(A 1 rcpt|B 10 rcpt)\s+(\d+)\s+(\d+)\s+\d+\s+[\d.]+ms\s.*$", paced, re.M

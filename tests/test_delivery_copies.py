@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
@@ -23,6 +24,17 @@ class ConnectionLog(SinkHandler):
 
     peers: list[tuple[str, tuple[str, int]]] = field(default_factory=list)
     peer_lock: threading.Lock = field(default_factory=threading.Lock)
+    pipelining: bool = False
+
+    async def handle_EHLO(
+        self, server: AioSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """aiosmtpd reads the commands a client sends ahead in order, but does not say it may: this says
+        it when ``pipelining``, so that relayd sends the next copy's commands behind a copy's content."""
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
         with self.peer_lock:
@@ -30,9 +42,16 @@ class ConnectionLog(SinkHandler):
         return await super().handle_DATA(server, session, envelope)
 
 
-def _sink() -> Sink:
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelined"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Each test with a server that does not offer PIPELINING and with one that does (the next copy's
+    MAIL, RCPT and DATA then go behind a copy's content, relayd.queue.transport.client ``Next``)."""
+    return bool(request.param)
+
+
+def _sink(pipelining: bool) -> Sink:
     sink = Sink()
-    sink.handler = ConnectionLog()
+    sink.handler = ConnectionLog(pipelining=pipelining)
     sink.controller.handler = sink.handler
     return sink
 
@@ -44,8 +63,10 @@ def _secret(tmp: Path) -> bytes:
 RCPTS = [f"user{i}@example.test" for i in range(6)]
 
 
-def test_copies_of_one_message_go_out_on_one_connection_each_its_own_transaction(tmp_path: Path) -> None:
-    with _sink() as sink, Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
+def test_copies_of_one_message_go_out_on_one_connection_each_its_own_transaction(
+    tmp_path: Path, pipelining: bool
+) -> None:
+    with _sink(pipelining) as sink, Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
         code, _ = relayd.submit(message(), to=RCPTS)
         assert code == 250
         assert wait_until(lambda: sink.handler.count() == len(RCPTS))
@@ -62,8 +83,10 @@ def test_copies_of_one_message_go_out_on_one_connection_each_its_own_transaction
     assert len({m.data for m in sink.messages}) == len(RCPTS), "each copy is personal"
 
 
-def test_a_refused_copy_fails_alone_and_the_others_are_delivered_once(tmp_path: Path) -> None:
-    with _sink() as sink, Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
+def test_a_refused_copy_fails_alone_and_the_others_are_delivered_once(
+    tmp_path: Path, pipelining: bool
+) -> None:
+    with _sink(pipelining) as sink, Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
         sink.handler.script[RCPTS[2]] = ["550 5.1.1 no such user"]
         code, _ = relayd.submit(message(), to=RCPTS)
         assert code == 250
@@ -77,8 +100,8 @@ def test_a_refused_copy_fails_alone_and_the_others_are_delivered_once(tmp_path: 
     assert log.count("status=delivered") == len(RCPTS) - 1
 
 
-def test_a_slow_down_reply_sends_the_rest_one_by_one_and_loses_none(tmp_path: Path) -> None:
-    with _sink() as sink, Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
+def test_a_slow_down_reply_sends_the_rest_one_by_one_and_loses_none(tmp_path: Path, pipelining: bool) -> None:
+    with _sink(pipelining) as sink, Relayd(tmp_path, routes={"example.test": sink.port}) as relayd:
         # the second copy is told to slow down once, then accepted on its retry
         sink.handler.script[RCPTS[1]] = ["451 4.7.0 Too many messages, try again later", "250 ok"]
         code, _ = relayd.submit(message(), to=RCPTS)

@@ -25,7 +25,7 @@ from relayd.core.errors import StorageError
 from relayd.core.models import DueRecipient
 from relayd.core.tokens import make_token, new_queue_id, verp_address
 from relayd.edge.smtp.inbound import InboundHandler, inbound_protocol, role_of, start_inbound
-from relayd.edge.smtp.protocol import ConnectionLimits
+from relayd.edge.smtp.limits import ConnectionLimits
 from relayd.edge.smtp.submission import SubmissionHandler, start_submission
 from relayd.mail.dkim import Signer
 from relayd.policy.pipeline import Pipeline

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.client
+import logging
 import shutil
 import smtplib
 import socket
@@ -31,7 +32,8 @@ from aiosmtpd.smtp import Envelope, Session
 from relayd.config import load
 from relayd.core import metrics
 from relayd.core.errors import ConfigError
-from relayd.edge.smtp.protocol import ConnectionLimits, StrictSMTP
+from relayd.edge.smtp.limits import ConnectionLimits
+from relayd.edge.smtp.protocol import StrictSMTP
 from tests.harness import PASSWORD, Relayd, Sink, free_port, message, wait_for_port, wait_until
 
 POSTMASTER = b"postmaster@bounces.example.test"
@@ -237,13 +239,14 @@ def test_data_over_the_process_budget_gets_452_and_the_retry_is_accepted(tmp_pat
 def _budget_server(budget_bytes: int) -> tuple[Any, ConnectionLimits, Any]:
     """Handler, limits and protocol factory of an in-process StrictSMTP whose DATA hook accepts, raises or
     hangs by Subject (so every way a DATA can end is exercised)."""
-    from relayd.edge.smtp.protocol import DataBudget
+    from relayd.edge.smtp.limits import DataBudget
 
     class Hooks:
         def __init__(self) -> None:
-            # a hanging hook runs shielded to its end (the message may be committed), holding its session
-            # and socket: the test lets it end, or the socket outlives the test for the collector to find
+            # a hanging hook runs to its end even when its client goes (the message may be committed),
+            # holding its session and socket: the test lets it end, or the socket outlives the test
             self.release = asyncio.Event()
+            self.sessions: list[StrictSMTP] = []
 
         async def handle_DATA(self, server: StrictSMTP, session: Session, envelope: Envelope) -> str:
             content = envelope.content
@@ -252,6 +255,8 @@ def _budget_server(budget_bytes: int) -> tuple[Any, ConnectionLimits, Any]:
                 raise RuntimeError("a bug in a DATA hook")
             if b"Subject: hang" in content:
                 await self.release.wait()  # the client goes away meanwhile
+                if b"Subject: hang, then raise" in content:
+                    raise RuntimeError("a bug in a DATA hook whose client is gone")
             return "250 2.0.0 Ok"
 
         async def handle_exception(self, error: Exception) -> str:
@@ -261,7 +266,7 @@ def _budget_server(budget_bytes: int) -> tuple[Any, ConnectionLimits, Any]:
     hooks = Hooks()
 
     def factory() -> StrictSMTP:
-        return StrictSMTP(
+        smtp = StrictSMTP(
             hooks,
             limits=limits,
             data_timeout=30,
@@ -270,8 +275,38 @@ def _budget_server(budget_bytes: int) -> tuple[Any, ConnectionLimits, Any]:
             decode_data=False,
             auth_require_tls=True,
         )
+        hooks.sessions.append(smtp)
+        return smtp
 
     return hooks, limits, factory
+
+
+async def test_a_hook_whose_client_went_ends_its_session_without_a_reply_even_when_it_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hooks, limits, factory = _budget_server(10_000_000)
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        _reader, writer = await _open_data(server.sockets[0].getsockname()[1])
+        writer.write(b"Subject: hang, then raise\r\n\r\nx\r\n.\r\n")
+        assert limits.data is not None
+        while limits.data.held == 0:  # in the hook
+            await asyncio.sleep(0.01)
+        writer.close()
+        session = hooks.sessions[-1]
+        deadline = time.monotonic() + 20
+        while not session.client_gone and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert session.client_gone and limits.open == 1
+        with caplog.at_level(logging.ERROR, logger="relayd.edge.smtp.protocol"):
+            hooks.release.set()
+            await _settle(limits)
+        assert (limits.open, limits.data.held) == (0, 0)
+        assert "failed after the client hung up" in caplog.text
+    finally:
+        hooks.release.set()
+        server.close()
+        await server.wait_closed()
 
 
 async def _open_data(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -342,6 +377,15 @@ async def test_data_budget_is_given_back_however_data_ends() -> None:
                 while budget.held == 0:  # the message is in the hook now, holding its bytes
                     await asyncio.sleep(0.01)
                 _reset(writer)
+                session = hooks.sessions[-1]
+                deadline = time.monotonic() + 20
+                while not session.client_gone and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                # the client is gone; the hook finishes its message first, holding its bytes and its
+                # connection's place until it ends, and the session ends then, with no reply
+                assert session.client_gone
+                assert (limits.open, budget.held) == (1, len(body))
+                hooks.release.set()
             else:
                 assert (await reader.readline())[:3] == reply
                 writer.close()

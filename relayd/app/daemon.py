@@ -29,7 +29,7 @@ from relayd.core import metrics
 from relayd.core.errors import ConfigError
 from relayd.core.secret import load_or_create
 from relayd.edge.smtp.inbound import InboundHandler, start_inbound
-from relayd.edge.smtp.protocol import ConnectionLimits, DataBudget
+from relayd.edge.smtp.limits import ConnectionLimits, DataBudget
 from relayd.edge.smtp.submission import SubmissionHandler, start_submission, start_submission_tls
 from relayd.feedback.service import Feedback
 from relayd.mail.dkim import DkimKeyError, Signer

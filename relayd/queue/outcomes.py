@@ -7,6 +7,16 @@ facts as fields for JSON logs) and passed to the observer (relayd.feedback: even
 
 Failure: an outcome the queue cannot take now (disk full) is kept in memory and written as soon as it can
 be (:meth:`Outcomes.write_unrecorded`); an observer that fails is logged, never fatal to delivery.
+
+The scheduler's attempts end as (each written through the queue's group commit):
+  250            -> delivered
+  5xx, null MX   -> failed (permanent; recorded per recipient)
+  5xx block      -> deferred: a block list reply is about our source address, not the recipient; that
+                    address is suspended for the destination (event ``ip_suspended``) and the retry goes out
+                    through another address of the pool, or after the suspension
+  4xx, timeouts  -> deferred to the next slot of ``retry_schedule``, or expired once older than ``max_age``
+  shaping        -> postponed: next attempt moved, no attempt counted, no SMTP traffic
+  our own bug    -> deferred, logged with the queue id (a crash in a worker never drops mail)
 """
 
 from __future__ import annotations
@@ -103,6 +113,15 @@ class Outcomes:
         await self.record(item, lambda: self._store.drop_recipient(item.queue_id, item.index, reason))
         await self.observe(item, DeliveryOutcome.DROPPED, reason, 0.0)
         log_attempt(item, DeliveryOutcome.DROPPED, reason, 0.0, item.attempts)
+
+    async def postponed(self, items: Sequence[DueRecipient], until: float, why: str) -> None:
+        """Shaping postponed ``items`` (``why``: the destination and reason): their due time moves to
+        ``until``, no attempt is counted and nothing was sent."""
+        for item in items:
+            await self.record(item, functools.partial(self._store.postpone, item.queue_id, item.index, until))
+            log.debug(
+                "%s: to=<%s> account=%s postponed by %s", item.queue_id, item.address, item.account, why
+            )
 
     async def bounced(self, item: DueRecipient, exc: PermanentFailure, attempts: int, started: float) -> None:
         """A permanent failure (5xx, null MX) of the attempt begun at ``started`` (time.monotonic)."""

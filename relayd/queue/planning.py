@@ -15,7 +15,7 @@ from relayd.config import Config
 from relayd.mail.chunks import Chunks
 from relayd.queue.routing import Route, make_resolver
 from relayd.queue.shaping import Grant, Signal
-from relayd.queue.transport.client import Channel, Transport
+from relayd.queue.transport.client import Channel, Next, Transport
 from relayd.queue.transport.dane import Dane, Tlsa, TlsaStatus
 from relayd.queue.transport.mtasts import MtaSts, Plan
 from relayd.queue.transport.mtasts import count as count_mta_sts
@@ -76,9 +76,19 @@ class Planner:
             return Plan(route.hosts, route.hostnames, level)
         return await self._sts.plan(domain, route.hosts, route.hostnames, level)
 
-    async def send(self, plan: Plan, sender: str, rcpt: str, data: Chunks, channel: Channel) -> str:
+    async def send(
+        self,
+        plan: Plan,
+        sender: str,
+        rcpt: str,
+        data: Chunks,
+        channel: Channel,
+        then: Next | None = None,
+        primed: Next | None = None,
+    ) -> str:
         """Send as planned; under an MTA-STS ``testing`` policy a TLS level not met is counted and the
-        message sent again at the configured level (RFC 8461 §5: testing never stops delivery)."""
+        message sent again at the configured level (RFC 8461 §5: testing never stops delivery).
+        ``then``/``primed``: the next transaction pipelined behind this one (Transport.send)."""
         report = None
         if plan.ref is not None and self.sessions is not None:
             report = functools.partial(self.sessions.session, plan.ref)
@@ -94,6 +104,8 @@ class Planner:
                 tlsa=plan.tlsa,
                 levels=plan.levels,
                 report=report,
+                then=then,
+                primed=primed,
             )
         except TlsUnmet:
             if plan.mode is not None:

@@ -10,15 +10,7 @@ account may hold a reserve of the active window even when another account's back
 waiting for the same destination are served round-robin by account (relayd.queue.shaping). Dedicated IPs:
 an account's ``pool`` gives the source addresses (and EHLO names) its mail leaves from, round-robin.
 
-Outcomes (one transition each, written through the queue's group commit by relayd.queue.outcomes):
-  250            -> delivered
-  5xx, null MX   -> failed (permanent; recorded per recipient)
-  5xx block      -> deferred: a block list reply is about our source address, not the recipient; that
-                    address is suspended for the destination (event ``ip_suspended``) and the retry goes out
-                    through another address of the pool, or after the suspension
-  4xx, timeouts  -> deferred to the next slot of ``retry_schedule``, or expired once older than ``max_age``
-  shaping        -> postponed: next attempt moved, no attempt counted, no SMTP traffic
-  our own bug    -> deferred, logged with the queue id (a crash in a worker never drops mail)
+Outcomes: relayd.queue.outcomes (the table of transitions is there).
 """
 
 from __future__ import annotations
@@ -55,7 +47,7 @@ from relayd.queue.shaping import (
     classify,
 )
 from relayd.queue.store import NewMessage, QueueStore, StoredData
-from relayd.queue.transport.client import Transport
+from relayd.queue.transport.client import Next, Transport
 from relayd.queue.transport.tlsrpt import TransportStore
 
 log = logging.getLogger(__name__)
@@ -356,7 +348,7 @@ class Scheduler:
         try:
             stored = checked or await self._ready(item, await self._data(item))
             if isinstance(stored, StoredData):
-                await self._deliver(item, lambda: self._send(item, lambda: self._copy(item, stored)))
+                await self._deliver(item, lambda: self._send(item, stored))
         except StorageError as exc:
             # the outcome could not be written: the recipient stays 'queued' and is tried again later
             log.error("%s: recording the outcome for recipient %d failed: %s", item.queue_id, item.index, exc)
@@ -429,15 +421,14 @@ class Scheduler:
             delivered.append((item, reply, attempts, time.monotonic() - started))
 
     async def _copy(self, item: DueRecipient, stored: StoredData) -> Chunks:
-        """The bytes to send to ``item``: its own copy made from the message (relayd.policy.render), or
-        the stored bytes as they are."""
+        """``item``'s own copy made from the message (relayd.policy.render), or the stored bytes as such."""
         if stored.render and self._renderer is not None:
             return await self._renderer.render(item, stored.data)
         return stored.data
 
-    async def _send(self, item: DueRecipient, make: Callable[[], Awaitable[Chunks]]) -> str | None:
+    async def _send(self, item: DueRecipient, stored: StoredData) -> str | None:
         """Route, wait for a lane of the destination (fair by account, within its shaping), make the copy
-        (``make``), send.
+        (from ``stored``), send.
 
         The copy is made only once a lane and a socket are ours: recipients waiting for one hold no copy
         (a signed copy each for up to ``active_limit`` waiting recipients was tens of MB per process).
@@ -451,7 +442,7 @@ class Scheduler:
             return None
         try:
             async with self._sockets:
-                return await self._send_held(held, item, make)
+                return await self._send_held(held, item, stored)
         finally:
             if not held.released:
                 self._shaper.release(held.got, held.signal)
@@ -468,35 +459,28 @@ class Scheduler:
         got = await self._shaper.acquire(destination, rule, item.account, sources)
         if isinstance(got, Postponed):
             metrics.SHAPING_POSTPONED.labels(destination, got.reason).inc()
-            until = self._clock() + got.delay
-            for each in postpone:
-                await self._outcomes.record(
-                    each, functools.partial(self._store.postpone, each.queue_id, each.index, until)
-                )
-                log.debug(
-                    "%s: to=<%s> account=%s postponed %.1fs by shaping of %s (%s)",
-                    each.queue_id,
-                    each.address,
-                    each.account,
-                    got.delay,
-                    destination,
-                    got.reason,
-                )
+            why = f"{got.delay:.1f}s by shaping of {destination} ({got.reason})"
+            await self._outcomes.postponed(postpone, self._clock() + got.delay, why)
             return None
         return Held(plan, got, destination)
 
-    async def _send_held(self, held: Held, item: DueRecipient, make: Callable[[], Awaitable[Chunks]]) -> str:
-        """Make ``item``'s copy and send it under a lane already held (and a socket slot)."""
+    async def _send_held(
+        self,
+        held: Held,
+        item: DueRecipient,
+        stored: StoredData,
+        then: Next | None = None,
+        primed: Next | None = None,
+    ) -> str:
+        """Make ``item``'s copy and send it under a lane already held (and a socket slot); ``primed``: the
+        copy was made and its commands pipelined behind the last one's (Transport.send), ``then``: the
+        next copy, whose commands go behind this one's."""
         try:
-            data = await make()
-            # relayd's own notices queued with an empty sender (the postmaster inbox's forwards)
-            # go out with the null reverse path, so nothing ever bounces back to anyone
-            sender = (
-                verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
-                if item.mail_from
-                else ""
+            data = await self._copy(item, stored) if primed is None else primed.data
+            sender = self._sender(item) if primed is None else primed.mail_from
+            reply = await self._planner.send(
+                held.plan, sender, item.address, data, held.got.channel, then, primed
             )
-            reply = await self._planner.send(held.plan, sender, item.address, data, held.got.channel)
         except (TemporaryFailure, PermanentFailure) as exc:
             signal = classify(exc)
             held.broken = held.broken or exc.code is None  # no reply: the connection or the server failed
@@ -518,15 +502,31 @@ class Scheduler:
             held.signal = Signal.OK
         return reply
 
+    def _sender(self, item: DueRecipient) -> str:
+        """The copy's VERP return path; relayd's own notices queued with an empty sender (the postmaster
+        inbox's forwards) go out with the null reverse path, so nothing ever bounces back to anyone."""
+        if not item.mail_from:
+            return ""
+        return verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
+
+    async def _next(self, item: DueRecipient, stored: StoredData) -> Next | None:
+        """``item``'s copy made ahead, for its commands to go behind the copy being sent. None if making it
+        failed: its own attempt makes it again, and records that failure as its own."""
+        try:
+            return Next(self._sender(item), item.address, await self._copy(item, stored))
+        except Exception:
+            return None
+
     async def _attempt_copies(self, items: list[DueRecipient]) -> None:
         """The recipients of one message at one domain: their copies one after another under one lane and
         one connection, as Postfix's smtp sends the recipients of one queue file, not a task each that
-        would route, plan, wait for a lane and take a connection on its own. Each copy is still its own
-        attempt (made, signed, sent in its own transaction); failures are recorded as they happen, the
-        250s together at the end (one queue write, one events write: a crash before it resends them,
-        at-least-once). The lane is held while it has no rate (a rate is per message) and until a block,
-        slow-down or connection failure (a server that stalls must not hold the rest in line); then
-        the remaining copies go in tasks of their own, each waiting for a lane."""
+        would route, plan, wait for a lane and take a connection on its own; the next copy is made ahead,
+        its commands pipelined behind this one's content (Transport.send ``then``). Each copy is still its
+        own attempt (made, signed, sent in its own transaction); failures are recorded as they happen, the
+        250s together at the end (one queue write, one events write: a crash before it resends them). The
+        lane is held while it has no rate (a rate is per message) and until a block, slow-down or
+        connection failure (a server that stalls must not hold the rest in line); then the remaining
+        copies go in tasks of their own, each waiting for a lane."""
         mine = items  # the recipients this task ends; those handed to tasks of their own end there
         try:
             data: list[StoredData | None] = []
@@ -543,6 +543,7 @@ class Scheduler:
             if held is None:
                 return
             delivered: list[tuple[DueRecipient, str, int, float]] = []
+            then: Next | None = None  # the next copy, made ahead (RFC 2920: its commands behind this one)
             try:
                 async with self._sockets:
                     for k, (item, stored) in enumerate(ready):
@@ -559,10 +560,18 @@ class Scheduler:
                             break
                         if k:
                             held.got.lane.reuse(time.monotonic())
-                        copy = functools.partial(self._copy, item, stored)
-                        send = functools.partial(self._send_held, held, item, copy)
-                        await self._deliver(item, send, delivered)
+                        primed, then = then, None
+                        if k + 1 < len(ready) and held.got.lane.limit is None:
+                            then = await self._next(*ready[k + 1])
+                        send = functools.partial(self._send_held, held, item, stored, then, primed)
+                        try:
+                            await self._deliver(item, send, delivered)
+                        finally:
+                            if primed is not None:
+                                self._transport.abandon(primed)  # not taken: a failure before the send
             finally:
+                if then is not None:
+                    self._transport.abandon(then)  # primed for a copy left to a task of its own
                 if not held.released:
                     self._shaper.release(held.got, held.signal)
                 await self._outcomes.delivered_many(delivered)

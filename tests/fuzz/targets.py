@@ -28,7 +28,8 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd.core.address import AddressError, normalize
 from relayd.core.tokens import TokenRef, make_token, parse_token, verify_token
-from relayd.edge.smtp.protocol import ConnectionLimits, StrictSMTP
+from relayd.edge.smtp.limits import ConnectionLimits
+from relayd.edge.smtp.protocol import StrictSMTP
 from relayd.mail.rewrite import (
     DEFAULT_HTML_TEMPLATE,
     DEFAULT_TEXT_TEMPLATE,

@@ -72,39 +72,12 @@ class DataHooks:
     pipeline: Pipeline | None
 
     async def handle_DATA(self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
-        """Finish the message whose final dot has arrived, even if its client is gone meanwhile.
-
-        aiosmtpd cancels the session's task when the client closes (or half-closes) the connection. Cut
-        short there, a message would be half done: caps and ledger written without it, or committed to
-        the queue (the commit goes on without its caller) with no ``accepted`` line and no hand-off. So
-        the work runs shielded to its end, as in Postfix, whose smtpd does not look at the socket again
-        before its reply; then the session ends as aiosmtpd meant. The client never saw our ``250`` and
-        will send the message again (RFC 5321 §4.1.1.4 leaves that duplicate to the sender): the
-        ``accepted`` line says so."""
-        fate = _DataReply()
-        work = asyncio.ensure_future(self._handle_data(server, session, envelope, fate))
-        while True:
-            try:
-                reply = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                if work.done():  # the work itself was cancelled: the loop is shutting down
-                    raise
-                fate.lost = True
-                continue
-            except Exception:
-                if not fate.lost:
-                    raise  # answered 451 by handle_exception
-                log.exception("DATA from %s failed after the client hung up", server.peer_ip)
-                raise asyncio.CancelledError from None
-            if fate.lost:
-                raise asyncio.CancelledError  # no reply to send: end the session as aiosmtpd meant to
-            return reply
-
-    async def _handle_data(
-        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
-    ) -> str:
+        """Finish the message whose final dot has arrived, even if its client is gone meanwhile: the
+        session's cancellation waits for this to end (StrictSMTP.connection_lost says why); the client
+        never saw our ``250`` and will send the message again (RFC 5321 §4.1.1.4 leaves that duplicate
+        to the sender): the ``accepted`` line says so."""
         started = time.perf_counter()
-        reply, result = await self._data(server, session, envelope, fate)
+        reply, result = await self._data(server, session, envelope)
         outcome, reason = result.labels
         if result is not SubmissionOutcome.ACCEPTED:
             log.info(
@@ -129,7 +102,7 @@ class DataHooks:
         return reply
 
     async def _data(
-        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope, fate: _DataReply
+        self, server: StrictSMTP, session: RelaySession, envelope: RelayEnvelope
     ) -> tuple[str, SubmissionOutcome]:
         """The reply to a DATA whose final dot has arrived, and what it means for the message."""
         assert session.account is not None and envelope.mail_from is not None
@@ -236,7 +209,7 @@ class DataHooks:
             len(msg.recipients),
             msg.size,
             msg.msg_class.value,
-            CLIENT_GONE_NOTE if fate.lost else "",
+            CLIENT_GONE_NOTE if server.client_gone else "",
             extra={
                 "fields": {
                     "event": "submission",
@@ -248,7 +221,7 @@ class DataHooks:
                     "nrcpt": len(msg.recipients),
                     "size": msg.size,
                     "client": server.peer_ip,
-                    "reply_sent": not fate.lost,
+                    "reply_sent": not server.client_gone,
                 }
             },
         )
@@ -292,16 +265,6 @@ class DataHooks:
             f"\tby {self.cfg.server.hostname} (relayd) with {proto} id {queue_id};\r\n"
             f"\t{email.utils.formatdate(localtime=False)}\r\n"
         ).encode("ascii", "replace")
-
-
-class _DataReply:
-    """Whether the reply to a DATA can still reach its client: not once aiosmtpd has cancelled the
-    session because the client closed the connection (:meth:`DataHooks.handle_DATA`)."""
-
-    __slots__ = ("lost",)
-
-    def __init__(self) -> None:
-        self.lost = False
 
 
 def _failure(write: asyncio.Future[None]) -> BaseException | None:

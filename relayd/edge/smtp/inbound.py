@@ -47,8 +47,8 @@ from relayd.core.errors import StorageError
 from relayd.core.tokens import VERP_LOCAL, parse_token
 from relayd.desk.service import Desk
 from relayd.edge.ratelimit import RateLimiter, source_key
+from relayd.edge.smtp.limits import ConnectionLimits
 from relayd.edge.smtp.protocol import (
-    ConnectionLimits,
     RelayEnvelope,
     RelaySession,
     StrictSMTP,

@@ -46,8 +46,8 @@ from relayd.core.errors import StorageError
 from relayd.core.passwords import Credential, PasswordChecker, PlainPassword, parse_hash
 from relayd.edge.ratelimit import TOO_MANY_FAILURES, AuthGuard, AuthVerdict
 from relayd.edge.smtp.accept import POLICY_UNAVAILABLE, DataHooks
+from relayd.edge.smtp.limits import ConnectionLimits
 from relayd.edge.smtp.protocol import (
-    ConnectionLimits,
     RelayEnvelope,
     RelaySession,
     StrictSMTP,

@@ -114,6 +114,19 @@ def _naming(report: SessionReport, mx: str) -> SessionReport:
     return named
 
 
+@dataclass(slots=True, eq=False)
+class Next:
+    """The transaction to pipeline behind the one being sent (``Transport.send(then=...)``): its sender,
+    recipient and copy. Once a connection is primed with its commands, the connection waits here, in no
+    pool, for the ``send`` that passes this object as ``primed``; a caller that will not make that send
+    :meth:`Transport.abandon`\\ s it."""
+
+    mail_from: str
+    rcpt: str
+    data: Chunks
+    conn: _Conn | None = None
+
+
 class _StaleConnection(Exception):
     """A pooled connection turned out to be closed before anything was sent on it."""
 
@@ -380,6 +393,8 @@ class Transport:
         tlsa: Mapping[str, tuple[dane.Tlsa, ...]] | None = None,
         levels: Mapping[str, TlsLevel] | None = None,
         report: SessionReport | None = None,
+        then: Next | None = None,
+        primed: Next | None = None,
     ) -> str:
         """Deliver; return the final ``250`` reply text.
 
@@ -391,7 +406,23 @@ class Transport:
         ``report`` is told of each new TLS session and each failed one (TLS reporting). The caller holds
         one of the lane's ``max_connections`` slots for the whole call, so the lane never opens more than
         that.
+
+        ``then``: the next transaction the caller means to send to this destination. Its commands go
+        behind this message's content when the connection can pipeline them and may carry one more
+        message; the connection is then kept in ``then`` (also when this transaction's reply was an
+        error) for the ``send`` that passes it as ``primed``, which sends only its content. A primed
+        connection the server closed before answering is taken for an idle one that went stale.
         """
+        if primed is not None:
+            conn, primed.conn = primed.conn, None
+            if conn is not None:
+                if (primed.mail_from, primed.rcpt, primed.data) != (mail_from, rcpt, data):
+                    self._drop(conn)  # primed for another transaction: a 354 is waiting for other content
+                else:
+                    try:
+                        return await self._transaction(conn, mail_from, rcpt, data, then)
+                    except _StaleConnection:
+                        pass  # closed before this transaction's first reply: start over, as for an idle one
         last: TemporaryFailure | PermanentFailure | None = None
         for i, (host, port) in enumerate(hosts):
             hostname = names[i] if i < len(names) else host
@@ -408,7 +439,7 @@ class Transport:
                 last = exc
                 continue
             try:
-                return await self._transaction(conn, mail_from, rcpt, data)
+                return await self._transaction(conn, mail_from, rcpt, data, then)
             except _StaleConnection:
                 # the server closed a pooled connection while it sat idle: not a failure of this delivery
                 pass
@@ -418,18 +449,33 @@ class Transport:
             except (TemporaryFailure, PermanentFailure) as exc:
                 last = exc
                 continue
-            return await self._transaction(conn, mail_from, rcpt, data)
+            return await self._transaction(conn, mail_from, rcpt, data, then)
         raise last or TemporaryFailure("no host to deliver to")
 
-    async def _transaction(self, conn: _Conn, mail_from: str, rcpt: str, data: Chunks) -> str:
-        client = conn.client
+    def abandon(self, primed: Next) -> None:
+        """Close the connection ``primed`` holds, if any: the server may have answered its DATA with
+        ``354``, and only a message or a closed connection ends that."""
+        conn, primed.conn = primed.conn, None
+        if conn is not None:
+            self._drop(conn)
+
+    def _options(self, client: LeanSMTP, data: Chunks) -> list[str]:
         options = []
         if client.supports_extension("8bitmime") and not chunks.all_ascii(data):
             options.append("BODY=8BITMIME")
         if client.supports_extension("size"):
             options.append(f"SIZE={chunks.total(data)}")
+        return options
+
+    async def _transaction(
+        self, conn: _Conn, mail_from: str, rcpt: str, data: Chunks, then: Next | None
+    ) -> str:
+        client = conn.client
+        follow = None
+        if then is not None and conn.used + 2 <= conn.limit:  # this message and the next fit in its limit
+            follow = (then.mail_from, then.rcpt, self._options(client, then.data))
         try:
-            code, text = await client.send(mail_from, rcpt, data, options)
+            code, text = await client.send(mail_from, rcpt, data, self._options(client, data), follow)
         except asyncio.CancelledError:
             # abandoned mid-transaction (shutdown): the session's state is unknown, and the connection
             # is in no pool, so nothing else would close it or give its lane's slot back
@@ -440,6 +486,8 @@ class Transport:
             err = _fail(exc.code, exc.message, f"{step} at {conn.host}:{conn.port}", step)
             if exc.code == 421 or not client.is_connected:
                 self._drop(conn)
+            elif then is not None and client.primed is not None:
+                self._prime(conn, then)  # refused content; the next transaction's commands are read
             else:
                 try:
                     await client.rset()
@@ -449,11 +497,20 @@ class Transport:
                     await self._checkin(conn)
             raise err from exc
         except (SmtpError, OSError, TimeoutError) as exc:
-            # nothing answered on a connection that had been idle in the pool: the server closed it
+            # nothing answered on a connection that had been idle in the pool (or primed behind the last
+            # message, whose reply came): the server closed it
             stale = not client.replied and conn.used > 0
             self._drop(conn)
             if stale:
                 raise _StaleConnection(f"{conn.host}:{conn.port} closed an idle connection") from exc
             raise TemporaryFailure(f"transaction at {conn.host}:{conn.port}: {exc}") from exc
-        await self._checkin(conn)
+        if then is not None and client.primed is not None:
+            self._prime(conn, then)
+        else:
+            await self._checkin(conn)
         return f"{code} {text}"
+
+    def _prime(self, conn: _Conn, then: Next) -> None:
+        """Keep ``conn``, which has carried one more message, in ``then`` (in no pool)."""
+        conn.used += 1
+        then.conn = conn

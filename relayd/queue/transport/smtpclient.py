@@ -1,5 +1,6 @@
 """A lean SMTP client for delivery: a transaction in two round trips with PIPELINING (RFC 2920), one with
-CHUNKING.
+CHUNKING, and one when the next transaction's commands went behind the last one's content (``send`` with
+``then``).
 
 Why not aiosmtplib: it sends one command and waits for
 its reply before the next, and drops replies that arrive for commands it did not wait on, so it can't
@@ -71,6 +72,9 @@ class LeanSMTP:
         self._writer: asyncio.StreamWriter | None = None
         self._extensions: dict[str, str] = {}
         self.replied = False  # did the server answer anything in the current transaction?
+        #: the MAIL, RCPT and DATA of the next transaction, written behind the last one's content and not
+        #: yet answered (:meth:`send` with ``then``); None when the connection is between transactions
+        self.primed: str | None = None
         self.encrypted = False  # has STARTTLS succeeded on this connection?
 
     # --- connection --------------------------------------------------------------------------------------
@@ -152,6 +156,7 @@ class LeanSMTP:
         if self._writer is not None:
             self._writer.close()
         self._writer = self._reader = None
+        self.primed = None
 
     async def quit(self, *, timeout: float = 5.0) -> None:
         try:
@@ -166,26 +171,53 @@ class LeanSMTP:
 
     # --- the transaction -------------------------------------------------------------------------------
 
-    async def send(self, mail_from: str, rcpt: str, data: Chunks, options: list[str]) -> tuple[int, str]:
+    @staticmethod
+    def group(mail_from: str, rcpt: str, options: list[str]) -> str:
+        """The pipelined commands that begin a transaction (RFC 2920 §3.1: DATA ends the group)."""
+        mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
+        return f"{mail}\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n"
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpt: str,
+        data: Chunks,
+        options: list[str],
+        then: tuple[str, str, list[str]] | None = None,
+    ) -> tuple[int, str]:
         """MAIL, RCPT, DATA and the message; returns the final reply. ``data`` must be CRLF text (the
         queue only holds such: bare CR/LF were refused at submission), one ``bytes`` or the pieces of a
-        copy (relayd.mail.chunks), sent a window at a time without joining them."""
+        copy (relayd.mail.chunks), sent a window at a time without joining them.
+
+        ``then`` is the envelope (sender, recipient, MAIL options) of the next transaction on this
+        connection. With PIPELINING (and DATA, not BDAT), its MAIL, RCPT and DATA go in the write that
+        ends this message: RFC 2920 §3.1 lets message content begin a group, as Postfix's smtp-sink and
+        every PIPELINING server read it. Its replies are then already on their way when it begins, one
+        write and one wait fewer per transaction (relayd sends a message's recipients one transaction
+        each). The connection stays :attr:`primed` even when this transaction failed, since the server
+        read those commands anyway; the next ``send`` must be that transaction, or the connection be
+        closed (a ``354`` can't be taken back without sending a message)."""
         self.replied = False
-        mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
-        rcpt_cmd = f"RCPT TO:<{rcpt}>"
         if "chunking" in self._extensions and "pipelining" in self._extensions:
-            return await self._send_bdat(mail, rcpt_cmd, data)
+            mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
+            return await self._send_bdat(mail, f"RCPT TO:<{rcpt}>", data)
+        expected = (("MAIL", (250,)), ("RCPT", (250, 251)), ("DATA", (354,)))
         if "pipelining" in self._extensions:
-            # RFC 2920 §3.1: MAIL, RCPT and DATA may go in one write; the replies come back in order
-            self._write(f"{mail}\r\n{rcpt_cmd}\r\nDATA\r\n".encode())
+            group = self.group(mail_from, rcpt, options)
+            if self.primed is None:
+                self._write(group.encode())
+            elif self.primed != group:
+                raise ValueError("the connection is primed for another transaction")
+            self.primed = None
             replies = await self._replies(3)
         else:
+            then = None
+            mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
             replies = [await self._command(mail)]
             if replies[0][0] == 250:
-                replies.append(await self._command(rcpt_cmd))
+                replies.append(await self._command(f"RCPT TO:<{rcpt}>"))
                 if replies[1][0] in (250, 251):
                     replies.append(await self._command("DATA"))
-        expected = (("MAIL", (250,)), ("RCPT", (250, 251)), ("DATA", (354,)))
         for (code, text), (command, ok) in zip(
             replies, expected, strict=False
         ):  # fewer replies: stopped early
@@ -195,7 +227,9 @@ class LeanSMTP:
                     self._write(b".\r\n")
                     await self._reply()
                 raise ReplyError(code, text, command)
-        await self._write_all(chunks.dot_stuffed(data))
+        follow = "" if then is None else self.group(*then)
+        await self._write_all([*chunks.dot_stuffed(data), follow.encode()])
+        self.primed = follow or None
         code, text = await self._reply()
         if code != 250:
             raise ReplyError(code, text, "DATA")
