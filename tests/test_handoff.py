@@ -22,7 +22,7 @@ from relayd.mail.dkim import Signer
 from relayd.policy.render import Renderer, prepare_message, read_meta
 from relayd.queue.handoff import MAX_DATAGRAM, Announcer, Receiver, channel
 from relayd.queue.scheduler import Scheduler
-from relayd.queue.store import NewMessage, QueueStore, State
+from relayd.queue.store import NewMessage, QueueStore, State, StoredData
 from tests.harness import Sink, config_text, free_port, message
 
 SECRET = b"k" * 32
@@ -199,3 +199,49 @@ async def test_a_full_channel_buffers_a_bounded_amount_then_leaves_messages_to_t
     finally:
         announcer.close()
         delivery_end.close()
+
+
+class _HeldRead(QueueStore):
+    """A queue whose read of a message's data waits until the test lets it go (a big message's read)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def message_data(self, queue_id: str) -> StoredData | None:
+        self.reading.set()
+        await self.release.wait()
+        return await super().message_data(queue_id)
+
+
+async def test_a_scan_while_an_announced_message_is_read_does_not_send_it_twice(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """A message that came by queue id alone is read from disk before its recipients are started; a scan
+    that runs meanwhile finds them still queued and not in flight. It leaves them to the read (as it does
+    a message the submission is about to commit): each recipient gets one copy, not one from each."""
+    path = tmp_path / "relayd.toml"
+    path.write_text(config_text(tmp_path, port=free_port(), routes={"example.test": sink.port}))
+    cfg = config_mod.load(path)
+    cfg = cfg.model_copy(update={"queue": cfg.queue.model_copy(update={"scan_interval": 0.05})})
+    queue = _HeldRead(tmp_path / "queue.db")
+    await queue.open()
+    scheduler = Scheduler(cfg, queue, SECRET, renderer=Renderer(cfg, SECRET, Signer([])))
+    try:
+        raw = message("read while a scan runs")
+        msg = NewMessage(new_queue_id(), "acme", "app@acme.example.test", ("a@example.test",), raw)
+        await queue.enqueue(msg)
+        arrival = asyncio.create_task(scheduler.arrived([(msg.queue_id, None)]))
+        await asyncio.wait_for(queue.reading.wait(), 10)
+        scheduler.start()  # the scans begin while the read is held
+        await asyncio.sleep(0.5)  # ten scans' worth
+        assert sink.handler.count() == 0, "a scan started the recipient the read is for"
+        queue.release.set()
+        await arrival
+        assert await eventually(lambda: sink.handler.count() == 1)
+        await asyncio.sleep(0.5)  # and no second copy comes from a scan
+        assert sink.handler.count() == 1
+    finally:
+        await scheduler.stop()
+        await queue.close()

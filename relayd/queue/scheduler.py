@@ -56,8 +56,6 @@ _CACHE_BYTES = 64 * 1024 * 1024
 #: the most copies of one message one task sends one after another (Postfix's default recipient limit per
 #: delivery); a larger message's copies to one domain go out through several tasks at once
 _COPIES_PER_TASK = 50
-
-
 _PURGE_EVERY = 60.0
 
 
@@ -193,19 +191,21 @@ class Scheduler:
         """Messages another process has just committed (relayd.queue.handoff), each with its data when
         the hand-off carried it: start their queued recipients now if the active window has room."""
         for queue_id, stored in messages:
-            try:
-                # a scan may have got there first: skip what it holds, and what it ended while we read
+            self._expected.add(queue_id)  # a scan while we read (a big message: long) leaves its rows to us
+            try:  # one that got there first: skip what it holds, and what it ended while we read
                 with self._ends_meanwhile() as ended:
                     rows = await self._store.committed(queue_id)
-                inflight = self._inflight
-                items = [i for i in rows if (k := (i.queue_id, i.index)) not in inflight and k not in ended]
-                if items and stored is None:
-                    stored = await self._store.message_data(queue_id)
+                    untaken = [i for i in rows if (i.queue_id, i.index) not in self._inflight]
+                    if untaken and stored is None:
+                        stored = await self._store.message_data(queue_id)
+                items = [i for i in untaken if (i.queue_id, i.index) not in ended]
             except StorageError as exc:
                 log.error("%s: reading the message just committed failed (%s); the scan will", queue_id, exc)
                 self._backlog = True
                 self._wake.set()
                 return
+            finally:
+                self._expected.discard(queue_id)
             if not items or stored is None:
                 continue
             self._cache.put(queue_id, stored, len(items), len(stored.data))
@@ -503,15 +503,14 @@ class Scheduler:
         return reply
 
     def _sender(self, item: DueRecipient) -> str:
-        """The copy's VERP return path; relayd's own notices queued with an empty sender (the postmaster
-        inbox's forwards) go out with the null reverse path, so nothing ever bounces back to anyone."""
+        """The copy's VERP return path; the null one for relayd's own notices (nothing bounces back)."""
         if not item.mail_from:
             return ""
         return verp_address(self._secret, self._verp_domain, item.queue_id, item.index, item.address)
 
     async def _next(self, item: DueRecipient, stored: StoredData) -> Next | None:
-        """``item``'s copy made ahead, for its commands to go behind the copy being sent. None if making it
-        failed: its own attempt makes it again, and records that failure as its own."""
+        """``item``'s copy made ahead (its commands go behind the copy being sent); None if that failed:
+        its own attempt makes it again, and records that failure as its own."""
         try:
             return Next(self._sender(item), item.address, await self._copy(item, stored))
         except Exception:

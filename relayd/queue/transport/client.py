@@ -119,7 +119,7 @@ class Next:
     """The transaction to pipeline behind the one being sent (``Transport.send(then=...)``): its sender,
     recipient and copy. Once a connection is primed with its commands, the connection waits here, in no
     pool, for the ``send`` that passes this object as ``primed``; a caller that will not make that send
-    :meth:`Transport.abandon`\\ s it."""
+    hands it to :meth:`Transport.abandon`."""
 
     mail_from: str
     rcpt: str

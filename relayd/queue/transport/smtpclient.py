@@ -22,6 +22,7 @@ What it does not do: AUTH (delivery never authenticates), SMTPUTF8 addresses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 from collections.abc import Iterable
@@ -228,7 +229,8 @@ class LeanSMTP:
                     await self._reply()
                 raise ReplyError(code, text, command)
         follow = "" if then is None else self.group(*then)
-        await self._write_all([*chunks.dot_stuffed(data), follow.encode()])
+        # lazily: a big message is stuffed and written a window at a time, never held stuffed whole
+        await self._write_all(itertools.chain(chunks.dot_stuffed(data), (follow.encode(),)))
         self.primed = follow or None
         code, text = await self._reply()
         if code != 250:
@@ -242,7 +244,7 @@ class LeanSMTP:
         size = chunks.total(data)
         end = b"\r\n" if size and not chunks.ends_with_crlf(data) else b""
         commands = f"{mail}\r\n{rcpt_cmd}\r\nBDAT {size + len(end)} LAST\r\n".encode()
-        await self._write_all([commands, *chunks.windows(data), end])
+        await self._write_all(itertools.chain((commands,), chunks.windows(data), (end,)))
         replies = await self._replies(3)
         for (code, text), (command, ok) in zip(replies, _BDAT_EXPECTED, strict=True):
             if code not in ok:
