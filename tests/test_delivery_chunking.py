@@ -72,7 +72,13 @@ def test_bdat_to_postfix_delivers_unchanged_and_a_refused_rcpt_fails_alone(
         _, headers, delivered = split_delivered(m.data)
         assert delivered.startswith(body.encode()), delivered[:200]  # then the footer
         assert b"Subject: chunked\r\n" in headers
-    # Postfix's smtpd logs each session's commands at disconnect: relayd used BDAT, never DATA
-    log = postfix.log.read_text().splitlines()
-    sessions = [line for line in log if " disconnect from " in line and " mail=" in line]  # not port probes
+
+    # Postfix's smtpd logs each session's commands at disconnect (relayd's stop ended its pooled session),
+    # through postlogd: the line may come a moment after relayd is gone. Relayd used BDAT, never DATA.
+    def sessions_logged() -> list[str]:
+        log = postfix.log.read_text().splitlines()
+        return [line for line in log if " disconnect from " in line and " mail=" in line]  # not port probes
+
+    assert wait_until(lambda: bool(sessions_logged()), timeout=10), postfix.log_tail()
+    sessions = sessions_logged()
     assert sessions and all("bdat=" in line and " data=" not in line for line in sessions), sessions
