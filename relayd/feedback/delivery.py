@@ -32,16 +32,11 @@ class DeliveryRecording(BounceHandling):
         """:meth:`record_delivery` for several delivered attempts, (recipient, reply, seconds) each, with
         their events written in one go (the copies of one message, sent one after another). Raises
         StorageError."""
-        events = []
         now = dt.datetime.now(dt.UTC)
-        domains: Counter[str] = Counter()  # counted once per domain, not per copy (a mmap write each)
-        for item, reply, seconds in done:
-            domains[item.address.rpartition("@")[2]] += 1
-            metrics.DELIVERY_SECONDS.observe(seconds)
-            events.append(_event(item, DeliveryOutcome.DELIVERED, reply, now))
-        for domain, n in domains.items():
-            metrics.DELIVERIES.labels(DeliveryOutcome.DELIVERED.value, metrics.domain_label(domain)).inc(n)
-        await self.store.record_events(events)
+        _count([(item, seconds) for item, _, seconds in done], DeliveryOutcome.DELIVERED)
+        await self.store.record_events(
+            [_event(item, DeliveryOutcome.DELIVERED, r, now) for item, r, _ in done]
+        )
 
     async def record_delivery(
         self,
@@ -55,7 +50,7 @@ class DeliveryRecording(BounceHandling):
         ``seconds``; a final failure with its ``error`` also has a bounce's effects. ``dropped`` is only
         counted (the dequeue check recorded its event with the reason). Raises StorageError."""
         outcome = DeliveryOutcome(outcome)
-        _count(item, outcome, seconds)
+        _count([(item, seconds)], outcome)
         if outcome is DeliveryOutcome.DROPPED:
             return  # the dequeue check recorded the event with its reason
         await self.store.record_event(_event(item, outcome, reply, dt.datetime.now(dt.UTC)))
@@ -71,12 +66,16 @@ class DeliveryRecording(BounceHandling):
             )
 
 
-def _count(item: DueRecipient, outcome: DeliveryOutcome, seconds: float) -> None:
+def _count(attempts: Sequence[tuple[DueRecipient, float]], outcome: DeliveryOutcome) -> None:
+    """Attempts (recipient, seconds) that came to ``outcome``: counted once per domain, not per attempt
+    (each count is a write to the metrics' shared memory file)."""
     if outcome is not DeliveryOutcome.IP_SUSPENDED:  # about our source address, not a delivery outcome
-        domain = item.address.rpartition("@")[2]
-        metrics.DELIVERIES.labels(outcome.value, metrics.domain_label(domain)).inc()
+        domains = Counter(item.address.rpartition("@")[2] for item, _ in attempts)
+        for domain, n in domains.items():
+            metrics.DELIVERIES.labels(outcome.value, metrics.domain_label(domain)).inc(n)
     if outcome in (DeliveryOutcome.DELIVERED, DeliveryOutcome.BOUNCED):
-        metrics.DELIVERY_SECONDS.observe(seconds)
+        for _, seconds in attempts:
+            metrics.DELIVERY_SECONDS.observe(seconds)
 
 
 def _event(item: DueRecipient, outcome: DeliveryOutcome, reply: str, at: dt.datetime) -> Event:

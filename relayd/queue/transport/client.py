@@ -125,6 +125,8 @@ class Next:
     rcpt: str
     data: Chunks
     conn: _Conn | None = None
+    #: its MAIL parameters, as written behind the last message (SIZE and 8BITMIME read the whole copy)
+    options: list[str] | None = None
 
 
 class _StaleConnection(Exception):
@@ -413,16 +415,15 @@ class Transport:
         error) for the ``send`` that passes it as ``primed``, which sends only its content. A primed
         connection the server closed before answering is taken for an idle one that went stale.
         """
-        if primed is not None:
-            conn, primed.conn = primed.conn, None
-            if conn is not None:
-                if (primed.mail_from, primed.rcpt, primed.data) != (mail_from, rcpt, data):
-                    self._drop(conn)  # primed for another transaction: a 354 is waiting for other content
-                else:
-                    try:
-                        return await self._transaction(conn, mail_from, rcpt, data, then)
-                    except _StaleConnection:
-                        pass  # closed before this transaction's first reply: start over, as for an idle one
+        if primed is not None and primed.conn is not None:
+            if (primed.mail_from, primed.rcpt, primed.data) != (mail_from, rcpt, data):
+                self.abandon(primed)  # primed for another transaction: a 354 is waiting for other content
+            else:
+                conn, primed.conn = primed.conn, None
+                try:
+                    return await self._transaction(conn, mail_from, rcpt, data, then, primed.options)
+                except _StaleConnection:
+                    pass  # closed before this transaction's first reply: start over, as for an idle one
         last: TemporaryFailure | PermanentFailure | None = None
         for i, (host, port) in enumerate(hosts):
             hostname = names[i] if i < len(names) else host
@@ -468,14 +469,24 @@ class Transport:
         return options
 
     async def _transaction(
-        self, conn: _Conn, mail_from: str, rcpt: str, data: Chunks, then: Next | None
+        self,
+        conn: _Conn,
+        mail_from: str,
+        rcpt: str,
+        data: Chunks,
+        then: Next | None,
+        options: list[str] | None = None,
     ) -> str:
+        """``options``: the MAIL parameters already worked out for this copy on this connection."""
         client = conn.client
         follow = None
         if then is not None and conn.used + 2 <= conn.limit:  # this message and the next fit in its limit
-            follow = (then.mail_from, then.rcpt, self._options(client, then.data))
+            then.options = self._options(client, then.data)
+            follow = (then.mail_from, then.rcpt, then.options)
+        if options is None:
+            options = self._options(client, data)
         try:
-            code, text = await client.send(mail_from, rcpt, data, self._options(client, data), follow)
+            code, text = await client.send(mail_from, rcpt, data, options, follow)
         except asyncio.CancelledError:
             # abandoned mid-transaction (shutdown): the session's state is unknown, and the connection
             # is in no pool, so nothing else would close it or give its lane's slot back

@@ -173,10 +173,13 @@ class LeanSMTP:
     # --- the transaction -------------------------------------------------------------------------------
 
     @staticmethod
-    def group(mail_from: str, rcpt: str, options: list[str]) -> str:
+    def _mail(mail_from: str, options: list[str]) -> str:
+        return f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
+
+    @classmethod
+    def _group(cls, mail_from: str, rcpt: str, options: list[str]) -> str:
         """The pipelined commands that begin a transaction (RFC 2920 §3.1: DATA ends the group)."""
-        mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
-        return f"{mail}\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n"
+        return f"{cls._mail(mail_from, options)}\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n"
 
     async def send(
         self,
@@ -200,11 +203,10 @@ class LeanSMTP:
         closed (a ``354`` can't be taken back without sending a message)."""
         self.replied = False
         if "chunking" in self._extensions and "pipelining" in self._extensions:
-            mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
-            return await self._send_bdat(mail, f"RCPT TO:<{rcpt}>", data)
+            return await self._send_bdat(self._mail(mail_from, options), f"RCPT TO:<{rcpt}>", data)
         expected = (("MAIL", (250,)), ("RCPT", (250, 251)), ("DATA", (354,)))
         if "pipelining" in self._extensions:
-            group = self.group(mail_from, rcpt, options)
+            group = self._group(mail_from, rcpt, options)
             if self.primed is None:
                 self._write(group.encode())
             elif self.primed != group:
@@ -213,8 +215,7 @@ class LeanSMTP:
             replies = await self._replies(3)
         else:
             then = None
-            mail = f"MAIL FROM:<{mail_from}>" + "".join(f" {o}" for o in options)
-            replies = [await self._command(mail)]
+            replies = [await self._command(self._mail(mail_from, options))]
             if replies[0][0] == 250:
                 replies.append(await self._command(f"RCPT TO:<{rcpt}>"))
                 if replies[1][0] in (250, 251):
@@ -228,7 +229,7 @@ class LeanSMTP:
                     self._write(b".\r\n")
                     await self._reply()
                 raise ReplyError(code, text, command)
-        follow = "" if then is None else self.group(*then)
+        follow = "" if then is None else self._group(*then)
         # lazily: a big message is stuffed and written a window at a time, never held stuffed whole
         await self._write_all(itertools.chain(chunks.dot_stuffed(data), (follow.encode(),)))
         self.primed = follow or None
