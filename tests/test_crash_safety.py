@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PASSWORD, Relayd, Sink, cli_json, message, wait_until
+from tests.harness import PASSWORD, PASSWORD_HASH, Relayd, Sink, cli_json, message, wait_until
 
 TOTAL = 500
 KILLS = 3
@@ -128,3 +128,66 @@ def test_a_message_whose_ledger_rows_cannot_be_written_is_refused_451_and_never_
         assert wait_until(lambda: sink.handler.count() == 1)
         assert [m.rcpt_tos for m in sink.messages] == [["a@example.test"]]
         assert "policy store failed" in relayd.log_text()
+
+
+CAPPED_ACCOUNTS = f"""
+[accounts.acme]
+password_hash = "{PASSWORD_HASH}"
+domains = ["acme.example.test"]
+imprint = "ACME Ltd, 1 Test Street"
+
+[accounts.acme.lists.news]
+caps = {{ day = 1 }}
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_messages_racing_for_a_recipients_last_capped_send_one_is_deferred_451(
+    tmp_path: Path, sink: Sink, workers: int
+) -> None:
+    """The caps rule checks on a read; the send is counted, and checked again, in the same commit as the
+    message's ledger rows (relayd.policy.rules.caps). Two messages of a list with a day cap of 1 to one
+    recipient, both checked before either is counted (the store's write lock held from outside meanwhile):
+    one is accepted, the other gets 451 4.7.1 and leaves nothing behind; sent again, it gets the cap's
+    550. With two workers the two sessions may be in different processes: the same answer."""
+    relayd = Relayd(
+        tmp_path,
+        routes={"example.test": sink.port},
+        accounts=CAPPED_ACCOUNTS,
+        server_extra=f"workers = {workers}",
+    )
+    news = message("news").replace(b"MIME-Version:", b"List-Id: <news.acme.example.test>\r\nMIME-Version:")
+    with relayd:
+        replies: list[tuple[int, bytes]] = []
+
+        def send() -> None:
+            replies.append(relayd.submit(news, to=["reader@example.test"]))
+
+        db = sqlite3.connect(tmp_path / "relayd.db", isolation_level=None, timeout=10)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # no write commits until released: both messages check first
+            clients = [threading.Thread(target=send) for _ in range(2)]
+            for client in clients:
+                client.start()
+            # time for both DATA hooks to check the cap and reach their ledger write, which waits for the
+            # lock (up to the store's busy_timeout, 5 s; nothing is logged before it commits)
+            time.sleep(1.5)
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+        for client in clients:
+            client.join(30)
+        assert sorted(code for code, _ in replies) == [250, 451], replies
+        [deferred] = [text for code, text in replies if code == 451]
+        assert deferred.startswith(b"4.7.1 Send cap in use"), deferred
+        code, text = relayd.submit(news, to=["reader@example.test"])
+        assert code == 550 and b"cap" in text, (code, text)
+        assert wait_until(lambda: sink.handler.count() == 1)
+        assert len(cli_json(relayd, "queue", "list", "--state", "done")) == 1
+        ledger = sqlite3.connect(tmp_path / "relayd.db")
+        try:
+            assert ledger.execute("SELECT count(*) FROM sent").fetchone() == (1,)
+            assert ledger.execute("SELECT sum(n) FROM send_log").fetchone() == (1,)
+        finally:
+            ledger.close()
+        assert "deferred: send cap of list news used meanwhile for reader@example.test" in relayd.log_text()

@@ -35,6 +35,7 @@ LABELS = {
     SubmissionOutcome.REFUSED_CONTENT: ("refused", "content"),
     SubmissionOutcome.REFUSED_DROPPED: ("refused", "policy"),
     SubmissionOutcome.DEFERRED_POLICY_STORE: ("deferred", "policy_store"),
+    SubmissionOutcome.DEFERRED_CAP: ("deferred", "cap_contended"),
     SubmissionOutcome.DEFERRED_STORAGE: ("deferred", "storage"),
 }
 

@@ -50,7 +50,7 @@ from relayd.policy.rules.suppression import (
     transactional_passes,
 )
 from relayd.policy.rules.suspension import SUSPENDED_REPLY, AccountGate
-from relayd.store import Reason, Scope, SqliteStore, SuppressionEntry, SuspendReason
+from relayd.store import Reason, Scope, SentRecord, SqliteStore, SuppressionEntry, SuspendReason
 from relayd.store.models import ConsentRecord
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
@@ -135,34 +135,54 @@ def mail(*fields: str, body: str = "Hello.\r\n") -> bytes:
 # --- caps ------------------------------------------------------------------------------------------------
 
 
+async def send(store: SqliteStore, req: MessageRequest, recipients: tuple[str, ...]) -> dict[str, Verdict]:
+    """The caps rule as the pipeline runs it: its check, then the ledger rows of the recipients it let
+    through written with their counts (``record_sent(..., caps=)``); its verdicts."""
+    verdicts = await CapsRule(store).check(req, recipients)
+    kept = [r for r in recipients if r not in verdicts]
+    records = [
+        SentRecord(f"Q{req.now.timestamp():.0f}", i, req.account, req.list_name, r, req.now)
+        for i, r in enumerate(kept)
+    ]
+    await store.record_sent(records, caps=req.caps)
+    return verdicts
+
+
 class TestCapsRule:
-    """Per-list send caps over rolling windows, counted on accepted mail only."""
+    """Per-list send caps over rolling windows, counted on accepted mail only (with its ledger rows)."""
 
     async def test_a_recipient_over_the_day_cap_is_refused_with_the_list_named(
         self, store: SqliteStore
     ) -> None:
-        rule = CapsRule(store)
-        first = await rule.check(message("promo", caps={DAY: 1}), ("a@x.test", "b@x.test"))
+        first = await send(store, message("promo", caps={DAY: 1}), ("a@x.test", "b@x.test"))
         assert first == {}
-        again = await rule.check(message("promo", caps={DAY: 1}), ("a@x.test", "c@x.test"))
+        again = await CapsRule(store).check(message("promo", caps={DAY: 1}), ("a@x.test", "c@x.test"))
         assert again == {
             "a@x.test": Verdict(
                 Action.REJECT, "caps", "cap", "550 5.7.1 <a@x.test>: send cap of list promo reached"
             )
         }
 
-    async def test_the_unnamed_list_is_named_none_in_the_reply(self, store: SqliteStore) -> None:
+    async def test_the_check_alone_counts_nothing(self, store: SqliteStore) -> None:
+        """A message refused after the check (or never queued) must not use anyone's cap: on SQLite the
+        count is made by the ledger write of the message, not by the check."""
         rule = CapsRule(store)
-        assert await rule.check(message(None, caps={DAY: 1}), ("a@x.test",)) == {}
-        verdicts = await rule.check(message(None, caps={DAY: 1}), ("a@x.test",))
+        for _ in range(3):
+            assert await rule.check(message("promo", caps={DAY: 1}), ("a@x.test",)) == {}
+        assert await store.count_sends("acme", "promo", ["a@x.test"], T0 - timedelta(days=1)) == {
+            "a@x.test": 0
+        }
+
+    async def test_the_unnamed_list_is_named_none_in_the_reply(self, store: SqliteStore) -> None:
+        assert await send(store, message(None, caps={DAY: 1}), ("a@x.test",)) == {}
+        verdicts = await CapsRule(store).check(message(None, caps={DAY: 1}), ("a@x.test",))
         assert verdicts["a@x.test"].reply == "550 5.7.1 <a@x.test>: send cap of list (none) reached"
 
     async def test_only_accepted_mail_counts_against_the_window(self, store: SqliteStore) -> None:
-        rule = CapsRule(store)
         caps = {DAY: 1, WEEK: 2}
 
         async def refused(at: datetime) -> bool:
-            return "w@x.test" in await rule.check(message("promo", now=at, caps=caps), ("w@x.test",))
+            return "w@x.test" in await send(store, message("promo", now=at, caps=caps), ("w@x.test",))
 
         assert not await refused(T0)
         assert await refused(T0 + timedelta(hours=12))  # over the day cap: refused, and not counted

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from relayd.store.sqlitelock import write_lock
-from relayd.store.sqlitewriter import SqliteWriter
+from relayd.store.sqlitewriter import JobRefused, SqliteWriter
 
 
 class Refused(Exception):
@@ -93,6 +93,33 @@ async def test_a_failing_job_is_rolled_back_alone(writer: SqliteWriter, tmp_path
     assert isinstance(outcomes[1], Refused) and "boom" in str(outcomes[1])
     assert isinstance(outcomes[3], Refused) and "UNIQUE" in str(outcomes[3])
     assert _rows(tmp_path / "w.db") == ["a", "b"]
+
+
+async def test_a_job_that_refuses_is_rolled_back_alone_and_its_caller_gets_its_exception_as_is(
+    writer: SqliteWriter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal (relayd.store.sqlite.sends: a send cap used since it was checked) is the job's decision,
+    not the store failing: not wrapped by ``error`` (its caller tells it apart), not logged as a failure."""
+
+    class Full(JobRefused):
+        pass
+
+    refusal = Full("cap used meanwhile")
+
+    def half_then_refuse(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t VALUES ('half')")
+        raise refusal
+
+    outcomes = await asyncio.gather(
+        writer.run(_insert("a")),
+        writer.run(half_then_refuse),
+        writer.run(_insert("b")),
+        return_exceptions=True,
+    )
+    assert outcomes[0] == 1 and outcomes[2] == 1
+    assert outcomes[1] is refusal
+    assert _rows(tmp_path / "w.db") == ["a", "b"]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
 async def test_a_failed_transaction_fails_every_job_and_the_writer_goes_on(
@@ -259,6 +286,35 @@ async def test_write_lock_is_taken_soon_after_another_connection_frees_it_and_th
     assert waiter.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)  # it ran after the other commit
     assert got_at >= freed_at[0]
     assert ticks >= 10  # the loop ran other work for the 0.3 s the lock was held
+    waiter.execute("COMMIT")
+
+
+async def test_write_lock_held_briefly_is_waited_for_without_a_turn_of_the_loop(tmp_path: Path) -> None:
+    """Under load a turn of the loop is several ms; a lock held for less than ``spin`` is waited for on the
+    spot. (``spin`` is a second here, so a slow machine can't make the thread miss it; 2 ms by default.)"""
+    path = tmp_path / "lock.db"
+    holder, waiter = _conn(path), _conn(path)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    freed_at: list[float] = []
+
+    def free_later() -> None:
+        time.sleep(0.05)
+        holder.execute("INSERT INTO t VALUES (1)")
+        freed_at.append(time.monotonic())
+        holder.execute("COMMIT")
+
+    turned: list[int] = []
+    asyncio.get_running_loop().call_soon(turned.append, 1)
+    thread = threading.Thread(target=free_later)
+    thread.start()
+    await write_lock(waiter, timeout=5.0, spin=1.0)
+    got_at = time.monotonic()
+    assert turned == []  # nothing else ran on the loop meanwhile
+    thread.join()
+    assert waiter.in_transaction
+    assert waiter.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)
+    assert got_at >= freed_at[0]
     waiter.execute("COMMIT")
 
 

@@ -22,6 +22,7 @@ from relayd.store import (
     Reason,
     SchemaTooNewError,
     Scope,
+    SendsContended,
     SentRecord,
     SqliteStore,
     Store,
@@ -304,6 +305,101 @@ async def test_reserve_day_cap_of_one_under_concurrency(store: Store) -> None:
     assert await store.count_sends("acme", "news", ["hot@x.test"], T0 - timedelta(days=1)) == {
         "hot@x.test": 1
     }
+
+
+async def _send_counted(
+    store: Store, queue_id: str, addresses: list[str], caps: dict[int, int]
+) -> set[str] | None:
+    """What the policy pipeline does for a list message: the caps checked, then the ledger rows of the
+    addresses that passed written with their counts. The addresses counted, or None when the ledger
+    write found a cap used meanwhile (SendsContended: the client gets 451)."""
+    allowed = await store.check_sends("acme", "news", addresses, T0, caps)
+    kept = [a for a in addresses if a in allowed]
+    if not kept:
+        return set()
+    records = [SentRecord(queue_id, i, "acme", "news", a, T0) for i, a in enumerate(kept)]
+    try:
+        await store.record_sent(records, caps=caps)
+    except SendsContended:
+        return None
+    return set(kept)
+
+
+async def test_messages_racing_for_the_last_send_of_a_cap_get_it_once(store: Store) -> None:
+    """50 messages to one address with a day cap of 1, all at once: one is counted and has its ledger
+    row; every other one is refused, at the check (PostgreSQL reserves there) or at the ledger write
+    (SQLite checks again there), and left no count and no row."""
+    results = await asyncio.gather(
+        *[_send_counted(store, f"Q{i:03d}", ["hot@x.test"], {DAY: 1}) for i in range(50)]
+    )
+    assert sum(1 for r in results if r == {"hot@x.test"}) == 1
+    assert all(r in (set(), None) for r in results if r != {"hot@x.test"})
+    assert await store.count_sends("acme", "news", ["hot@x.test"], T0 - timedelta(days=1)) == {
+        "hot@x.test": 1
+    }
+    rows = [await store.lookup_sent(f"Q{i:03d}", 0) for i in range(50)]
+    assert [r.address for r in rows if r is not None] == ["hot@x.test"]
+
+
+async def test_a_message_counts_its_capped_sends_with_its_ledger_rows(store: Store) -> None:
+    caps = {DAY: 1, WEEK: 2}
+    assert await _send_counted(store, "Q1", ["a@x.test", "b@x.test"], caps) == {"a@x.test", "b@x.test"}
+    counted = await store.count_sends("acme", "news", ["a@x.test", "b@x.test", "c@x.test"], T0)
+    assert counted == {"a@x.test": 1, "b@x.test": 1, "c@x.test": 0}
+    assert [r.address for r in await _ledger(store, "Q1", 2)] == ["a@x.test", "b@x.test"]
+    # the cap's answer for the next message: a and b were sent today, c was not
+    assert await store.check_sends("acme", "news", ["a@x.test", "c@x.test"], T0, caps) == {"c@x.test"}
+    assert await store.check_sends("acme", "news", ["a@x.test"], T0 + timedelta(days=1), caps) == {"a@x.test"}
+    assert await store.check_sends("acme", "news", ["z@x.test"], T0, {DAY: 0}) == set()
+    assert await store.check_sends("acme", "news", ["z@x.test"], T0, {}) == {"z@x.test"}
+    assert await store.check_sends("acme", "news", [], T0, caps) == set()
+
+
+async def _ledger(store: Store, queue_id: str, n: int) -> list[SentRecord]:
+    found = [await store.lookup_sent(queue_id, i) for i in range(n)]
+    return [r for r in found if r is not None]
+
+
+async def test_sqlite_checks_caps_without_a_turn_of_the_loop_and_counts_in_the_ledger_write(
+    tmp_path: Path,
+) -> None:
+    """sqlite-specific: the check is a read on the loop's thread (under load a turn of the loop is a few
+    ms of the other sessions' work), the count is made with the ledger rows in one job of the group
+    commit; a job that finds the cap used since is rolled back alone, the batch's other jobs committed."""
+    store = SqliteStore(tmp_path / "relayd.db")
+    await store.open()
+    try:
+        turned: list[int] = []
+        asyncio.get_running_loop().call_soon(turned.append, 1)
+        assert await store.check_sends("acme", "news", ["a@x.test"], T0, {DAY: 1}) == {"a@x.test"}
+        assert turned == []  # no other callback ran meanwhile
+        assert await store.count_sends("acme", "news", ["a@x.test"], T0) == {"a@x.test": 0}  # not counted yet
+
+        def rows(qid: str, address: str) -> list[SentRecord]:
+            return [SentRecord(qid, 0, "acme", "news", address, T0)]
+
+        first = store.record_sent(rows("Q1", "a@x.test"), caps={DAY: 1})
+        second = store.record_sent(rows("Q2", "a@x.test"), caps={DAY: 1})  # checked before Q1 counted
+        other = store.record_sent(rows("Q3", "b@x.test"), caps={DAY: 1})
+        outcomes = await asyncio.gather(first, second, other, return_exceptions=True)
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], SendsContended) and "a@x.test" in str(outcomes[1])
+        assert await store.lookup_sent("Q2", 0) is None
+        assert (await store.lookup_sent("Q3", 0)) is not None
+        assert await store.count_sends("acme", "news", ["a@x.test", "b@x.test"], T0) == {
+            "a@x.test": 1,
+            "b@x.test": 1,
+        }
+        with pytest.raises(ValueError, match="share account, list and time"):
+            store.record_sent(
+                [
+                    SentRecord("Q4", 0, "acme", "news", "c@x.test", T0),
+                    SentRecord("Q4", 1, "acme", "promo", "d@x.test", T0),
+                ],
+                caps={DAY: 1},
+            )
+    finally:
+        await store.close()
 
 
 async def test_reserve_is_per_address_list_and_account(store: Store) -> None:

@@ -140,22 +140,25 @@ class Pipeline:
             SpamtrapRule(cfg.policy.spamtraps),
             SuppressionRule(store, [n for n, a in cfg.accounts.items() if a.transactional]),
         )
+        #: last wherever it runs: the sends it lets through are counted with the ledger rows of the message's
+        #: remaining recipients (``record_sent(..., caps=)``), so no rule may drop one after it
+        self.caps = CapsRule(store)
         # --- consent: after list suppression (an unsubscribe wins over consent), before caps ---
         self.message_rules: tuple[MessageRule, ...] = (
             ListSuppressionRule(store),
             ConsentRule(store, cfg),
-            CapsRule(store),
+            self.caps,
         )
         #: confirmation mails (X-Relayd-Optin): the same order, the consent rule lets one per 24 h through
         self.optin_rules: tuple[MessageRule, ...] = (
             ListSuppressionRule(store),
             ConsentRule(store, cfg, optin=True),
-            CapsRule(store),
+            self.caps,
         )
         # --- end consent ---
-        self.unlisted_rules: tuple[MessageRule, ...] = (CapsRule(store),)  # no list: RCPT checked the rest
+        self.unlisted_rules: tuple[MessageRule, ...] = (self.caps,)  # no list: RCPT checked the rest
         #: no list, account with transactional mail: RCPT left its account unsubscribes to DATA
-        self.unlisted_checked_rules: tuple[MessageRule, ...] = (ListSuppressionRule(store), CapsRule(store))
+        self.unlisted_checked_rules: tuple[MessageRule, ...] = (ListSuppressionRule(store), self.caps)
         #: transactional mail: suppression minus unsubscribes; no consent, no caps
         self.transactional_rules: tuple[MessageRule, ...] = (TransactionalSuppressionRule(store),)
         #: the whole message, before anything is counted or rewritten: the first refusal is the reply
@@ -249,7 +252,8 @@ class Pipeline:
             )
         dropped: dict[str, Verdict] = {}
         remaining = tuple(dict.fromkeys(recipients))  # a recipient given twice gets one copy
-        for rule in self._message_rules(account, lname, meta.optin, msg_class):
+        rules = self._message_rules(account, lname, meta.optin, msg_class)
+        for rule in rules:
             verdicts = await rule.check(req, remaining)
             dropped.update(verdicts)
             remaining = tuple(r for r in remaining if r not in verdicts)
@@ -265,7 +269,8 @@ class Pipeline:
                 addr.rpartition("@")[2].lower(),
             )
         ledger = self.store.record_sent(
-            SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)
+            (SentRecord(queue_id, i, account, lname, rcpt, now) for i, rcpt in enumerate(remaining)),
+            caps=req.caps if self.caps in rules else None,  # the sends the caps rule let through, counted
         )
         ledger.add_done_callback(_observed)  # its error reaches whoever queues the message after it
         hits = await self._record_traps(now, account, lname, traps, meta.optin, queue_id)

@@ -37,6 +37,7 @@ __all__ = [
     "Reason",
     "SchemaTooNewError",
     "Scope",
+    "SendsContended",
     "SentRecord",
     "StoreError",
     "SuppressionEntry",
@@ -49,6 +50,12 @@ __all__ = [
 
 class StoreError(StorageError):
     """The storage backend failed (I/O, lock timeout, corruption). Retry later or fail with 4xx, never 5xx."""
+
+
+class SendsContended(StoreError):
+    """A message's sent-ledger write found a recipient's send cap used up since the cap was checked (another
+    message to them was accepted meanwhile): nothing of it was written. Answer 451 (the client tries again
+    and then finds the cap's real answer), never 5xx: the cap was free when this message asked."""
 
 
 class SchemaTooNewError(StoreError):

@@ -2,7 +2,7 @@
 :mod:`relayd.store.models`.
 
 Why a Protocol per concern: the policy rules, the DSN/ARF feedback loop, the CLI and the web pages each need
-only one slice of the state (a suppression rule needs ``check``, the caps rule needs ``reserve_sends``), and
+only one slice of the state (a suppression rule needs ``check``, the caps rule needs ``check_sends``), and
 typing each caller against its slice keeps fakes in unit tests small. Each backend class (``SqliteStore``,
 ``PostgresStore``) implements all of them; :class:`Store` is the union the daemon holds.
 
@@ -163,6 +163,24 @@ class SendCounterStore(Protocol):
         """
         ...
 
+    async def check_sends(
+        self,
+        account: str,
+        list_name: str | None,
+        addresses: Sequence[str],
+        at: datetime,
+        caps: Mapping[int, int],
+    ) -> set[str]:
+        """The addresses for which one more send at ``at`` stays within every cap: those a message may go
+        to, counted by the sent-ledger write of that message (``record_sent(records, caps=caps)``).
+
+        Where the count is made is the store's choice; either way no cap is passed by two messages racing
+        for its last send. SQLite reads here (on the loop's thread: no turn of the loop) and counts in the
+        ledger's transaction, checking again there: a send counted meanwhile by another message fails that
+        write with :class:`~relayd.store.models.SendsContended`, nothing of it written. PostgreSQL reserves
+        here (:meth:`reserve_sends`), and its ledger write counts nothing more."""
+        ...
+
     async def prune(self, before: datetime) -> int:
         """Delete sends older than ``before`` (keep the longest configured window); return how many."""
         ...
@@ -245,12 +263,18 @@ class EventStore(Protocol):
 class SentLedger(Protocol):
     """(queue id, index) -> (account, list, address), for attributing bounces, complaints, unsubscribes."""
 
-    def record_sent(self, records: Iterable[SentRecord]) -> asyncio.Future[None]:
+    def record_sent(
+        self, records: Iterable[SentRecord], *, caps: Mapping[int, int] | None = None
+    ) -> asyncio.Future[None]:
         """Write the records of one accepted message (one transaction); await the result for its commit.
 
         The write is queued before this returns, without a turn of the event loop: a queue commit given
         right after, ``after`` it (:meth:`relayd.queue.store.QueueStore.enqueue`), is ordered behind it and
-        may share its turn. Raises StoreError at once for a store that cannot keep the ledger."""
+        may share its turn. Raises StoreError at once for a store that cannot keep the ledger.
+
+        ``caps``: the records' addresses passed :meth:`SendCounterStore.check_sends` with these caps (all
+        records of one message share account, list and time); their sends are counted with them, by the
+        store that counts there (SendsContended: counted meanwhile, nothing written)."""
         ...
 
     async def lookup_sent(self, queue_id: str, index: int) -> SentRecord | None:

@@ -1,20 +1,21 @@
 """Group commit for a SQLite file: one writer connection, every write waiting committed in one transaction.
 
 Used by the queue (each message's rows, each attempt's outcome) and by the policy store's per-message
-writes (send-cap reservations, the sent ledger, events). Callers ``await run(job)``; a job is a function of
-the connection that runs inside the shared transaction, in a ``SAVEPOINT`` of its own, so a job that fails
-is rolled back alone and only its caller hears of it. A failure of the transaction itself (the write lock
-not had in time, the ``COMMIT`` and its fsync) goes to every job of the batch: nobody is told "done" before
-their rows are committed.
+writes (the sent ledger with a message's send counts, events). Callers ``await run(job)``; a job is a
+function of the connection that runs inside the shared transaction, in a ``SAVEPOINT`` of its own, so a job
+that fails is rolled back alone and only its caller hears of it (a job may also refuse to write on what it
+read: :class:`JobRefused`). A failure of the transaction itself (the write lock not had in time, the
+``COMMIT`` and its fsync) goes to every job of the batch: nobody is told "done" before their rows are
+committed.
 
-Why on the event loop's thread, not a writer thread or an executor: on a busy machine every hand-over
-between threads waits for a CPU and for the GIL, twice per write (to the writer and back), and a message
-needs three writes (caps, ledger, queue). Run here, the server-side ``250`` path took about half as long as
-with a writer thread (figures: docs/performance.md). The price: the loop
-stands still for each batch's fsync. Here that is well under a millisecond; on a disk whose fsync takes
-10 ms every session of the process pauses that long, once per batch (all the messages that arrived
-meanwhile), not once per message. (A writer thread had also let a delivery process's garbage collections,
-at its low CPU priority, hold the GIL for up to 350 ms while that thread held the write lock the accepting
+Why on the event loop's thread, not a writer thread or an executor: on a busy machine every hand-over between
+threads waits for a CPU and for the GIL, twice per write (to the writer and back), and a message needed three
+writes then (caps, ledger, queue; two now: the ledger with the send counts, then the queue). Run here, the
+server-side ``250`` path took about half as long as with a writer thread (figures: docs/performance.md). The
+price: the loop stands still for each batch's fsync. Here that is well under a millisecond; on a disk whose
+fsync takes 10 ms every session of the process pauses that long, once per batch (all the messages that arrived
+meanwhile), not once per message. (A writer thread had also let a delivery process's garbage collections, at
+its low CPU priority, hold the GIL for up to 350 ms while that thread held the write lock the accepting
 processes waited for: that is why the delivery processes already wrote on their loop's thread.)
 
 A job may name a write it must follow (``after``: the sent ledger's rows, which a queued message must never
@@ -45,6 +46,12 @@ from relayd.store.sqlitelock import write_lock
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class JobRefused(Exception):
+    """Raised by a job that decides, on what it read inside the transaction, not to write: its savepoint is
+    rolled back and its caller gets this exception as it is (not wrapped, not logged as a failure), like
+    any job's error; the batch commits without it."""
 
 
 @dataclass(slots=True)
@@ -218,6 +225,8 @@ class SqliteWriter:
         return after.exception()
 
     def _failed(self, exc: Exception, jobs: int) -> Exception:
+        if isinstance(exc, JobRefused):
+            return exc
         if isinstance(exc, (sqlite3.Error, OSError)):
             log.error("%s: write of %d job(s) failed: %s", self.name, jobs, exc)
         else:  # a bug of ours: its caller hears of it, the writer goes on

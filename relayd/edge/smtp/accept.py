@@ -26,10 +26,14 @@ from relayd.policy.pipeline import AllDropped, MimeError, Pipeline, Refused
 from relayd.policy.render import rebased
 from relayd.queue.handoff import Handoff
 from relayd.queue.store import InsufficientStorage, NewMessage, QueueStore, free_bytes
+from relayd.store import SendsContended
 
 log = logging.getLogger(__name__)
 
 POLICY_UNAVAILABLE = "451 4.3.0 Temporary policy failure, try again later"
+#: another message to one of these recipients took the last send of their cap after this one's check
+#: (relayd.policy.rules.caps): tried again, the message gets the cap's real answer
+CAP_CONTENDED = "451 4.7.1 Send cap in use by another message to the same recipient, try again later"
 MIME_TOO_DEEP = "554 5.6.0 Message refused: MIME structure nested too deeply"
 INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"  # RFC 3463 §3.4; Postfix says the same
 #: appended to the ``accepted`` line of a message whose client hung up before it could get our 250
@@ -51,6 +55,8 @@ class SubmissionOutcome(Enum):
     REFUSED_DROPPED = ("refused", "policy")
     #: the policy's store failed: 451, the client tries again
     DEFERRED_POLICY_STORE = ("deferred", "policy_store")
+    #: a send cap's last send taken by another message meanwhile: 451, the client tries again
+    DEFERRED_CAP = ("deferred", "cap_contended")
     #: the queue could not take the message (a failed commit, or short of space): 451 or 452
     DEFERRED_STORAGE = ("deferred", "storage")
 
@@ -194,6 +200,9 @@ class DataHooks:
             if not isinstance(exc, StorageError):
                 raise
             if ledger is not None and ledger.done() and exc is _failure(ledger):
+                if isinstance(exc, SendsContended):
+                    log.info("%s: account=%s deferred: %s", queue_id, session.account, exc)
+                    return CAP_CONTENDED, SubmissionOutcome.DEFERRED_CAP
                 log.error("%s: account=%s policy store failed: %s", queue_id, session.account, exc)
                 return POLICY_UNAVAILABLE, SubmissionOutcome.DEFERRED_POLICY_STORE
             log.error("%s: account=%s not queued: %s", queue_id, session.account, exc)

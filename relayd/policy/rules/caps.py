@@ -1,9 +1,13 @@
 """Per-list send caps: at most N messages of one list to one recipient per day / week / month.
 
 Mail-Maker's "do not disturb" rule (seeds/002). Windows are rolling (day = 86 400 s, week = 7 days,
-month = 30 days), counted on accepted mail. Check and count are one atomic store operation
-(``reserve_sends``), so two submissions racing for the last slot can't both win. A reservation is not given
-back if the queue commit then fails (451): the cap errs on the side of sending less.
+month = 30 days), counted on accepted mail. The rule checks (``check_sends``); the count is made with the
+message's sent-ledger rows (``record_sent(..., caps=)``), and the store makes check and count atomic, so two
+submissions racing for the last slot can't both win: SQLite checks again in the ledger's transaction (the
+loser gets 451 and, tried again, its 550), PostgreSQL reserves at the check. Either way a list message pays
+one commit on the store for caps and ledger, not one each (a turn of the event loop fewer before its
+``250``). A count is not given back if the queue commit then fails (451): the cap errs on the side of sending
+less.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ class CapsRule:
     async def check(self, req: MessageRequest, recipients: tuple[str, ...]) -> dict[str, Verdict]:
         if not req.caps or not recipients:
             return {}
-        allowed = await self._store.reserve_sends(req.account, req.list_name, recipients, req.now, req.caps)
+        allowed = await self._store.check_sends(req.account, req.list_name, recipients, req.now, req.caps)
         return {
             addr: Verdict(
                 Action.REJECT,

@@ -108,11 +108,27 @@ class SendTables(PostgresConnection):
             )
         return {row[0] for row in rows}
 
+    async def check_sends(
+        self,
+        account: str,
+        list_name: str | None,
+        addresses: Sequence[str],
+        at: datetime,
+        caps: Mapping[int, int],
+    ) -> set[str]:
+        """Reserved here (:meth:`reserve_sends`): the advisory locks that make a reservation atomic across
+        nodes take a transaction of their own, which the ledger's group commit (one statement for every
+        message waiting) has no room for; ``record_sent`` then counts nothing."""
+        return await self.reserve_sends(account, list_name, addresses, at, caps)
+
     async def prune(self, before: datetime) -> int:
         return await self._autocommit_count("DELETE FROM send_log WHERE sent_at < $1", micros(before))
 
-    def record_sent(self, records: Iterable[SentRecord]) -> asyncio.Future[None]:
-        """Group commit, like events: every message accepted meanwhile shares one transaction."""
+    def record_sent(
+        self, records: Iterable[SentRecord], *, caps: Mapping[int, int] | None = None
+    ) -> asyncio.Future[None]:
+        """Group commit, like events: every message accepted meanwhile shares one transaction. ``caps`` is
+        not used: :meth:`check_sends` counted the sends already."""
         rows = [sent_row(r) for r in records]
         if not rows:
             return nothing_to_write()

@@ -15,17 +15,18 @@ Why this shape:
   (the WAL is fsynced at commit: an unsubscribe acknowledged is an unsubscribe kept, even across power loss);
   so does the per-message writer below, because it writes the sent ledger, which must be as durable as the
   queue (a queued message whose ledger row a power loss took would carry tokens that verify for nothing);
-  the cap reservations and events of its batches ride on the same fsync. Other writes (``record_sends``,
+  the send counts and events of its batches ride on the same fsync. Other writes (``record_sends``,
   pruning, webhook cursors) use ``synchronous=NORMAL`` (consistent after a crash, may lose the last
   commits). A FULL commit also flushes every NORMAL commit before it.
-* **The writes of every message are group-committed, on the event loop's thread.** Send-cap reservations,
-  the sent ledger and events run on a second writer connection (:mod:`relayd.store.sqlitewriter`): every write
-  waiting goes into one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``), run in one go, and each caller
-  returns only once its rows are committed. SQLite's write lock is shared with the other worker processes;
-  a transaction made of several aiosqlite calls holds it across event-loop turns, and under load the other
-  workers then slept in SQLite's busy handler, most of an accepted message's time waiting for the
-  sent-ledger insert (figures: docs/performance.md). Why not a writer thread either: relayd.store.sqlitewriter
-  says. Rarer writes (suppression, account state, pruning) stay on the aiosqlite writer.
+* **The writes of every message are group-committed, on the event loop's thread.** The sent ledger (with the
+  send counts of a capped list's message) and events run on a second writer connection
+  (:mod:`relayd.store.sqlitewriter`): every write waiting goes into one transaction (``BEGIN IMMEDIATE`` ..
+  ``COMMIT``), run in one go, and each caller returns only once its rows are committed. SQLite's write lock is
+  shared with the other worker processes; a transaction made of several aiosqlite calls holds it across
+  event-loop turns, and under load the other workers then slept in SQLite's busy handler, most of an accepted
+  message's time waiting for the sent-ledger insert (figures: docs/performance.md). Why not a writer thread
+  either: relayd.store.sqlitewriter says. Rarer writes (suppression, account state, pruning) stay on the
+  aiosqlite writer.
 * Queries by a batch of addresses pad their ``IN (...)`` list to a power of two (:func:`padded_chunks`) so a
   handful of statement texts cover every batch size and stay in sqlite3's statement cache (no re-prepare
   per message).
@@ -98,7 +99,7 @@ def _connect_hot(path: Path, busy_timeout: float, ledger: bool, checkpoints: boo
     """The per-message writer's connection (see the module docstring); ``synchronous=FULL`` where the
     sent ledger is written (``ledger``): a message the queue holds (fsynced) must find its ledger row
     after a power loss, or its unsubscribe link, VERP address and trace token verify for nothing. The
-    ledger rows share each batch's transaction with that batch's cap reservations and events, so they are
+    ledger rows share each batch's transaction with that batch's send counts and events, so they are
     made durable by the same single fsync per batch.
 
     A process that writes no ledger (a queue shard's delivery process) writes events here, one per
