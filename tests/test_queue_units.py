@@ -280,3 +280,13 @@ async def test_read_message_reads_any_shard_read_only(tmp_path: Path) -> None:
     found = read_message(tmp_path, "B")
     assert isinstance(found, MessageRow) and found == expected
     assert read_message(tmp_path, "missing") is None
+
+
+async def test_due_leaves_out_the_rows_the_caller_has_taken(store: QueueStore) -> None:
+    """The scheduler's in-flight recipients are still 'queued' on disk; under a backlog they are most of
+    what its scan reads, and are left out before they are made into objects (the scan checks again)."""
+    await _fill(store)
+    in_flight = {("A", 0), ("B", 0)}
+    rows = await store.due(time.time() + 1, 10, taken=lambda queue_id, index: (queue_id, index) in in_flight)
+    assert [(r.queue_id, r.index) for r in rows] == [("A", 1)]
+    assert len(await store.due(time.time() + 1, 10)) == 3

@@ -166,8 +166,7 @@ class Scheduler:
         admitted: list[DueRecipient] = []
         for i, rcpt in enumerate(msg.recipients):
             if not self._admits(msg.account):
-                self._backlog = True
-                self._wake.set()  # the scanner will pick the rest up as room frees
+                self._backlog = True  # the scanner picks the rest up once the window is half free
                 break
             if (msg.queue_id, i) in self._inflight:
                 continue  # a scan that ran right after the commit got there first
@@ -212,8 +211,7 @@ class Scheduler:
             admitted: list[DueRecipient] = []
             for item in items:
                 if not self._admits(item.account):
-                    self._backlog = True
-                    self._wake.set()  # the scanner will pick the rest up as room frees
+                    self._backlog = True  # the scanner picks the rest up once the window is half free
                     break
                 self._enter(admitted, item)
             self._start(admitted)
@@ -277,23 +275,25 @@ class Scheduler:
         # an attempt that ends while the query runs may come back as a stale 'queued' row: remember every
         # attempt that ends from now on and skip those rows (else the recipient would get a second copy)
         with self._ends_meanwhile() as ended:
-            rows = await self._store.due(self._clock(), max(room, 0), per_account=fetch)
+            rows = await self._store.due(self._clock(), max(room, 0), per_account=fetch, taken=self._taken)
         # fewer rows than asked for: nothing else is due now
         self._backlog = room <= 0 or len(rows) >= room
-        expected = self._expected
         unrecorded = self._outcomes.unrecorded
         admitted: list[DueRecipient] = []
         for item in rows:  # interleaved by account: a full window still lets each account's reserve in
             key = (item.queue_id, item.index)
             if (
-                item.queue_id not in expected
-                and key not in self._inflight
+                not self._taken(item.queue_id, item.index)  # again: the read may have given up the loop
                 and key not in ended
                 and key not in unrecorded
                 and self._admits(item.account)
             ):
                 self._enter(admitted, item)
         self._start(admitted)
+
+    def _taken(self, queue_id: str, index: int) -> bool:
+        """In the window, or about to be given to it by its submission: a scan leaves it alone."""
+        return (queue_id, index) in self._inflight or queue_id in self._expected
 
     @contextlib.contextmanager
     def _ends_meanwhile(self) -> Iterator[set[tuple[str, int]]]:

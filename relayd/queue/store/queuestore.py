@@ -378,9 +378,17 @@ class QueueStore:
             raise StorageError(f"queue read failed: {exc}") from exc
 
     async def due(
-        self, now: float, limit: int, *, per_account: Callable[[str], int] | None = None
+        self,
+        now: float,
+        limit: int,
+        *,
+        per_account: Callable[[str], int] | None = None,
+        taken: Callable[[str, int], bool] | None = None,
     ) -> list[DueRecipient]:
         """The recipients whose next attempt is due, fair between accounts; ids and envelope, never bodies.
+        Rows for which ``taken(queue id, index)`` is true (their attempt is in flight: the caller's window
+        holds them, still 'queued' on disk) are left out before they are made into objects; under a
+        backlog they are most of what a scan reads.
 
         Each account's due rows are read on their own, oldest first, at most ``per_account(account)`` of
         them (default ``limit``; 0 skips the account), and the lists are interleaved round-robin: one
@@ -412,6 +420,8 @@ class QueueStore:
                 "ORDER BY r.next_attempt LIMIT ?",
                 (account, now, n) if account is not None else (now, n),
             )
+            if taken is not None:
+                rows = [row for row in rows if not taken(row[0], row[1])]
             if rows:
                 found.append([_due(row) for row in rows])
         out: list[DueRecipient] = []
