@@ -63,12 +63,14 @@ class StoredData:
     render: bool
 
 
+_CLASSES: dict[str, MessageClass] = {c.value: c for c in MessageClass}
+
+
 def class_of(value: str) -> MessageClass:
-    """The stored class; one this version does not know is taken as bulk, which applies every rule."""
-    try:
-        return MessageClass(value)
-    except ValueError:
-        return MessageClass.BULK
+    """The stored class; one this version does not know is taken as bulk, which applies every rule. (A
+    dict, not ``MessageClass(value)``: it runs for every row a scan reads, and the enum's call was 1.7% of
+    a delivery process's time.)"""
+    return _CLASSES.get(value, MessageClass.BULK)
 
 
 @dataclass(frozen=True, slots=True)
