@@ -15,8 +15,9 @@ Here the wait has two phases:
   4-9 ms (figures: docs/performance.md). The loop stands still meanwhile, as it does for the batch's fsync;
   ``time.sleep`` leaves the CPU to the holder.
 * **Then asynchronous steps that grow to at most 1 ms,** so the process's other sessions go on: a lock
-  held longer is held by a process that is not running (a delivery process at its lower CPU priority, a
-  CLI import), and blocking for it would stall every session for nothing.
+  held longer is held by a process that is not running (a delivery process at its lower CPU priority), by
+  a long write (a CLI import), or by this process's own aiosqlite writer, whose transaction needs the loop
+  to go on; blocking for those would stall every session for nothing.
 """
 
 from __future__ import annotations
