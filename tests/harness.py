@@ -35,10 +35,20 @@ PASSWORD_HASH = hash_password(PASSWORD, n=2**12)
 RELAYD = [sys.executable, "-m", "relayd"]
 
 
+#: ports this process handed out: the kernel may give a port just closed to the next bind to port 0, and
+#: a daemon given the same port for two listeners fails to start ("address already in use")
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now on 127.0.0.1, never one this process handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
