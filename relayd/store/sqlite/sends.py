@@ -209,7 +209,7 @@ def _count_and_record(rows: list[Row], caps: dict[int, int], db: sqlite3.Connect
     """The ledger job of a message whose list has caps: the addresses checked again, then counted and
     recorded; or :class:`_Contended` and nothing."""
     _, _, account, lname, _, at_us = rows[0]
-    addresses = list(dict.fromkeys(row[4] for row in rows))
+    addresses = distinct(row[4] for row in rows)
     over = _over_cap(db, account, lname, addresses, at_us, caps)
     if over:
         raise _Contended(f"send cap of list {lname or '(none)'} used meanwhile for {', '.join(sorted(over))}")
